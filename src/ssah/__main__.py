@@ -1,0 +1,3 @@
+from ssah.cli import main
+
+main()

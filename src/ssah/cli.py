@@ -1,0 +1,69 @@
+"""The `ssah` command line: one command, a subcommand per stage.
+
+Subcommands live beside the code they drive (e.g. `ssah.units.cli`) and are imported only
+when invoked, so `ssah --help` stays fast (no torch import). Every `SsahError` is printed as
+one line on stderr with exit status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from ssah import __version__
+from ssah.errors import SsahError
+
+# name -> (module, attribute, one-line help shown by `ssah --help` without importing it)
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "units": ("ssah.units.cli", "units", "Print a model's unit layout (units per kind and layer)."),
+    "data": ("ssah.data.cli", "data", "List and show built-in datasets; inspect any dataset spec."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(SUBCOMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in SUBCOMMANDS:
+            module, attr, _ = SUBCOMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SUBCOMMANDS[name][2]) for name in sorted(SUBCOMMANDS)]
+        rows += [(n, c.get_short_help_str()) for n, c in sorted(self.commands.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ssah")
+def cli() -> None:
+    """ssah: find, prune, freeze and train the neuron-level units that carry safety alignment."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI, turning user errors into one clear line."""
+    try:
+        cli.main(args=argv, prog_name="ssah", standalone_mode=False)
+    except SsahError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished artifacts are kept, rerun to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
