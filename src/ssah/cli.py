@@ -19,6 +19,14 @@ from ssah.errors import SsahError
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "units": ("ssah.units.cli", "units", "Print a model's unit layout (units per kind and layer)."),
     "data": ("ssah.data.cli", "data", "List and show built-in datasets; inspect any dataset spec."),
+    "score": ("ssah.units.cli", "score", "Score every unit's importance on a dataset (paper Eq. 1 and others)."),
+    "groups": ("ssah.units.cli", "groups", "Sort units into SCU / UCU / CU / RU from a safety and a utility score."),
+    "eval": ("ssah.evaluate.cli", "eval_command", "Evaluate safety, prefill attacks, over-refusal and utility."),
+    "prune": ("ssah.interventions.cli", "prune", "Zero a unit mask permanently and save a Hugging Face folder."),
+    "finetune": ("ssah.train.cli", "finetune", "Supervised fine-tuning, optionally with frozen units or LoRA."),
+    "align": ("ssah.train.cli", "align", "Safety alignment that trains only a unit budget (e.g. RU)."),
+    "probe": ("ssah.probe.cli", "probe", "Reasoning-direction probe: refusal vs compliance per layer and step."),
+    "transfer": ("ssah.analysis.cli", "transfer", "Cross-tabulate unit groups before and after training."),
 }
 
 
