@@ -16,8 +16,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -275,21 +273,13 @@ def _builtin_cache_path(name: str, gguf_path: Path) -> Path:
 
 
 def _save_atomically(model, tokenizer, target: Path, source: str) -> None:
-    """Write to a temporary sibling, then rename: a killed conversion leaves no half folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """A killed conversion leaves no half folder (see ssah.io.atomic_dir)."""
+    from ssah.io import atomic_dir
+
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "ssah_source.json").write_text(json.dumps({"converted_from": source}))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent winner: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _first_line(err: BaseException) -> str:

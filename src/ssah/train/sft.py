@@ -1,0 +1,139 @@
+"""Supervised fine-tuning with loss on response tokens only, through `accelerate`.
+
+One loop serves benign fine-tuning (the attack), frozen-unit fine-tuning (the paper's remedy),
+LoRA (the PEFT baseline) and alignment inside a unit budget. Run it in one process, or
+data-parallel with `accelerate launch`: frozen entries are masked before the gradient
+all-reduce and restored on every rank after every step, so they stay bit-identical everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils.data import DataLoader
+
+from ssah.data.chat import collate_pairs, encode_pair
+from ssah.errors import SsahError
+from ssah.interventions.freeze import TrainingCheck, UnitFreezer
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning hyper-parameters. Defaults follow Qi et al. (2023) except batch size."""
+
+    lr: float = 2e-5
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    weight_decay: float = 0.0
+    warmup: float = 0.0  # share of steps with linear warm-up
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = False  # bf16 autocast (weights stay in their dtype)
+    system: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    loss_curve: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    check: dict = field(default_factory=dict)
+
+    @property
+    def final_loss(self) -> float | None:
+        tail = self.loss_curve[-max(1, len(self.loss_curve) // 10):]
+        return sum(tail) / len(tail) if tail else None
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "final_loss": self.final_loss, "seconds": self.seconds,
+                "loss_curve": self.loss_curve, "check": self.check}
+
+
+def _batches(tokenizer, pairs: list[tuple[str, str]], config: TrainConfig, generator: torch.Generator):
+    encoded = [encode_pair(tokenizer, p, r, config.system, config.max_length) for p, r in pairs]
+
+    def collate(items):
+        batch = collate_pairs(items, tokenizer.pad_token_id)
+        labels = batch["input_ids"].masked_fill(~batch["response_mask"], -100)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+    return DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+
+
+def train_sft(model, tokenizer, pairs: list[tuple[str, str]], config: TrainConfig,
+              freezer: UnitFreezer | None = None, progress: bool = True) -> TrainResult:
+    """Train `model` in place on (prompt, response) pairs; returns the loss curve and checks.
+
+    With a `freezer`, its frozen entries are restored after every optimizer step and the result's
+    `check` reports their largest change (0 when the guarantee holds).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    if not pairs:
+        raise SsahError("no training examples: the dataset is empty")
+    missing = sum(1 for _, r in pairs if not r)
+    if missing:
+        raise SsahError(f"{missing} training examples have no response; fine-tuning needs (prompt, response) pairs")
+    set_seed(config.seed)
+    random.seed(config.seed)
+    # cpu=True lets accelerate run data-parallel on CPUs (gloo) under torchrun/accelerate launch.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.bf16 else "no",
+                              gradient_accumulation_steps=config.grad_accum)
+    loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise SsahError("nothing to train: every parameter is frozen (check the mask or budget)")
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    if freezer is not None:
+        freezer.wrap_optimizer(optimizer)  # before prepare: the accelerate wrapper calls this step()
+
+    steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+    total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(config.warmup * total),
+                              num_training_steps=total)
+    check = TrainingCheck(model)
+    model.train()
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    result = TrainResult(steps=0)
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="train", disable=not (progress and accelerator.is_main_process))
+    window: list[float] = []
+    while result.steps < total:
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip:
+                    accelerator.clip_grad_norm_(trainable, config.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(float(loss.detach()))
+            if accelerator.sync_gradients:
+                result.steps += 1
+                result.loss_curve.append(sum(window) / len(window))
+                window.clear()
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss_curve[-1]:.3f}")
+                if result.steps >= total:
+                    break
+    bar.close()
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    result.check = check.report(model, freezer)
+    return result
