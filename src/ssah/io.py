@@ -44,3 +44,31 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def existing_run(out: str | Path, record: str, identity: dict, force: bool = False) -> dict | None:
+    """Guard an output folder: the record it holds if it was made from the same inputs, else None.
+
+    `identity` names what made the output (model fingerprint, data fingerprint, settings). A folder
+    holding a record with another identity is refused, so one run never overwrites another's
+    results; `force=True` allows redoing it.
+    """
+    from ssah.errors import SsahError
+
+    path = Path(out) / record
+    if not path.is_file():
+        if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
+            raise SsahError(f"output folder {out} is not empty and holds no {record}; "
+                            "choose another folder or pass --force")
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise SsahError(f"{path} is not valid JSON ({err}); delete it or pass --force") from err
+    if force:
+        return None
+    differing = [k for k, v in identity.items() if saved.get("identity", {}).get(k) != v]
+    if differing:
+        raise SsahError(f"output folder {out} holds another run (different {', '.join(differing)}); "
+                        "choose another folder or pass --force")
+    return saved

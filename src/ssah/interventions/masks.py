@@ -19,7 +19,9 @@ any other model.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,7 @@ class UnitMask:
     units: dict[str, torch.Tensor]
     expression: str
     model_fingerprint: str | None = None
+    groups_digest: str | None = None  # identifies the groups the mask was built from
 
     def count(self) -> int:
         return int(sum(m.sum() for m in self.units.values()))
@@ -113,7 +116,32 @@ def mask_from_expression(groups, expression: str, seed: int = 0) -> UnitMask:
             raise SsahError(f"unknown option(s) {', '.join(opts)} in mask term {term!r}")
         for kind in selected:
             selected[kind] |= part[kind]
-    return UnitMask(selected, text, groups.model_fingerprint)
+    return UnitMask(selected, text, groups.model_fingerprint, groups_digest(groups))
+
+
+def groups_digest(groups) -> str:
+    """A short hash of the group labels, so outputs record exactly which grouping made them."""
+    digest = hashlib.sha256()
+    for kind in sorted(groups.labels):
+        digest.update(kind.encode())
+        digest.update(groups.labels[kind].to(torch.int8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def split_mask_spec(spec: str) -> tuple[str, str]:
+    """Split 'GROUPS_DIR:EXPRESSION' at the first ':' whose left side is a groups folder."""
+    for i, char in enumerate(spec):
+        if char == ":" and (Path(spec[:i]) / "groups.json").is_file():
+            return spec[:i], spec[i + 1:]
+    raise SsahError(f"{spec!r} is not GROUPS_DIR:MASK with a folder written by `ssah groups` "
+                    "(e.g. runs/x/groups:SCU+CU)")
+
+
+def load_mask(groups_dir: str, expression: str, seed: int = 0) -> UnitMask:
+    """Load groups from a folder and build the mask an expression names."""
+    from ssah.units.groups import Groups
+
+    return mask_from_expression(Groups.load(groups_dir), expression, seed)
 
 
 def _parse_options(text: str, term: str) -> dict[str, str]:
