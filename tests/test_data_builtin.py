@@ -1,0 +1,149 @@
+"""Built-in datasets: sizes, splits, categories, uniqueness and no near-duplicates across splits."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import unicodedata
+
+import pytest
+
+from ssah.data import builtin_names, load_dataset
+from ssah.data.text import text_corpus
+from ssah.errors import SsahError
+
+SPLITS = ("calibration", "train", "test")
+NEAR_DUPLICATE_JACCARD = 0.5  # word-trigram Jaccard at or above this = near-duplicate (DATASHEET.md)
+REFUSAL_OPENING = re.compile(r"^(I'm sorry|I am sorry|Sorry|I can't|I cannot|I won't|I will not|"
+                             r"I'm not able to|I am not able to)\b")
+
+
+def trigrams(text: str) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold().replace("'", ""))
+    return {tuple(words[i:i + 3]) for i in range(len(words) - 2)} or {tuple(words)}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b)
+
+
+def splits_of(name: str) -> dict:
+    return {split: load_dataset(f"{name}:{split}") for split in SPLITS}
+
+
+@pytest.mark.parametrize("name, minimum", [("harmful", 400), ("benign", 800), ("sensitive_safe", 150),
+                                           ("refusals", 20), ("compliance_openings", 20), ("text", 50)])
+def test_minimum_sizes_and_unique_ids_and_prompts(name, minimum):
+    data = load_dataset(name)
+    assert len(data) >= minimum
+    assert len({r.id for r in data}) == len(data)
+    assert len({" ".join(p.casefold().split()) for p in data.prompts()}) == len(data)
+    assert all(r.prompt.strip() == r.prompt and r.prompt for r in data)
+    assert all(r.category for r in data)
+
+
+def test_harmful_splits_and_categories():
+    parts = splits_of("harmful")
+    assert [len(parts[s]) for s in SPLITS] == [128, 144, 163]
+    categories = set(load_dataset("harmful").categories())
+    assert len(categories) >= 12
+    for split, data in parts.items():
+        assert set(data.categories()) == categories, split
+    assert all(r.response is None for r in load_dataset("harmful"))
+
+
+def test_benign_splits_categories_and_sizes():
+    parts = splits_of("benign")
+    categories = set(load_dataset("benign").categories())
+    for split, data in parts.items():
+        assert set(data.categories()) == categories, split
+    everything = load_dataset("benign")
+    checkable = [r for r in everything if r.answer is not None]
+    free_form = [r for r in everything if r.answer is None]
+    assert len(checkable) + len(free_form) >= 800 and len(free_form) >= 200
+    assert all(r.normalizer in ("number", "text", "exact", "list") for r in checkable)
+    assert all(r.response for r in free_form)
+
+
+def test_split_union_is_the_whole_set():
+    for name in ("harmful", "benign"):
+        parts = splits_of(name)
+        assert [r for s in SPLITS for r in parts[s]] == load_dataset(name).records
+
+
+@pytest.mark.parametrize("name", ["harmful", "benign"])
+def test_no_near_duplicates_across_splits(name):
+    parts = splits_of(name)
+    # Generated benign tasks are templated by design; they are checked by task identity below.
+    grams = {split: [trigrams(r.prompt) for r in data if r.answer is None] for split, data in parts.items()}
+    worst = 0.0
+    for a, b in itertools.combinations(SPLITS, 2):
+        for x in grams[a]:
+            for y in grams[b]:
+                worst = max(worst, jaccard(x, y))
+    assert worst < NEAR_DUPLICATE_JACCARD
+
+
+def test_no_task_in_two_benign_splits():
+    def identity(record):  # the question without its answer-format instruction; list items in any order
+        question = record.prompt.split(" Answer with")[0]
+        if record.category in ("sort_numbers", "sort_words", "count_items", "largest_number"):
+            return record.category, tuple(sorted(re.findall(r"\w+", question)))
+        return record.category, question
+
+    seen: dict = {}
+    for split, data in splits_of("benign").items():
+        for record in data:
+            if record.answer is not None:
+                key = identity(record)
+                assert seen.setdefault(key, split) == split, (record, seen[key])
+
+
+def test_refusals_open_with_a_refusal_phrase():
+    refusals = load_dataset("refusals")
+    assert all(REFUSAL_OPENING.match(r.prompt) for r in refusals), [r.prompt for r in refusals
+                                                                    if not REFUSAL_OPENING.match(r.prompt)]
+    lengths = [len(r.prompt.split()) for r in refusals]
+    assert min(lengths) <= 6 and max(lengths) >= 20
+
+
+def test_compliance_openings_do_not_refuse():
+    for record in load_dataset("compliance_openings"):
+        assert not REFUSAL_OPENING.match(record.prompt)
+        assert not re.search(r"\b(sorry|can't|cannot|won't)\b", record.prompt, re.IGNORECASE)
+
+
+def test_sensitive_safe_categories():
+    data = load_dataset("sensitive_safe")
+    assert len(data.categories()) >= 6
+    assert {"homonyms", "figurative_language", "safe_targets", "historical_events", "safety_information",
+            "fiction"} <= set(data.categories())
+
+
+def test_text_corpus_size_and_no_repeated_paragraphs():
+    corpus = text_corpus()
+    words = corpus.split()
+    assert len(words) >= 16_000
+    # GPT-2-style BPE averages ~1.2 tokens per English word on this prose (21.8k SmolLM2 tokens measured).
+    assert len(words) * 1.2 >= 20_000
+    paragraphs = [p.strip() for p in corpus.split("\n\n") if p.strip()]
+    assert len(set(paragraphs)) == len(paragraphs) == len(load_dataset("text"))
+    assert load_dataset("text").prompts() == paragraphs
+    grams = [trigrams(p) for p in paragraphs]
+    assert max(jaccard(a, b) for a, b in itertools.combinations(grams, 2)) < 0.2
+
+
+def test_builtin_names_reports_counts():
+    infos = builtin_names()
+    assert set(infos) == {"harmful", "benign", "sensitive_safe", "refusals", "compliance_openings", "text"}
+    assert infos["harmful"].splits == {"calibration": 128, "train": 144, "test": 163}
+    assert infos["refusals"].splits == {"all": len(load_dataset("refusals"))}
+    for name, info in infos.items():
+        assert info.total == len(load_dataset(name)) and info.description
+
+
+def test_split_errors():
+    with pytest.raises(SsahError, match="its splits are calibration, train, test"):
+        load_dataset("harmful:dev")
+    with pytest.raises(SsahError, match="has no splits"):
+        load_dataset("refusals:test")
