@@ -34,3 +34,110 @@ def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
     click.echo(f"parameters   {summary['parameters_total']:,} total, "
                f"{summary['parameters_owned_by_units']:,} owned by units ({share:.1%}), "
                f"{summary['parameters_not_owned']:,} not (embeddings, norms, q/k, shared v, biases of B)")
+
+
+@click.command("score")
+@model_options
+@click.option("--data", "data_spec", required=True, metavar="DATA",
+              help="dataset spec, e.g. harmful:calibration, benign:calibration, jsonl:PATH (see `ssah data`)")
+@click.option("--scorer", default="variance", show_default=True,
+              help="variance (paper Eq. 1), wanda, snip, activation, or any registered scorer")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--responses", type=click.Choice(["dataset", "refusals", "self"]), default="dataset", show_default=True,
+              help="replies to score: the dataset's, built-in refusals (paired by --seed), "
+              "or the model's own greedy ones")
+@click.option("--token-scope", type=click.Choice(["all", "prompt", "response"]), default=None,
+              help="tokens that count: all non-padding (default; snip: response), prompt or response only")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True,
+              help="tokens per pair; the response is cut first")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="reply length with --responses self")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="score only the first N records")
+@click.option("--seed", type=int, default=0, show_default=True, help="pairs prompts with refusals")
+@click.option("--system", default=None, metavar="TEXT", help="system prompt for every pair")
+@click.option("--attn-unit", type=click.Choice(["channel", "head"]), default="channel", show_default=True,
+              help="attention unit: one o_proj input channel, or one whole head")
+@click.option("--force", is_flag=True, help="recompute and overwrite whatever the output folder holds")
+def score(model_args: dict, data_spec: str, scorer: str, out: str, responses: str, token_scope: str | None,
+          batch_size: int, max_length: int, max_new_tokens: int, limit: int | None, seed: int,
+          system: str | None, attn_unit: str, force: bool) -> None:
+    """Score every unit's importance on a dataset; writes scores.safetensors and manifest.json to --out."""
+    import time
+
+    from ssah.data import load_dataset
+    from ssah.units.scores import get_scorer, score_dataset
+
+    get_scorer(scorer)  # an unknown name fails before the model loads
+    dataset = load_dataset(data_spec)
+    if limit is not None:
+        dataset = dataset.take(limit)
+    loaded = load_from_options(model_args)
+    start = time.perf_counter()
+    result = score_dataset(loaded, dataset, scorer=scorer, responses=responses, token_scope=token_scope,
+                           batch_size=batch_size, max_length=max_length, system=system, seed=seed,
+                           max_new_tokens=max_new_tokens, attn_unit=attn_unit, out=out, force=force)
+    manifest = result.manifest
+    if result.reused:
+        click.echo(f"reused the scores already in {out} (same model, data and settings); pass --force to recompute")
+    else:
+        click.echo(f"scored {manifest['num_records']} records of {manifest['dataset_name']} "
+                   f"(responses: {manifest['responses']}, {manifest['tokens_seen']:,} tokens, scope "
+                   f"{manifest['token_scope']}) with {manifest['scorer']} in {time.perf_counter() - start:.1f} s")
+    click.echo(f"model        {manifest['model_spec']}  (fingerprint {manifest['model_fingerprint']})")
+    for kind, values in result.values.items():
+        click.echo(f"{kind:<12} {values.shape[0]} layers x {values.shape[1]} units  "
+                   f"mean {values.mean():.4g}  max {values.max():.4g}")
+    click.echo(f"wrote        {out}/scores.safetensors, {out}/manifest.json")
+
+
+@click.command("groups")
+@click.option("--safety", "safety_dir", required=True, type=click.Path(),
+              help="folder written by ssah score on safety data")
+@click.option("--utility", "utility_dir", required=True, type=click.Path(),
+              help="folder written by ssah score on utility data (same model)")
+@click.option("--sizes", default="scu=0.013,ucu=0.133,ru=0.148", show_default=True,
+              help="fractions of all units (or percentages, e.g. scu=1.3%); CU is the rest")
+@click.option("--normalize", type=click.Choice(["rank", "mean", "zscore-per-layer"]), default="rank",
+              show_default=True, help="how S and U are made comparable before subtracting (per unit kind): "
+              "percentiles, division by the mean, or z-scores per layer")
+@click.option("--ranking", type=click.Choice(["global", "per-layer"]), default="global", show_default=True,
+              help="rank units across all layers, or within each layer")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--force", is_flag=True, help="recompute and overwrite whatever the output folder holds")
+def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, ranking: str, out: str, force: bool) -> None:
+    """Sort units into SCU / UCU / CU / RU; writes groups.safetensors, groups.json and a per-layer plot."""
+    from ssah.units.groups import (
+        GROUP_NAMES, SIZE_KEYS, check_compatible, existing_groups, make_groups, parse_sizes,
+    )
+    from ssah.units.scores import Scores
+
+    fractions = parse_sizes(sizes)
+    safety, utility = Scores.load(safety_dir), Scores.load(utility_dir)
+    check_compatible(safety, utility)
+    expected = {
+        "model_fingerprint": safety.model_fingerprint,
+        "safety": {"values_sha256": safety.digest()},
+        "utility": {"values_sha256": utility.digest()},
+        "sizes": {key: fractions[key] for key in SIZE_KEYS},
+        "normalize": normalize,
+        "ranking": ranking,
+    }
+    result = None if force else existing_groups(out, expected)
+    if result is not None:
+        click.echo(f"reused the groups already in {out} (same scores and settings); pass --force to recompute")
+    else:
+        result = make_groups(safety, utility, fractions, normalize=normalize, ranking=ranking)
+        result.save(out)
+    meta = result.meta
+    per_kind = meta["counts_per_kind"]
+    kinds = list(per_kind)
+    click.echo(f"{meta['total_units']:,} units of model {meta['model_fingerprint']} "
+               f"(normalize={meta['normalize']}, ranking={meta['ranking']})")
+    click.echo(f"{'group':<6} {'units':>8} {'share':>8} {'asked':>8}  " + "  ".join(f"{k:>8}" for k in kinds))
+    for name in GROUP_NAMES:
+        asked = meta["sizes"].get(name.lower())
+        asked_text = f"{asked:.2%}" if asked is not None else "rest"
+        click.echo(f"{name:<6} {meta['counts'][name]:>8,} {meta['shares'][name]:>8.2%} {asked_text:>8}  "
+                   + "  ".join(f"{per_kind[k][name]:>8,}" for k in kinds))
+    click.echo(f"wrote  {out}/groups.safetensors, {out}/groups.json, {out}/groups_per_layer.png")

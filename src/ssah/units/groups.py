@@ -1,0 +1,482 @@
+"""Sort units into the paper's four groups from a safety score S and a utility score U.
+
+    from ssah.units.groups import make_groups, parse_sizes
+    groups = make_groups(Scores.load("runs/S"), Scores.load("runs/U"), parse_sizes("scu=0.013,ucu=0.133,ru=0.148"))
+    groups.members("SCU")["mlp"]     # bool [num_layers, units_per_layer]
+
+The rule (paper Sec. 4.1), applied in this order so that no unit lands in two groups:
+
+1. SCU (safety-critical): the highest S - U.
+2. UCU (utility-critical): the highest U - S among the units left.
+3. RU (redundant): the lowest S + U among the units left.
+4. CU (complex): every unit not picked above.
+
+SCU and UCU come first because they are the groups whose exact membership matters (pruning them is the
+experiment); they sit at opposite ends of one S - U ranking and never compete as long as their sizes sum
+to at most 1. RU, a budget of units that matter for neither attribute, is then taken from the rest.
+Ties are broken by unit order (kind, layer, unit index), so the result is deterministic.
+
+Sizes are fractions of all units (both kinds together). A group gets exactly
+``floor(fraction * total_units + 0.5)`` units (round half up). With per-layer ranking that count is
+spread over the layers in proportion to their units by largest remainder (ties to the lower layer), so
+the total is the same and each layer gets its share rounded down or up.
+
+Normalisation. S and U come from different datasets (different lengths, activation scales), so they are
+made unit-free before subtracting, separately for each unit kind:
+
+- ``rank`` (default): percentiles in (0, 1] over all units of the kind (ties share their mean rank).
+  S - U then says how much higher a unit stands in the safety ranking than in the utility ranking,
+  which is what SCU means: units whose importance is *disproportionately* about safety, so pruning
+  them spares utility. It is immune to the heavy tail of Eq. 1 scores. Measured on SmolLM2-135M
+  (128 harmful prompts with refusals vs 128 benign tasks): a few MLP neurons with massive activations
+  score up to 10^6 times the median, so the MLP mean is about 300x its median. Under ``mean`` almost
+  every MLP neuron shrinks towards 0, and 98% of SCU and 82% of UCU came out as attention channels
+  (which are 27% of the units) while MLP neurons filled RU; under ``rank`` both kinds enter every
+  group roughly in proportion.
+- ``mean``: divide each kind's scores by their mean over all layers. Keeps magnitudes, so S - U is
+  dominated by the largest units: a unit 50x the average for safety and 40x for utility beats one at
+  3x and 0.1x, although pruning the first would hurt utility badly. Useful when scores are not
+  heavy-tailed.
+- ``zscore-per-layer``: (score - layer mean) / layer std, per kind and layer. Removes differences
+  between layers, so every layer contributes similarly to the extremes even under global ranking;
+  still sensitive to outliers within a layer.
+
+How the two kinds compete: each kind is normalised on its own (an MLP neuron is measured against MLP
+neurons, an attention channel against attention channels), then all units are pooled and ranked together
+(``global``, the default) and the group fractions apply to all units; ``per-layer`` ranks within each
+layer (both kinds pooled) and gives every layer its share of each group.
+
+On disk a groups folder holds ``groups.safetensors`` (``labels.KIND`` int8 [layers, units] with codes in
+the order of GROUP_NAMES, and the normalised scores ``S.KIND`` and ``U.KIND``), ``groups.json`` (sizes,
+counts per group, kind and layer, the rule, normalisation, ranking and the inputs' fingerprints) and a
+plot ``groups_per_layer.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssah.errors import SsahError
+from ssah.units.scores import Scores, atomic_write, existing_run, read_manifest, read_tensors
+
+GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
+ASSIGNMENT_ORDER: tuple[str, ...] = ("SCU", "UCU", "RU")  # CU is the rest
+SIZE_KEYS: tuple[str, ...] = ("scu", "ucu", "ru")
+DEFAULT_SIZES: dict[str, float] = {"scu": 0.013, "ucu": 0.133, "ru": 0.148}  # the paper's Llama-2-7B-Chat sizes
+DEFAULT_SIZES_TEXT = "scu=0.013,ucu=0.133,ru=0.148"
+NORMALIZATIONS: tuple[str, ...] = ("rank", "mean", "zscore-per-layer")  # the first is the default
+RANKINGS: tuple[str, ...] = ("global", "per-layer")
+RULE = "SCU: highest S-U; then UCU: highest U-S; then RU: lowest S+U; CU: the rest"
+ROUNDING = "count = floor(fraction * total_units + 0.5); per-layer ranking splits it by largest remainder"
+
+FORMAT = "ssah.groups/1"
+GROUPS_FILE = "groups.safetensors"
+META_FILE = "groups.json"
+PLOT_FILE = "groups_per_layer.png"
+
+
+# -- sizes ------------------------------------------------------------------------------------------
+
+def parse_sizes(text: str) -> dict[str, float]:
+    """Parse ``scu=0.013,ucu=0.133,ru=0.148`` (fractions, or percentages like ``1.3%``).
+
+    Omitted groups get 0; CU is always the rest. Raises SsahError for unknown names, negative sizes,
+    sizes summing over 1, and ``auto`` (which needs the evaluation package's pruning sweep).
+    """
+    text = text.strip()
+    if text.lower() == "auto":
+        raise SsahError("--sizes auto needs the pruning sweep of the evaluation package, which is not available "
+                        f"yet; fixed sizes are required for now, e.g. --sizes {DEFAULT_SIZES_TEXT}")
+    sizes = {key: 0.0 for key in SIZE_KEYS}
+    seen: set[str] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip().lower()
+        if not sep or name not in SIZE_KEYS:
+            hint = " (CU is always the rest)" if name == "cu" else ""
+            raise SsahError(f"bad size {part!r}{hint}; write NAME=FRACTION with NAME one of scu, ucu, ru, "
+                            f"e.g. {DEFAULT_SIZES_TEXT}")
+        if name in seen:
+            raise SsahError(f"size of {name} given twice in {text!r}")
+        seen.add(name)
+        value = value.strip()
+        try:
+            number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+        except ValueError:
+            raise SsahError(f"size {part!r} is not a number; use a fraction like 0.013 "
+                            "or a percentage like 1.3%") from None
+        if not math.isfinite(number) or number < 0 or number > 1:
+            raise SsahError(f"size {part!r} must be a fraction between 0 and 1")
+        sizes[name] = number
+    if not seen:
+        raise SsahError(f"no sizes given; write e.g. --sizes {DEFAULT_SIZES_TEXT}")
+    _check_total(sizes)
+    return sizes
+
+
+def _check_total(sizes: dict[str, float]) -> None:
+    for key, value in sizes.items():
+        if key not in SIZE_KEYS:
+            raise SsahError(f"unknown group size {key!r}; sizes are scu, ucu and ru (CU is the rest)")
+        if not math.isfinite(value) or value < 0:
+            raise SsahError(f"size of {key} is {value}; sizes must be fractions between 0 and 1")
+    total = sum(sizes.values())
+    if total > 1 + 1e-12:
+        raise SsahError(f"sizes sum to {total:g} > 1 ({', '.join(f'{k}={v:g}' for k, v in sizes.items())}); "
+                        "SCU, UCU and RU together cannot exceed all units")
+
+
+def group_counts(sizes: dict[str, float], total_units: int) -> dict[str, int]:
+    """Units per group: floor(fraction * total + 0.5) for SCU, UCU, RU; CU gets the rest."""
+    counts = {name.upper(): math.floor(sizes.get(name, 0.0) * total_units + 0.5) for name in SIZE_KEYS}
+    picked = sum(counts.values())
+    if picked > total_units:
+        raise SsahError(f"sizes round to {picked} units but the model has {total_units}; lower one of them")
+    counts["CU"] = total_units - picked
+    return {name: counts[name] for name in GROUP_NAMES}
+
+
+# -- normalisation ----------------------------------------------------------------------------------
+
+def _percentiles(values: torch.Tensor) -> torch.Tensor:
+    """Rank / n in (0, 1] over all entries; tied values share their mean rank."""
+    flat = values.reshape(-1)
+    sorted_values, order = torch.sort(flat, stable=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_values, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)  # 1-based rank of each tie group's last member
+    mean_rank = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty_like(flat, dtype=torch.float64)
+    ranks[order] = mean_rank[inverse]
+    return (ranks / flat.numel()).reshape(values.shape)
+
+
+def normalize_scores(values: dict[str, torch.Tensor], method: str = "rank",
+                     label: str = "scores") -> dict[str, torch.Tensor]:
+    """Make each kind's scores unit-free: `rank`, `mean` or `zscore-per-layer` (see the module docstring)."""
+    out = {}
+    for kind, tensor in values.items():
+        tensor = tensor.to(torch.float64)
+        if method == "mean":
+            mean = tensor.mean()
+            if not mean > 0:
+                raise SsahError(f"the {label} of the {kind} units have mean {float(mean):g}; mean normalisation "
+                                "needs non-negative scores that are not all zero; use --normalize rank")
+            out[kind] = tensor / mean
+        elif method == "rank":
+            out[kind] = _percentiles(tensor)
+        elif method == "zscore-per-layer":
+            mean = tensor.mean(dim=1, keepdim=True)
+            std = tensor.std(dim=1, keepdim=True, unbiased=False)
+            out[kind] = (tensor - mean) / torch.where(std > 0, std, torch.ones_like(std))
+        else:
+            raise SsahError(f"unknown normalisation {method!r}; use one of {', '.join(NORMALIZATIONS)}")
+    return out
+
+
+# -- the Groups artifact ----------------------------------------------------------------------------
+
+@dataclass
+class Groups:
+    """A group label per unit, the normalised scores behind it and `meta` (the groups.json content).
+
+    `labels[kind]` is int8 [num_layers, units_per_layer] holding indices into GROUP_NAMES;
+    `safety[kind]` / `utility[kind]` are the normalised S and U (float64), e.g. to rank units inside
+    a group by S - U. `reused` is True when the CLI found this exact result on disk (not saved).
+    """
+
+    labels: dict[str, torch.Tensor]
+    safety: dict[str, torch.Tensor]
+    utility: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    reused: bool = field(default=False, compare=False)
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.meta["model_fingerprint"]
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(self.labels)
+
+    def members(self, name: str) -> dict[str, torch.Tensor]:
+        """kind -> bool [num_layers, units_per_layer]: the units in group `name` (SCU, UCU, CU or RU)."""
+        code = _group_code(name)
+        return {kind: labels == code for kind, labels in self.labels.items()}
+
+    def counts(self) -> dict[str, int]:
+        """Units per group, over all kinds and layers."""
+        return {name: sum(int(mask.sum()) for mask in self.members(name).values()) for name in GROUP_NAMES}
+
+    def counts_per_kind(self) -> dict[str, dict[str, int]]:
+        """kind -> group -> units."""
+        return {kind: {name: int((labels == code).sum()) for code, name in enumerate(GROUP_NAMES)}
+                for kind, labels in self.labels.items()}
+
+    def counts_per_layer(self) -> dict[str, dict[str, list[int]]]:
+        """kind -> group -> units in each layer."""
+        return {kind: {name: (labels == code).sum(dim=1).tolist() for code, name in enumerate(GROUP_NAMES)}
+                for kind, labels in self.labels.items()}
+
+    def save(self, directory: str | Path, plot: bool = True) -> Path:
+        """Write groups.safetensors and groups.json atomically (and the per-layer plot); returns the folder."""
+        from safetensors.torch import save as save_tensors
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for kind in self.kinds:
+            tensors[f"labels.{kind}"] = self.labels[kind].to("cpu", torch.int8).contiguous()
+            tensors[f"S.{kind}"] = self.safety[kind].to("cpu", torch.float64).contiguous()
+            tensors[f"U.{kind}"] = self.utility[kind].to("cpu", torch.float64).contiguous()
+        atomic_write(directory / GROUPS_FILE, save_tensors(tensors))
+        if plot:
+            plot_groups_per_layer(self, directory / PLOT_FILE)
+        atomic_write(directory / META_FILE, (json.dumps(self.meta, indent=2) + "\n").encode())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Groups:
+        """Read a folder written by `save`; one clear SsahError if it is missing or damaged."""
+        directory = Path(directory)
+        meta = read_manifest(directory, "groups", META_FILE, "ssah groups")
+        if meta.get("format") != FORMAT:
+            raise SsahError(f"{directory / META_FILE} is not an ssah groups file (format {meta.get('format')!r})")
+        tensors = read_tensors(directory / GROUPS_FILE, "ssah groups")
+        labels, safety, utility = {}, {}, {}
+        for kind in meta.get("units_per_layer", {}):
+            try:
+                labels[kind] = tensors[f"labels.{kind}"]
+                safety[kind] = tensors[f"S.{kind}"]
+                utility[kind] = tensors[f"U.{kind}"]
+            except KeyError as err:
+                raise SsahError(f"{directory / GROUPS_FILE} lacks {err.args[0]!r}; "
+                                "rerun ssah groups with --force") from None
+        groups = cls(labels, safety, utility, meta)
+        if groups.counts() != meta.get("counts"):
+            raise SsahError(f"{directory / GROUPS_FILE} does not match {META_FILE} (group counts differ); "
+                            "rerun ssah groups with --force")
+        return groups
+
+
+def _group_code(name: str) -> int:
+    upper = name.upper()
+    if upper not in GROUP_NAMES:
+        raise SsahError(f"unknown group {name!r}; groups: {', '.join(GROUP_NAMES)}")
+    return GROUP_NAMES.index(upper)
+
+
+# -- making groups ----------------------------------------------------------------------------------
+
+def check_compatible(safety: Scores, utility: Scores) -> None:
+    """One clear error unless both scores belong to the same model and unit layout."""
+    if safety.model_fingerprint != utility.model_fingerprint:
+        raise SsahError(
+            f"the safety and utility scores come from different models (fingerprints {safety.model_fingerprint} "
+            f"[{safety.manifest.get('model_spec', '?')}] vs {utility.model_fingerprint} "
+            f"[{utility.manifest.get('model_spec', '?')}]); score both with the same --model")
+    shapes_s = {kind: tuple(v.shape) for kind, v in safety.values.items()}
+    shapes_u = {kind: tuple(v.shape) for kind, v in utility.values.items()}
+    if shapes_s != shapes_u:
+        raise SsahError(f"the safety and utility scores have different unit layouts ({shapes_s} vs {shapes_u}); "
+                        "score both with the same --attn-unit")
+    if safety.digest() == utility.digest():
+        raise SsahError("the safety and utility scores are identical; pass scores of a safety set "
+                        "(e.g. harmful prompts with refusals) and of a utility set (e.g. benign instructions)")
+
+
+def _pick(key: torch.Tensor, available: torch.Tensor, count: int, highest: bool) -> torch.Tensor:
+    """Indices of the `count` available entries with the highest (or lowest) key; ties by position."""
+    candidates = available.nonzero().squeeze(1)
+    order = torch.sort(key[candidates], descending=highest, stable=True).indices
+    return candidates[order[:count]]
+
+
+def _apportion(count: int, sizes: list[int], capacity: list[int]) -> list[int]:
+    """Split `count` over layers in proportion to `sizes`, by largest remainder, within `capacity`."""
+    total = sum(sizes)
+    exact = [count * size / total for size in sizes]
+    shares = [min(math.floor(x), cap) for x, cap in zip(exact, capacity)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    left = count - sum(shares)
+    while left > 0:
+        progressed = False
+        for i in order:
+            if left and shares[i] < capacity[i]:
+                shares[i] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise SsahError(f"cannot place {count} units within the layers' free units; lower the sizes")
+    return shares
+
+
+def _assign(s: torch.Tensor, u: torch.Tensor, counts: dict[str, int]) -> torch.Tensor:
+    """Group codes of units with normalised scores `s`, `u` (flat), by the rule in ASSIGNMENT_ORDER."""
+    labels = torch.full(s.shape, GROUP_NAMES.index("CU"), dtype=torch.int8)
+    available = torch.ones(s.shape, dtype=torch.bool)
+    keys = {"SCU": (s - u, True), "UCU": (u - s, True), "RU": (s + u, False)}
+    for name in ASSIGNMENT_ORDER:
+        key, highest = keys[name]
+        chosen = _pick(key, available, counts[name], highest)
+        labels[chosen] = GROUP_NAMES.index(name)
+        available[chosen] = False
+    return labels
+
+
+def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None = None,
+                normalize: str = "rank", ranking: str = "global") -> Groups:
+    """Label every unit SCU, UCU, CU or RU from safety and utility scores of the same model.
+
+    `sizes` maps scu/ucu/ru to fractions of all units (default: the paper's Llama-2 sizes);
+    `normalize` is rank (default), mean or zscore-per-layer; `ranking` is global or per-layer.
+    See the module docstring for the rule, the order of assignment and the rounding.
+    """
+    from ssah import __version__
+
+    sizes = {key.lower(): value for key, value in (DEFAULT_SIZES if sizes is None else sizes).items()}
+    _check_total(sizes)
+    if ranking not in RANKINGS:
+        raise SsahError(f"unknown ranking {ranking!r}; use one of {', '.join(RANKINGS)}")
+    check_compatible(safety, utility)
+    s_norm = normalize_scores(safety.values, normalize, "safety scores")
+    u_norm = normalize_scores(utility.values, normalize, "utility scores")
+    kinds = list(s_norm)
+    num_layers = s_norm[kinds[0]].shape[0]
+    units_per_layer = {kind: s_norm[kind].shape[1] for kind in kinds}
+    total = sum(num_layers * n for n in units_per_layer.values())
+    counts = group_counts(sizes, total)
+
+    if ranking == "global":
+        # Pool all units: kinds in order, each [layers, units] flattened row-major.
+        flat = _assign(torch.cat([s_norm[k].reshape(-1) for k in kinds]),
+                       torch.cat([u_norm[k].reshape(-1) for k in kinds]), counts)
+        labels, start = {}, 0
+        for kind in kinds:
+            n = num_layers * units_per_layer[kind]
+            labels[kind] = flat[start:start + n].reshape(num_layers, units_per_layer[kind])
+            start += n
+    else:
+        per_layer_units = [sum(units_per_layer.values())] * num_layers
+        capacity = list(per_layer_units)
+        per_layer_counts: dict[str, list[int]] = {}
+        for name in ASSIGNMENT_ORDER:
+            per_layer_counts[name] = _apportion(counts[name], per_layer_units, capacity)
+            capacity = [cap - n for cap, n in zip(capacity, per_layer_counts[name])]
+        labels = {kind: torch.empty(num_layers, units_per_layer[kind], dtype=torch.int8) for kind in kinds}
+        for layer in range(num_layers):
+            layer_labels = _assign(torch.cat([s_norm[k][layer] for k in kinds]),
+                                   torch.cat([u_norm[k][layer] for k in kinds]),
+                                   {name: per_layer_counts[name][layer] for name in ASSIGNMENT_ORDER})
+            start = 0
+            for kind in kinds:
+                labels[kind][layer] = layer_labels[start:start + units_per_layer[kind]]
+                start += units_per_layer[kind]
+
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "group_names": list(GROUP_NAMES),
+        "sizes": {key: sizes.get(key, 0.0) for key in SIZE_KEYS},
+        "counts": counts,
+        "shares": {name: count / total for name, count in counts.items()},
+        "total_units": total,
+        "rule": RULE,
+        "assignment_order": [*ASSIGNMENT_ORDER, "CU"],
+        "rounding": ROUNDING,
+        "normalize": normalize,
+        "ranking": ranking,
+        "model_fingerprint": safety.model_fingerprint,
+        "model_spec": safety.manifest.get("model_spec"),
+        "attn_unit": safety.manifest.get("attn_unit"),
+        "num_layers": num_layers,
+        "units_per_layer": units_per_layer,
+        "safety": _score_summary(safety),
+        "utility": _score_summary(utility),
+        "ssah_version": __version__,
+    }
+    groups = Groups(labels, s_norm, u_norm, meta)
+    meta["counts_per_kind"] = groups.counts_per_kind()
+    meta["counts_per_layer"] = groups.counts_per_layer()
+    return groups
+
+
+def _score_summary(scores: Scores) -> dict[str, Any]:
+    keys = ("dataset_name", "dataset_fingerprint", "scorer", "token_scope", "responses", "tokens_seen", "num_records")
+    summary = {key: scores.manifest.get(key) for key in keys}
+    summary["values_sha256"] = scores.digest()
+    return summary
+
+
+def groups_run_key(meta: dict) -> dict:
+    """The groups.json fields that determine the labels; equal keys give equal groups."""
+    return {
+        "model_fingerprint": meta.get("model_fingerprint"),
+        "safety scores": (meta.get("safety") or {}).get("values_sha256"),
+        "utility scores": (meta.get("utility") or {}).get("values_sha256"),
+        "sizes": meta.get("sizes"),
+        "normalize": meta.get("normalize"),
+        "ranking": meta.get("ranking"),
+    }
+
+
+def existing_groups(directory: str | Path, expected: dict) -> Groups | None:
+    """The groups already in `directory` if made from the same inputs; None if there are none.
+
+    `expected` holds the groups.json fields of `groups_run_key`. A folder with other groups raises.
+    """
+    found = existing_run(Path(directory), expected, kind="groups", filename=META_FILE, key=groups_run_key,
+                         own_files=(GROUPS_FILE, META_FILE, PLOT_FILE))
+    if found is None:
+        return None
+    groups = Groups.load(directory)
+    groups.reused = True
+    return groups
+
+
+# -- plot -------------------------------------------------------------------------------------------
+
+GROUP_COLORS = {"SCU": "#d62728", "UCU": "#1f77b4", "CU": "#c7c7c7", "RU": "#2ca02c"}
+
+
+def plot_groups_per_layer(groups: Groups, path: str | Path) -> Path:
+    """Stacked bars, one panel per unit kind: the share of each layer's units in each group (PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    # A bare Figure with the Agg canvas: no pyplot, so the caller's backend (e.g. a notebook's) is untouched.
+    kinds = groups.kinds
+    figure = Figure(figsize=(max(6.0, 0.25 * groups.meta["num_layers"] + 2), 2.6 * len(kinds)), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(kinds), 1, squeeze=False)[:, 0]
+    order = ("SCU", "UCU", "RU", "CU")
+    per_kind = groups.counts_per_kind()
+    for ax, kind in zip(axes, kinds):
+        labels = groups.labels[kind]
+        layers = torch.arange(labels.shape[0]).numpy()
+        bottom = torch.zeros(labels.shape[0], dtype=torch.float64)
+        for name in order:
+            share = (labels == GROUP_NAMES.index(name)).to(torch.float64).mean(dim=1)
+            ax.bar(layers, share.numpy(), bottom=bottom.numpy(), color=GROUP_COLORS[name], width=0.85,
+                   label=f"{name} ({per_kind[kind][name]})")
+            bottom += share
+        ax.set_xlim(-0.6, labels.shape[0] - 0.4)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"{kind}: share of units")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    axes[-1].set_xlabel("layer")
+    meta = groups.meta
+    figure.suptitle(f"unit groups per layer (normalize={meta['normalize']}, ranking={meta['ranking']})",
+                    fontsize="medium")
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
