@@ -1,0 +1,144 @@
+"""`ssah eval`: safety, prefill attacks, over-refusal and utility of one model, into an output folder."""
+
+from __future__ import annotations
+
+import gc
+
+import click
+
+from ssah.cli_common import load_from_options, model_options
+from ssah.errors import SsahError
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@click.command("eval")
+@model_options
+@click.option("--suite", "suites", default="safety,prefill,overrefusal,utility", show_default=True,
+              help="comma-separated: safety (ASR + refusal score), refusal_score (no generation), prefill, "
+                   "overrefusal, utility")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--harmful", default=None, metavar="DATA", help="harmful prompts (default harmful:test)")
+@click.option("--sensitive", default=None, metavar="DATA",
+              help="safe-but-sensitive prompts for over-refusal (default sensitive_safe; e.g. xstest-safe:PATH)")
+@click.option("--benign", default=None, metavar="DATA", help="checkable tasks for accuracy (default benign:test)")
+@click.option("--text", "text_data", default=None, metavar="DATA", help="text for perplexity (default text)")
+@click.option("--limit", type=int, default=None, help="use the first N items of each set (quick runs)")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--system", "system_text", default=None, metavar="TEXT",
+              help="system prompt text of the 'default' condition (default: Llama-2-Chat's)")
+@click.option("--system-prompt", "system_mode", default="both", show_default=True,
+              type=click.Choice(["both", "none", "default"]),
+              help="evaluate without a system prompt, with it, or both (rates pooled, and reported per condition)")
+@click.option("--rules", default="prefix,keywords", show_default=True, help="refusal rules: prefix, keywords")
+@click.option("--judge", "judge_folder", default=None, metavar="FOLDER",
+              help="local judge model folder (e.g. Llama-Guard-3-1B); runs after the model is freed")
+@click.option("--judge-kind", default="llama-guard", show_default=True, help="judge kind from the judge registry")
+@click.option("--lm-eval-tasks", default=None, metavar="TASKS",
+              help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (needs: pip install lm-eval)")
+@click.option("--lm-eval-include", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
+@click.option("--lm-eval-limit", type=int, default=None, help="at most N documents per lm-eval task")
+@click.option("--force", is_flag=True, help="overwrite an output folder that holds another model's evaluation")
+def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
+                 batch_size, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
+                 lm_eval_include, lm_eval_limit, force):
+    """Evaluate safety (ASR per rule, refusal score), prefill attacks, over-refusal and utility.
+
+    Writes OUT/eval.json (rates with Wilson 95% intervals, n, rule and data names, model fingerprint),
+    OUT/replies.jsonl (every reply with its verdicts) and OUT/generations.jsonl (the cache that makes
+    a rerun free and an interrupted run resume).
+    """
+    from ssah.evaluate.judges import JUDGES, check_judge_folder
+    from ssah.evaluate.runner import EvalSettings, apply_judge, evaluate_model, load_eval_data
+    from ssah.evaluate.safety import DEFAULT_SYSTEM_PROMPT
+
+    if system_text is not None and system_mode == "none":
+        raise SsahError("--system has no effect with --system-prompt none; drop one of them")
+    settings = EvalSettings(
+        suites=_names(suites), rules=_names(rules), max_new_tokens=max_new_tokens, batch_size=batch_size,
+        system_prompt=system_mode, system=DEFAULT_SYSTEM_PROMPT if system_text is None else system_text,
+        limit=limit, lm_eval_tasks=_names(lm_eval_tasks or ""), lm_eval_limit=lm_eval_limit,
+        lm_eval_include=lm_eval_include,
+    ).validate()
+    # Everything a user can get wrong is checked before the (possibly long) model load and run.
+    if lm_eval_tasks is not None:
+        from ssah.evaluate.lm_eval_bridge import require_lm_eval
+
+        if not settings.lm_eval_tasks:
+            raise SsahError("--lm-eval-tasks got no task name; e.g. --lm-eval-tasks arc_easy,hellaswag")
+        if "utility" not in settings.suites:
+            raise SsahError("--lm-eval-tasks runs with the utility suite; add utility to --suite")
+        require_lm_eval()
+    if judge_folder is not None:
+        if judge_kind not in JUDGES:
+            raise SsahError(f"unknown judge kind {judge_kind!r}; known: {', '.join(JUDGES)}")
+        if not {"safety", "prefill"} & set(settings.suites):
+            raise SsahError("--judge judges safety and prefill replies; add safety or prefill to --suite")
+        check_judge_folder(judge_folder)
+    data = load_eval_data(settings.suites, settings.limit, harmful=harmful, sensitive=sensitive,
+                          benign=benign, text=text_data)
+
+    loaded = load_from_options(model_args)
+    report = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out_dir, settings, data,
+                            model_info={"spec": loaded.spec, "fingerprint": loaded.fingerprint}, force=force)
+    if judge_folder is not None:
+        # Free the evaluated model first: the judge and the model never sit in memory together.
+        del loaded
+        _free_memory()
+        from ssah.evaluate.judges import load_judge
+
+        judge = load_judge(judge_folder, judge_kind, dtype=model_args["dtype"], device=model_args["device"],
+                           batch_size=batch_size)
+        try:
+            report = apply_judge(out_dir, judge)
+        finally:
+            judge.close()
+    click.echo(summary(report, out_dir))
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def summary(report: dict, out_dir: str) -> str:
+    """A few human-readable lines of the report."""
+    lines = [f"model {report['model'].get('spec', report['model']['key'])} "
+             f"(fingerprint {report['model'].get('fingerprint', report['model']['key'])})"]
+    n, ci = report["n"], report["ci"]
+    for key, label in (("asr", "ASR"), ("prefill_asr", "prefill ASR")):
+        if report.get(key):
+            for rule, value in report[key].items():
+                lo, hi = ci[key][rule]
+                lines.append(f"{label} [{rule}]: {_pct(value)} (95% CI {_pct(lo)}-{_pct(hi)}, n={n[key]})")
+    if report.get("refusal_score") is not None:
+        lines.append(f"refusal score: {report['refusal_score']:+.3f} nats (n={n['refusal_score']})")
+    if report.get("overrefusal_rate") is not None:
+        lo, hi = ci["overrefusal_rate"]
+        lines.append(f"over-refusal [{report['overrefusal_rule']}]: {_pct(report['overrefusal_rate'])} "
+                     f"(95% CI {_pct(lo)}-{_pct(hi)}, n={n['overrefusal_rate']})")
+    utility = report.get("utility")
+    if utility:
+        lo, hi = ci["task_accuracy"]
+        lines.append(f"task accuracy: {_pct(utility['task_accuracy'])} (95% CI {_pct(lo)}-{_pct(hi)}, "
+                     f"n={n['task_accuracy']})")
+        lines.append(f"perplexity: {utility['perplexity']:.2f} ({n['perplexity_tokens']} tokens)")
+        for task, metrics in (utility.get("lm_eval") or {}).items():
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
+            lines.append(f"lm-eval {task}: {shown}")
+    if report.get("judge"):
+        judge = report["judge"]
+        lines.append(f"judge {judge['kind']}: {judge['model']} (fingerprint {judge['fingerprint']}, "
+                     f"{judge['unparsed']} of {judge['n']} verdicts unparsed)")
+    lines.append(f"wrote {out_dir}/eval.json and {out_dir}/replies.jsonl")
+    return "\n".join(lines)

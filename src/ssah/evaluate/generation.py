@@ -1,0 +1,211 @@
+"""Batched greedy generation with a per-item cache that makes evaluations resumable.
+
+- Greedy decoding only (deterministic); prompts are rendered with the model's chat template
+  (`ssah.data.chat.format_prompt`), optionally with a system prompt and a prefilled reply opening.
+- Inputs are sorted by token length (longest first, so an out-of-memory error shows at once) and
+  left-padded per batch; padding never changes a reply: batched output equals batch-size-1 output
+  token for token (tested on the tiny models in fp32).
+- Each finished batch is appended to a JSONL cache with flush + fsync, keyed by
+  (model key, rendered input text, max new tokens): an interrupted run loses at most the batch in
+  flight, and a rerun generates only what is missing. The rendered text covers the prompt, the system
+  prompt, the prefill and the chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ssah.data.chat import EncodedPair, collate_pairs, format_prompt, has_chat_template
+from ssah.errors import SsahError
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One reply: the rendered input, the decoded reply, its new token ids (up to EOS, excluded)."""
+
+    text: str
+    reply: str
+    token_ids: tuple[int, ...]
+    cached: bool  # True when it came from the cache rather than from the model
+
+
+def cache_key(model_key: str, text: str, max_new_tokens: int) -> str:
+    """The cache key of one generation: what makes its greedy output unique."""
+    payload = json.dumps({"v": CACHE_VERSION, "model": model_key, "input": text,
+                          "max_new_tokens": max_new_tokens, "decoding": "greedy"}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class GenerationCache:
+    """An append-only JSONL file of finished generations; `path=None` caches in memory only."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self._entries: dict[str, tuple[str, tuple[int, ...]]] = {}
+        if self.path is not None and self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        with self.path.open(encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    row = json.loads(line)
+                    self._entries[row["key"]] = (row["reply"], tuple(row["tokens"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # the tail of a write cut short by a kill: regenerate that item
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> tuple[str, tuple[int, ...]] | None:
+        return self._entries.get(key)
+
+    def add(self, rows: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        """Store (key, reply, token ids) rows; on disk, durably (flush + fsync) before returning."""
+        for key, reply, tokens in rows:
+            self._entries[key] = (reply, tokens)
+        if self.path is None or not rows:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a+b") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:
+                handle.seek(-1, os.SEEK_END)
+                if handle.read(1) != b"\n":  # a killed write left half a line: close it off
+                    handle.write(b"\n")
+            lines = (json.dumps({"key": key, "reply": reply, "tokens": list(tokens)}, ensure_ascii=False)
+                     for key, reply, tokens in rows)
+            handle.write(("\n".join(lines) + "\n").encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    # Chat templates write their own BOS into the text; plain prompts get the tokenizer's.
+    return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in (configured if isinstance(configured, list) else [configured]) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: int,
+                    eos_ids: list[int]) -> list[tuple[int, ...]]:
+    from transformers import GenerationConfig
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    batch = collate_pairs([EncodedPair(ids, len(ids)) for ids in encoded], pad_id, padding_side="left")
+    device = _model_device(model)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              pad_token_id=pad_id, eos_token_id=eos_ids)
+    output = model.generate(input_ids=batch["input_ids"].to(device),
+                            attention_mask=batch["attention_mask"].to(device), generation_config=config)
+    new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
+    stops = set(eos_ids)
+    out = []
+    for row in new_tokens:
+        end = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+        out.append(tuple(row[:end]))
+    return out
+
+
+def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, max_new_tokens: int = 64,
+                   batch_size: int = 8, cache: GenerationCache | None = None, progress: bool = True,
+                   desc: str = "generating",
+                   on_batch: Callable[[list[Generation]], None] | None = None) -> list[Generation]:
+    """Greedy replies to already rendered input texts, in input order.
+
+    `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
+    caller modified it). Cached items are not regenerated; each finished batch is written to the
+    cache before `on_batch` (an observer, e.g. for progress reports or tests) sees it.
+    """
+    if max_new_tokens < 1:
+        raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise SsahError(f"batch size must be at least 1, got {batch_size}")
+    cache = cache if cache is not None else GenerationCache()
+    keys = [cache_key(model_key, text, max_new_tokens) for text in texts]
+    results: dict[str, Generation] = {}
+    pending: dict[str, str] = {}  # key -> text; identical inputs are generated once
+    for key, text in zip(keys, texts):
+        hit = cache.get(key)
+        if hit is not None:
+            results[key] = Generation(text, hit[0], hit[1], cached=True)
+        elif key not in pending:
+            pending[key] = text
+
+    if pending:
+        encoded = {key: _encode_text(tokenizer, text) for key, text in pending.items()}
+        # Longest first: similar lengths share a batch (little padding) and memory peaks early.
+        order = sorted(pending, key=lambda k: -len(encoded[k]))
+        eos_ids = _eos_ids(model, tokenizer)
+        unique_total = len(set(keys))
+        with tqdm(total=unique_total, initial=unique_total - len(pending), desc=desc, unit="reply",
+                  disable=not progress, dynamic_ncols=True) as bar:
+            for start in range(0, len(order), batch_size):
+                chunk = order[start:start + batch_size]
+                token_rows = _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens, eos_ids)
+                finished = []
+                for key, tokens in zip(chunk, token_rows):
+                    reply = tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+                    results[key] = Generation(pending[key], reply, tokens, cached=False)
+                    finished.append(results[key])
+                cache.add([(key, results[key].reply, results[key].token_ids) for key in chunk])
+                bar.update(len(chunk))
+                if on_batch is not None:
+                    on_batch(finished)
+    return [results[key] for key in keys]
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], system: str | None = None,
+                   prefills: Sequence[str] | None = None) -> list[str]:
+    """The chat-formatted input text for each prompt (with its system prompt and prefill)."""
+    prefills = list(prefills) if prefills is not None else [""] * len(prompts)
+    if len(prefills) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(prefills)} prefills")
+    return [format_prompt(tokenizer, prompt, system, prefill) for prompt, prefill in zip(prompts, prefills)]
+
+
+def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,
+                   prefills: Sequence[str] | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+                   cache: GenerationCache | None = None, progress: bool = True, desc: str = "generating",
+                   on_batch: Callable[[list[Generation]], None] | None = None) -> list[Generation]:
+    """Greedy replies to user prompts (chat template, optional system prompt and prefills), in order.
+
+    With prefills, each reply is the model's continuation after the prefill text (which is not part
+    of the reply). See `generate_texts` for caching and `on_batch`.
+    """
+    texts = render_prompts(tokenizer, prompts, system, prefills)
+    return generate_texts(model, tokenizer, texts, model_key=model_key, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, cache=cache, progress=progress, desc=desc, on_batch=on_batch)
+
+
+def generate_replies(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,
+                     prefills: Sequence[str] | None = None, max_new_tokens: int = 64, batch_size: int = 8,
+                     cache: GenerationCache | str | Path | None = None, progress: bool = True) -> list[str]:
+    """The reply text for each prompt (see `generate_items`); `cache` may be a JSONL path."""
+    if cache is not None and not isinstance(cache, GenerationCache):
+        cache = GenerationCache(cache)
+    items = generate_items(model, tokenizer, prompts, model_key=model_key, system=system, prefills=prefills,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache, progress=progress)
+    return [item.reply for item in items]

@@ -1,0 +1,52 @@
+"""Rates with Wilson score intervals: every rate in a report carries its count and its 95% interval."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+Z_95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (95% by default); (0, 1) when n is 0."""
+    if n < 0 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    # Clamp rounding noise: the exact interval always contains p and lies in [0, 1].
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+@dataclass(frozen=True)
+class Rate:
+    """k of n, with its rate (None when n is 0) and Wilson 95% interval."""
+
+    k: int
+    n: int
+
+    @classmethod
+    def of(cls, flags: Iterable[bool]) -> Rate:
+        flags = list(flags)
+        return cls(sum(bool(f) for f in flags), len(flags))
+
+    @property
+    def rate(self) -> float | None:
+        return self.k / self.n if self.n else None
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.k, self.n)
+
+    def __add__(self, other: Rate) -> Rate:
+        """Pool two rates (e.g. with and without a system prompt)."""
+        return Rate(self.k + other.k, self.n + other.n)
+
+    def to_dict(self) -> dict:
+        lo, hi = self.ci
+        return {"rate": self.rate, "k": self.k, "n": self.n, "ci95": [lo, hi]}
