@@ -66,3 +66,9 @@ def test_generation_batch_is_left_padded():
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
     assert (batch["input_ids"][0][batch["attention_mask"][0] == 0] == tok.pad_token_id).all()
     assert torch.equal(batch["attention_mask"][1], torch.ones_like(batch["attention_mask"][1]))
+
+
+def test_tiny_tokenizer_is_the_same_every_time():
+    """Reproducible runs need the tiny models' tokenizer to map text to the same ids on every build."""
+    ids = {tuple(tiny_tokenizer()("Same text, same ids: 123 é")["input_ids"]) for _ in range(5)}
+    assert len(ids) == 1

@@ -50,7 +50,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per UTF-8 byte) with special tokens and a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    byte_vocab = {ch: i + len(SPECIAL_TOKENS) for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: alphabet() comes from a hash set whose order changes from call to call.
+    byte_vocab = {ch: i + len(SPECIAL_TOKENS) for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)} | byte_vocab
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -126,16 +126,19 @@ def _echo_result(out: str, result) -> None:
     click.echo(f"{result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}{frozen}; saved {out}")
 
 
-def alignment_pairs(harmful, benign, refusals, seed: int = 0) -> list[tuple[str, str]]:
+def alignment_pairs(harmful, benign, refusals, seed: int = 0,
+                    borderline: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """Harmful prompts paired with built-in refusals, mixed with benign (prompt, answer) pairs.
 
     Refusals are assigned round-robin over a seeded shuffle, so every reserved option is used.
+    `borderline` pairs (safe prompts that sound unsafe, answered) teach the model where refusing stops.
     """
     rng = random.Random(seed)
     replies = [r.response or r.prompt for r in refusals]
     rng.shuffle(replies)
     pairs = [(r.prompt, replies[i % len(replies)]) for i, r in enumerate(harmful)]
     pairs += [(r.prompt, r.response) for r in benign if r.response]
+    pairs += list(borderline)
     rng.shuffle(pairs)
     return pairs
 

@@ -61,6 +61,10 @@ class TrainResult:
 
 def _batches(tokenizer, pairs: list[tuple[str, str]], config: TrainConfig, generator: torch.Generator):
     encoded = [encode_pair(tokenizer, p, r, config.system, config.max_length) for p, r in pairs]
+    # A prompt that fills max_length leaves no response token to learn from (and a NaN loss).
+    encoded = [e for e in encoded if len(e.input_ids) > e.prompt_len]
+    if not encoded:
+        raise SsahError(f"every example's prompt fills --max-length {config.max_length}; raise it")
 
     def collate(items):
         batch = collate_pairs(items, tokenizer.pad_token_id)
