@@ -27,6 +27,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "align": ("ssah.train.cli", "align", "Safety alignment that trains only a unit budget (e.g. RU)."),
     "probe": ("ssah.probe.cli", "probe", "Reasoning-direction probe: refusal vs compliance per layer and step."),
     "transfer": ("ssah.analysis.cli", "transfer", "Cross-tabulate unit groups before and after training."),
+    "run": ("ssah.run_cli", "run", "Run the whole SSAH study from a preset or config; resumable."),
+    "demo": ("ssah.run_cli", "demo", "The demo study on the built-in model into runs/demo."),
+    "config": ("ssah.run_cli", "config", "Show experiment presets (ssah config show demo)."),
 }
 
 

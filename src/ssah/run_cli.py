@@ -1,0 +1,59 @@
+"""`ssah run`, `ssah demo` and `ssah config show`: the end-to-end experiment from a preset or file."""
+
+from __future__ import annotations
+
+import click
+
+
+def _run(preset: str | None, config_file: str | None, out: str, from_stage: str | None, force: tuple[str, ...],
+         only: tuple[str, ...]) -> None:
+    from ssah.config import load_config
+    from ssah.pipeline import run_pipeline
+
+    config = load_config(preset, config_file)
+    run_pipeline(config, out, from_stage=from_stage, force=force, only=only or None)
+
+
+_stage_options = [
+    click.option("--from", "from_stage", default=None, help="redo this stage and every later one"),
+    click.option("--force", multiple=True, help="redo this stage (repeatable)"),
+    click.option("--only", multiple=True, help="run only this stage (repeatable; earlier ones must be done)"),
+]
+
+
+def stage_options(func):
+    for option in reversed(_stage_options):
+        func = option(func)
+    return func
+
+
+@click.command("run")
+@click.option("--preset", default=None, help="a built-in preset: demo, paper-llama2, paper-llama3, paper-mistral")
+@click.option("--config", "config_file", default=None, type=click.Path(), help="a YAML config file")
+@click.option("--out", required=True, type=click.Path(), help="the run folder (RUN_DIR)")
+@stage_options
+def run(preset, config_file, out, from_stage, force, only) -> None:
+    """Run the whole SSAH study; a rerun resumes, skipping finished stages."""
+    _run(preset, config_file, out, from_stage, force, only)
+
+
+@click.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path())
+@stage_options
+def demo(out, from_stage, force, only) -> None:
+    """The `demo` preset on the built-in model (about 20 minutes on 2 CPU cores)."""
+    _run("demo", None, out, from_stage, force, only)
+
+
+@click.group("config")
+def config() -> None:
+    """Inspect experiment presets."""
+
+
+@config.command("show")
+@click.argument("preset")
+def show(preset: str) -> None:
+    """Print a preset's YAML, to copy and edit as a --config file."""
+    from ssah.config import preset_text
+
+    click.echo(preset_text(preset), nl=False)

@@ -1,0 +1,88 @@
+"""The staged experiment on a tiny model: resumes after kill -9 with the numbers of an uninterrupted run."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ssah.config import load_config
+from ssah.errors import SsahError
+from ssah.pipeline import run_pipeline
+from tests.helpers import assert_one_line_error, run_cli
+
+CONFIG = Path(__file__).parent / "data" / "tiny_run.yaml"
+STAGES = ("baseline", "align", "groups", "prune")
+
+
+def _numbers(run_dir: Path) -> dict:
+    """Every stage summary, without wall-clock fields."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("seconds", "load_seconds")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return {d.name: strip(json.loads((d / "done.json").read_text())["summary"])
+            for d in sorted(run_dir.iterdir()) if (d / "done.json").is_file()}
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path):
+    config = load_config(path=CONFIG)
+    run_pipeline(config, tmp_path / "straight", only=STAGES)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ssah", "run", "--config", str(CONFIG), "--out", str(killed),
+                             *[arg for s in STAGES for arg in ("--only", s)]],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = killed / "2-align" / "model-budget" / "train.json"  # mid-stage: one model trained, more to come
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists(), "the run never reached the align stage"
+    assert not (killed / "2-align" / "done.json").exists()
+    # Nothing half-written: every JSON parses, temporary folders are hidden and ignored.
+    for path in killed.rglob("*.json"):
+        json.loads(path.read_text())
+
+    run_pipeline(config, killed, only=STAGES)
+    assert _numbers(killed) == _numbers(tmp_path / "straight")
+
+
+def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsys):
+    config = load_config(path=CONFIG)
+    run_pipeline(config, tmp_path, only=("baseline",))
+    stamp = (tmp_path / "1-baseline" / "done.json").stat().st_mtime_ns
+    run_pipeline(config, tmp_path, only=("baseline",))
+    assert (tmp_path / "1-baseline" / "done.json").stat().st_mtime_ns == stamp
+    config.eval.max_new_tokens += 1
+    with pytest.raises(SsahError, match="made with another config"):
+        run_pipeline(config, tmp_path, only=("baseline",))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny:llama\nscores:\n  scorer: variance\n  colour: red\n")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
+                          "unknown config key 'scores.colour'")
+    assert_one_line_error(run_cli(capsys, "run", "--preset", "demo", "--out", str(tmp_path), "--force", "nope"),
+                          "unknown stage")
+
+
+def test_full_run_writes_report_with_verdicts(tmp_path):
+    summaries = run_pipeline(load_config(path=CONFIG), tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["verdicts"]) >= {"ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility",
+                                        "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal"}
+    assert all(v["verdict"] in ("held", "not held", "inconclusive") for v in results["verdicts"].values())
+    html = (tmp_path / "report.html").read_text()
+    assert "<table>" in html and "data:image/png;base64," in html and "Llama-2-7B-Chat (paper)" in html
+    assert summaries["finetune"]["freeze_ii"]["train"]["check"]["max_abs_change_frozen"] == 0.0
+    assert all(math.isfinite(s["train"]["final_loss"]) for s in summaries["finetune"].values())
+    assert abs(sum(map(sum, summaries["transfer"]["finetune"]["table_percent"])) - 100) < 1e-3
