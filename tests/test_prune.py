@@ -61,3 +61,85 @@ def test_mask_of_another_model_is_refused():
     wrong_shape = _mask(UnitLayout.from_model(tiny_model("gemma")[0]), 0.1)
     with pytest.raises(SsahError, match="units but the model has"):
         prune_(model, layout, wrong_shape)
+
+
+@pytest.fixture
+def tiny_groups(tmp_path):
+    """Groups of tiny:llama from real scores (harmful prompts + refusals vs benign answers)."""
+    from ssah.data import load_dataset
+    from ssah.models.loading import load_model
+    from ssah.units.groups import make_groups
+    from ssah.units.scores import score_dataset
+
+    loaded = load_model("tiny:llama", device="cpu")
+    safety = score_dataset(loaded, load_dataset("harmful:calibration").take(6), responses="refusals",
+                           batch_size=3, max_length=256, progress=False)
+    utility = score_dataset(loaded, load_dataset("benign:calibration").take(6), batch_size=3, max_length=256,
+                            progress=False)
+    make_groups(safety, utility, {"scu": 0.05, "ucu": 0.1, "ru": 0.2}).save(tmp_path / "groups")
+    return tmp_path / "groups"
+
+
+def test_prune_cli_saves_a_model_equal_to_the_reversible_prune(capsys, tmp_path, tiny_groups):
+    from ssah.interventions.masks import load_mask
+    from ssah.models.loading import load_model
+    from tests.helpers import assert_one_line_error, run_cli
+
+    result = run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups), "--mask", "SCU+UCU",
+                     "--out", str(tmp_path / "pruned"))
+    assert result.code == 0, result.err
+    loaded = load_model("tiny:llama", device="cpu")
+    mask = load_mask(str(tiny_groups), "SCU+UCU")
+    ids = loaded.tokenizer(["check the saved model"], return_tensors="pt")
+    with torch.no_grad(), pruned(loaded.model, loaded.layout, mask):
+        expected = loaded.model(**ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).logits, expected, atol=1e-6, rtol=0)
+    # Bad input: an unknown group, a mask of another model, an out folder holding another model.
+    assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),
+                                  "--mask", "XYZ", "--out", str(tmp_path / "p2")), "unknown mask term")
+    assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:qwen2", "--groups", str(tiny_groups),
+                                  "--mask", "SCU", "--out", str(tmp_path / "p3")), "was made for model")
+    assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),
+                                  "--mask", "RU", "--out", str(tmp_path / "pruned")), "holds another run")
+
+
+def test_eval_with_prune_records_the_mask(capsys, tmp_path, tiny_groups):
+    import json
+
+    from tests.helpers import run_cli
+
+    common = ["--model", "tiny:llama", "--suite", "safety", "--limit", "3", "--max-new-tokens", "3",
+              "--system-prompt", "none", "--rules", "prefix"]
+    assert run_cli(capsys, "eval", *common, "--out", str(tmp_path / "plain")).code == 0
+    result = run_cli(capsys, "eval", *common, "--prune", f"{tiny_groups}:SCU+UCU", "--out", str(tmp_path / "p"))
+    assert result.code == 0, result.err
+    plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
+    pruned_report = json.loads((tmp_path / "p" / "eval.json").read_text())
+    assert pruned_report["model"]["pruned"]["mask"] == "SCU+UCU"
+    assert pruned_report["model"]["key"] != plain["model"]["key"]
+    assert pruned_report["refusal_score"] != plain["refusal_score"]
+
+
+def test_align_and_finetune_cli(capsys, tmp_path, tiny_groups):
+    import json
+
+    from tests.helpers import assert_one_line_error, run_cli
+
+    common = ["--model", "tiny:llama", "--max-steps", "2", "--batch-size", "4", "--limit", "8", "--lr", "1e-3"]
+    result = run_cli(capsys, "align", *common, "--budget", f"{tiny_groups}:RU", "--out", str(tmp_path / "a"))
+    assert result.code == 0, result.err
+    record = json.loads((tmp_path / "a" / "train.json").read_text())
+    assert record["result"]["check"]["max_abs_change_frozen"] == 0.0 and record["result"]["steps"] == 2
+    result = run_cli(capsys, "finetune", *common, "--data", "benign:train", "--freeze", f"{tiny_groups}:SCU+CU:top=0.06",
+                     "--out", str(tmp_path / "f"))
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "f" / "train.json").read_text())["result"]["steps"] == 4  # frozen runs: x2
+    assert (tmp_path / "f" / "loss.png").is_file()
+    result = run_cli(capsys, "finetune", *common, "--data", "benign:train", "--lora", "--out", str(tmp_path / "l"))
+    assert result.code == 0, result.err
+    assert_one_line_error(run_cli(capsys, "align", *common, "--budget", f"{tiny_groups}:random:frac=0",
+                                  "--out", str(tmp_path / "e")), "nothing to train")
+    assert_one_line_error(run_cli(capsys, "finetune", *common, "--data", "benign:train", "--freeze",
+                                  f"{tiny_groups}:NOPE", "--out", str(tmp_path / "g")), "unknown mask term")

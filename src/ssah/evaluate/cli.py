@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 
 import click
@@ -22,7 +23,7 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--harmful", default=None, metavar="DATA", help="harmful prompts (default harmful:test)")
 @click.option("--sensitive", default=None, metavar="DATA",
-              help="safe-but-sensitive prompts for over-refusal (default sensitive_safe; e.g. xstest-safe:PATH)")
+              help="safe-but-sensitive prompts for over-refusal (default sensitive_safe:test; e.g. xstest-safe:PATH)")
 @click.option("--benign", default=None, metavar="DATA", help="checkable tasks for accuracy (default benign:test)")
 @click.option("--text", "text_data", default=None, metavar="DATA", help="text for perplexity (default text)")
 @click.option("--limit", type=int, default=None, help="use the first N items of each set (quick runs)")
@@ -41,10 +42,13 @@ def _names(text: str) -> tuple[str, ...]:
               help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (needs: pip install lm-eval)")
 @click.option("--lm-eval-include", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
 @click.option("--lm-eval-limit", type=int, default=None, help="at most N documents per lm-eval task")
+@click.option("--prune", "prune_spec", default=None, metavar="GROUPS_DIR:MASK",
+              help="evaluate with these units zeroed (reversibly), e.g. runs/x/groups:SCU or g:random:like=SCU")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of random masks (--prune)")
 @click.option("--force", is_flag=True, help="overwrite an output folder that holds another model's evaluation")
 def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
                  batch_size, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
-                 lm_eval_include, lm_eval_limit, force):
+                 lm_eval_include, lm_eval_limit, prune_spec, seed, force):
     """Evaluate safety (ASR per rule, refusal score), prefill attacks, over-refusal and utility.
 
     Writes OUT/eval.json (rates with Wilson 95% intervals, n, rule and data names, model fingerprint),
@@ -81,9 +85,25 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
     data = load_eval_data(settings.suites, settings.limit, harmful=harmful, sensitive=sensitive,
                           benign=benign, text=text_data)
 
+    mask = None
+    if prune_spec is not None:
+        from ssah.interventions.masks import load_mask, split_mask_spec
+
+        mask = load_mask(*split_mask_spec(prune_spec), seed=seed)
     loaded = load_from_options(model_args)
-    report = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out_dir, settings, data,
-                            model_info={"spec": loaded.spec, "fingerprint": loaded.fingerprint}, force=force)
+    info = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
+    with contextlib.ExitStack() as stack:
+        key = loaded.fingerprint
+        if mask is not None:
+            from ssah.interventions.prune import pruned
+
+            stack.enter_context(pruned(loaded.model, loaded.layout, mask))
+            # The pruned model is another model: its own cache key and record.
+            key = f"{loaded.fingerprint}-pruned-{mask.groups_digest}-{mask.expression}-seed{seed}"
+            info["pruned"] = {"mask": mask.expression, "groups": mask.groups_digest, "units": mask.count(),
+                              "share": mask.share(), "seed": seed}
+        report = evaluate_model(loaded.model, loaded.tokenizer, key, out_dir, settings, data, model_info=info,
+                                force=force)
     if judge_folder is not None:
         # Free the evaluated model first: the judge and the model never sit in memory together.
         del loaded

@@ -48,7 +48,7 @@ EVAL_FILE, REPLIES_FILE, CACHE_FILE = "eval.json", "replies.jsonl", "generations
 # data role -> (default spec, suites that need it)
 DATA_ROLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "harmful": ("harmful:test", ("safety", "refusal_score", "prefill")),
-    "sensitive": ("sensitive_safe", ("overrefusal",)),
+    "sensitive": ("sensitive_safe:test", ("overrefusal",)),  # the train split may be used in alignment
     "benign": ("benign:test", ("utility",)),
     "text": ("text", ("utility",)),
     "refusals": ("refusals", ("safety", "refusal_score")),
