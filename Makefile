@@ -34,7 +34,9 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_scoring.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_freeze.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_monitor.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
