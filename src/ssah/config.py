@@ -84,6 +84,7 @@ class AlignConfig:
     study: str = "budget"  # which model stages 3-7 study: budget | full | base
     benign_limit: int | None = None
     borderline_reply_tokens: int = 48  # length of the model's own replies to borderline prompts
+    borderline_repeats: int = 1  # how often each borderline pair appears in the alignment data
     train: TrainSection = field(default_factory=lambda: TrainSection(lr=1e-4))
 
 

@@ -222,7 +222,8 @@ def stage_align(run: Run) -> dict:
         benign = benign.sample(min(c.align.benign_limit, len(benign)), c.seed)
     loaded = run.load()
     borderline = _borderline_pairs(run, loaded, out / "borderline-replies.jsonl")
-    pairs = alignment_pairs(harmful, benign, load_dataset(d.refusals), seed=c.seed, borderline=borderline)
+    pairs = alignment_pairs(harmful, benign, load_dataset(d.refusals), seed=c.seed,
+                            borderline=borderline * c.align.borderline_repeats)
     summary: dict = {"pairs": len(pairs), "harmful": len(harmful), "benign": len(benign),
                      "borderline": len(borderline)}
 
