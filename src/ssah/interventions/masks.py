@@ -49,13 +49,6 @@ class UnitMask:
     def share(self) -> float:
         return self.count() / max(1, self.total())
 
-    def __or__(self, other: "UnitMask") -> "UnitMask":
-        return UnitMask({k: self.units[k] | other.units[k] for k in self.units},
-                        f"{self.expression}+{other.expression}", self.model_fingerprint)
-
-    def invert(self) -> "UnitMask":
-        return UnitMask({k: ~m for k, m in self.units.items()}, f"not({self.expression})", self.model_fingerprint)
-
     def check_model(self, fingerprint: str, layout: UnitLayout) -> None:
         """Refuse a mask computed on another model or with another unit layout."""
         if self.model_fingerprint and fingerprint != self.model_fingerprint:

@@ -63,7 +63,8 @@ from typing import Any
 import torch
 
 from ssah.errors import SsahError
-from ssah.units.scores import Scores, atomic_write, existing_run, read_manifest, read_tensors
+from ssah.io import atomic_write
+from ssah.units.scores import Scores, existing_run, read_manifest, read_tensors
 
 GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
 ASSIGNMENT_ORDER: tuple[str, ...] = ("SCU", "UCU", "RU")  # CU is the rest

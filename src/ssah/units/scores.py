@@ -41,9 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,7 @@ import torch.nn.functional as F
 
 from ssah.data.chat import collate_pairs, encode_pair, encode_prompts
 from ssah.errors import SsahError
+from ssah.io import atomic_write
 from ssah.units.layout import UnitLayout
 from ssah.units.scorers import (
     SCORERS, TOKEN_SCOPES, ChannelStats, Scorer, get_scorer, register_scorer, resolve_scope,
@@ -185,22 +184,6 @@ def values_digest(values: dict[str, torch.Tensor]) -> str:
         digest.update(f"{kind}:{tuple(tensor.shape)};".encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary sibling, then rename it over `path`: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # -- batches --------------------------------------------------------------------------------------
