@@ -41,7 +41,7 @@ def run(preset, config_file, out, from_stage, force, only) -> None:
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @stage_options
 def demo(out, from_stage, force, only) -> None:
-    """The `demo` preset on the built-in model (about 20 minutes on 2 CPU cores)."""
+    """The `demo` preset on the built-in model (about half an hour on 2 idle CPU cores)."""
     _run("demo", None, out, from_stage, force, only)
 
 
