@@ -88,3 +88,13 @@ def test_to_jsonl_writes_all_fields(tmp_path):
     assert rows[1] == {"id": "b", "prompt": "Caf\u00e9", "response": "ok", "category": "c", "source": "s",
                        "answer": None, "normalizer": None}
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_subset_names_load_back_as_the_same_subset():
+    """A name recorded by take/sample (e.g. in a scores manifest) loads the very same records."""
+    full = load_dataset("benign:calibration")
+    for subset in (full.take(5), full.sample(7, seed=3), full.sample(7, seed=3).take(2)):
+        again = load_dataset(subset.name)
+        assert again.name == subset.name and again.fingerprint == subset.fingerprint
+    with pytest.raises(SsahError, match="sample"):
+        load_dataset(f"benign:calibration[sample={len(full) + 1},seed=0]")

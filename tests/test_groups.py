@@ -121,7 +121,7 @@ def test_parse_sizes():
     assert parse_sizes("SCU=2%, ru=0.1") == {"scu": 0.02, "ucu": 0.0, "ru": 0.1}
     for bad, message in (("scu=0.6,ucu=0.5", "sum to 1.1 > 1"), ("scu=-0.1", "between 0 and 1"),
                          ("cu=0.5", "CU is always the rest"), ("scu=abc", "not a number"),
-                         ("auto", "fixed sizes are required"), ("scu=0.1,scu=0.2", "given twice"), ("", "no sizes")):
+                         ("auto", "chosen by a pruning sweep"), ("scu=0.1,scu=0.2", "given twice"), ("", "no sizes")):
         with pytest.raises(SsahError, match=message):
             parse_sizes(bad)
 
@@ -198,7 +198,7 @@ def test_cli_groups_errors_are_one_line(tmp_path, capsys):
     base = ("groups", "--safety", safety, "--utility", safety, "--out", out)
     assert_one_line_error(run_cli(capsys, *base, "--sizes", "scu=0.5,ucu=0.4,ru=0.2"), "sum to 1.1 > 1")
     assert_one_line_error(run_cli(capsys, *base, "--sizes", "scu=-0.01"), "between 0 and 1")
-    assert_one_line_error(run_cli(capsys, *base, "--sizes", "auto"), "fixed sizes are required")
+    assert_one_line_error(run_cli(capsys, *base, "--sizes", "auto", "--sweep-samples", "1"), "identical")
     assert_one_line_error(run_cli(capsys, "groups", "--safety", str(tmp_path / "none"), "--utility", safety,
                                   "--out", out), "no scores folder")
 

@@ -10,10 +10,13 @@ Spec forms:
   unmapped field is read from the column of the same name when there is one; `prompt` is required.
 - `hf:ORG/NAME[:SPLIT][?FIELD=COLUMN&...]` for a Hugging Face hub dataset: needs the `datasets`
   package and network, and is refused while HF_HUB_OFFLINE is set.
+- Any of these followed by `[take=N]` or `[sample=N,seed=S]` (repeatable): the subset that
+  `Dataset.take` / `Dataset.sample` name this way, so a dataset name recorded in a manifest loads back.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -57,6 +60,9 @@ def _check(spec: str, records: list[Record]) -> None:
         seen.add(record.id)
 
 
+_SUBSET = re.compile(r"^(.*)\[(?:take=(\d+)|sample=(\d+),seed=(\d+))\]$", re.S)
+
+
 def load_dataset(spec: str) -> Dataset:
     """Load a dataset from a spec (forms in the module docstring); the Dataset is named `spec`.
 
@@ -64,6 +70,11 @@ def load_dataset(spec: str) -> Dataset:
     split, or a dataset with no records.
     """
     spec = spec.strip()
+    subset = _SUBSET.match(spec)
+    if subset:  # NAME[take=N] / NAME[sample=N,seed=S], as Dataset.take / Dataset.sample name them
+        base, take, sample, seed = subset.groups()
+        dataset = load_dataset(base)
+        return dataset.take(int(take)) if take is not None else dataset.sample(int(sample), int(seed))
     head, sep, rest = spec.partition(":")
     if head in BUILTIN_NAMES:
         records = load_builtin(head, rest if sep else None)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import click
 
 from ssah.cli_common import load_from_options, model_options
+from ssah.errors import SsahError
 
 
 @click.command("units")
@@ -63,8 +66,6 @@ def score(model_args: dict, data_spec: str, scorer: str, out: str, responses: st
           batch_size: int, max_length: int, max_new_tokens: int, limit: int | None, seed: int,
           system: str | None, attn_unit: str, force: bool) -> None:
     """Score every unit's importance on a dataset; writes scores.safetensors and manifest.json to --out."""
-    import time
-
     from ssah.data import load_dataset
     from ssah.units.scores import get_scorer, score_dataset
 
@@ -97,35 +98,77 @@ def score(model_args: dict, data_spec: str, scorer: str, out: str, responses: st
 @click.option("--utility", "utility_dir", required=True, type=click.Path(),
               help="folder written by ssah score on utility data (same model)")
 @click.option("--sizes", default="scu=0.013,ucu=0.133,ru=0.148", show_default=True,
-              help="fractions of all units (or percentages, e.g. scu=1.3%); CU is the rest")
+              help="fractions of all units (or percentages, e.g. scu=1.3%); CU is the rest. 'auto': choose "
+              "each size by a pruning sweep on the model (see --sweep-*)")
 @click.option("--normalize", type=click.Choice(["rank", "mean", "zscore-per-layer"]), default="rank",
               show_default=True, help="how S and U are made comparable before subtracting (per unit kind): "
               "percentiles, division by the mean, or z-scores per layer")
 @click.option("--ranking", type=click.Choice(["global", "per-layer"]), default="global", show_default=True,
               help="rank units across all layers, or within each layer")
+@click.option("--model", "model_spec", default=None, metavar="SPEC",
+              help="--sizes auto: the scored model (default: the spec recorded with the safety scores)")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="--sizes auto: model dtype")
+@click.option("--device", default="auto", show_default=True, help="--sizes auto: model device")
+@click.option("--sweep-safety-data", default=None, metavar="DATA",
+              help="--sizes auto: harmful prompts for the refusal share (default: the safety scores' dataset)")
+@click.option("--sweep-utility-data", default=None, metavar="DATA",
+              help="--sizes auto: prompts with answers for the perplexity (default: the utility scores' dataset)")
+@click.option("--sweep-samples", default=32, show_default=True, type=click.IntRange(min=1),
+              help="--sizes auto: records of each sweep dataset")
+@click.option("--sweep-thresholds", default=None, metavar="NAME=V,...",
+              help="--sizes auto: hurt_safety (0.3), spare_safety (0.1), hurt_utility (0.5), spare_utility (0.1)")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--force", is_flag=True, help="recompute and overwrite whatever the output folder holds")
-def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, ranking: str, out: str, force: bool) -> None:
+def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, ranking: str, model_spec: str | None,
+           dtype: str, device: str, sweep_safety_data: str | None, sweep_utility_data: str | None,
+           sweep_samples: int, sweep_thresholds: str | None, out: str, force: bool) -> None:
     """Sort units into SCU / UCU / CU / RU; writes groups.safetensors, groups.json and a per-layer plot."""
     from ssah.units.groups import (
-        GROUP_NAMES, SIZE_KEYS, check_compatible, existing_groups, make_groups, parse_sizes,
+        GROUP_NAMES, SIZE_KEYS, SWEEP_PLOT_FILE, check_compatible, existing_groups, make_groups, parse_sizes,
     )
     from ssah.units.scores import Scores
 
-    fractions = parse_sizes(sizes)
+    auto = sizes.strip().lower() == "auto"
+    fractions = None if auto else parse_sizes(sizes)
     safety, utility = Scores.load(safety_dir), Scores.load(utility_dir)
     check_compatible(safety, utility)
     expected = {
         "model_fingerprint": safety.model_fingerprint,
         "safety": {"values_sha256": safety.digest()},
         "utility": {"values_sha256": utility.digest()},
-        "sizes": {key: fractions[key] for key in SIZE_KEYS},
         "normalize": normalize,
         "ranking": ranking,
     }
+    probe = loaded = None
+    if auto:
+        from ssah.data import load_dataset
+        from ssah.models.loading import load_model
+        from ssah.units.size_sweep import DEFAULT_GRIDS, AttributeProbe, SweepThresholds, request_key
+
+        thresholds = SweepThresholds.parse(sweep_thresholds)
+        safety_data = load_dataset(sweep_safety_data or _recorded_dataset(safety, "safety"))
+        utility_data = load_dataset(sweep_utility_data or _recorded_dataset(utility, "utility"))
+        loaded = load_model(model_spec or _recorded_model(safety), dtype=dtype, device=device)
+        probe = AttributeProbe.build(loaded, safety_data, utility_data, samples=sweep_samples)
+        expected["size_selection"] = {"request": request_key(thresholds, DEFAULT_GRIDS, probe.data)}
+    else:
+        expected["sizes"] = {key: fractions[key] for key in SIZE_KEYS}
     result = None if force else existing_groups(out, expected)
     if result is not None:
         click.echo(f"reused the groups already in {out} (same scores and settings); pass --force to recompute")
+    elif auto:
+        from ssah.units.size_sweep import plot_size_sweep, sweep_sizes
+
+        start = time.perf_counter()
+        sweep = sweep_sizes(loaded, safety, utility, probe, normalize=normalize, ranking=ranking,
+                            thresholds=thresholds)
+        click.echo(f"size sweep: {len(sweep.steps)} pruned evaluations in {time.perf_counter() - start:.1f} s")
+        result = make_groups(safety, utility, sweep.sizes, normalize=normalize, ranking=ranking)
+        result.meta["size_selection"] = sweep.to_dict()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        plot_size_sweep(sweep, Path(out) / SWEEP_PLOT_FILE)
+        result.save(out)
     else:
         result = make_groups(safety, utility, fractions, normalize=normalize, ranking=ranking)
         result.save(out)
@@ -140,4 +183,24 @@ def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, rankin
         asked_text = f"{asked:.2%}" if asked is not None else "rest"
         click.echo(f"{name:<6} {meta['counts'][name]:>8,} {meta['shares'][name]:>8.2%} {asked_text:>8}  "
                    + "  ".join(f"{per_kind[k][name]:>8,}" for k in kinds))
-    click.echo(f"wrote  {out}/groups.safetensors, {out}/groups.json, {out}/groups_per_layer.png")
+    selection = meta.get("size_selection")
+    if selection:
+        for name, ok in selection["met"].items():
+            if not ok:
+                click.echo(f"warning: {name} size: {selection['reasons'][name]}; see {out}/size_sweep.png")
+    click.echo(f"wrote  {out}/groups.safetensors, {out}/groups.json, {out}/groups_per_layer.png"
+               + (f", {out}/size_sweep.png" if selection else ""))
+
+
+def _recorded_dataset(scores, role: str) -> str:
+    name = scores.manifest.get("dataset_name")
+    if not name:
+        raise SsahError(f"the {role} scores do not record their dataset; pass --sweep-{role}-data")
+    return name
+
+
+def _recorded_model(scores) -> str:
+    spec = scores.manifest.get("model_spec")
+    if not spec:
+        raise SsahError("the safety scores do not record their model; pass --model")
+    return spec

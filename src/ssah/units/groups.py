@@ -80,6 +80,7 @@ FORMAT = "ssah.groups/1"
 GROUPS_FILE = "groups.safetensors"
 META_FILE = "groups.json"
 PLOT_FILE = "groups_per_layer.png"
+SWEEP_PLOT_FILE = "size_sweep.png"  # written by `--sizes auto` (ssah.units.size_sweep)
 
 
 # -- sizes ------------------------------------------------------------------------------------------
@@ -88,12 +89,12 @@ def parse_sizes(text: str) -> dict[str, float]:
     """Parse ``scu=0.013,ucu=0.133,ru=0.148`` (fractions, or percentages like ``1.3%``).
 
     Omitted groups get 0; CU is always the rest. Raises SsahError for unknown names, negative sizes,
-    sizes summing over 1, and ``auto`` (which needs the evaluation package's pruning sweep).
+    sizes summing over 1, and ``auto`` (which needs the model: see `ssah.units.size_sweep`).
     """
     text = text.strip()
     if text.lower() == "auto":
-        raise SsahError("--sizes auto needs the pruning sweep of the evaluation package, which is not available "
-                        f"yet; fixed sizes are required for now, e.g. --sizes {DEFAULT_SIZES_TEXT}")
+        raise SsahError("sizes 'auto' are chosen by a pruning sweep on the model (ssah.units.size_sweep; "
+                        "`ssah groups --sizes auto`), not parsed; give fractions here, e.g. " + DEFAULT_SIZES_TEXT)
     sizes = {key: 0.0 for key in SIZE_KEYS}
     seen: set[str] = set()
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -419,7 +420,8 @@ def groups_run_key(meta: dict) -> dict:
         "model_fingerprint": meta.get("model_fingerprint"),
         "safety scores": (meta.get("safety") or {}).get("values_sha256"),
         "utility scores": (meta.get("utility") or {}).get("values_sha256"),
-        "sizes": meta.get("sizes"),
+        # sizes chosen by a sweep are reused when the sweep's request matches, whatever it chose
+        "sizes": (meta.get("size_selection") or {}).get("request") or meta.get("sizes"),
         "normalize": meta.get("normalize"),
         "ranking": meta.get("ranking"),
     }
@@ -431,7 +433,7 @@ def existing_groups(directory: str | Path, expected: dict) -> Groups | None:
     `expected` holds the groups.json fields of `groups_run_key`. A folder with other groups raises.
     """
     found = existing_run(Path(directory), expected, kind="groups", filename=META_FILE, key=groups_run_key,
-                         own_files=(GROUPS_FILE, META_FILE, PLOT_FILE))
+                         own_files=(GROUPS_FILE, META_FILE, PLOT_FILE, SWEEP_PLOT_FILE))
     if found is None:
         return None
     groups = Groups.load(directory)
