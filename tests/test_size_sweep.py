@@ -33,6 +33,7 @@ def setting(tmp_path_factory):
     score_dataset(loaded, harmful, responses="refusals", out=tmp / "S", **common)
     score_dataset(loaded, benign, out=tmp / "U", **common)
     probe = AttributeProbe.build(loaded, harmful, benign, samples=6, batch_size=4, max_length=256)
+    assert len(probe.safety_prompts) == 6
     return loaded, Scores.load(tmp / "S"), Scores.load(tmp / "U"), probe, tmp
 
 
@@ -52,22 +53,21 @@ def test_utility_measure_is_the_response_token_loss(setting):
         tokens += n
     measured = probe.measure(model, loaded.tokenizer)
     assert measured.nll == pytest.approx(total / tokens, rel=1e-5)
-    assert 0.0 <= measured.refusal_share <= 1.0
+    assert 0.0 <= measured.refusal_rate <= 1.0
 
 
-def _rule_holds(step, base, t: SweepThresholds) -> bool:
-    drop = base["refusal_share"] - step["refusal_share"]
+def _check_step(step, base, t: SweepThresholds) -> None:
+    drop = base["refusal_rate"] - step["refusal_rate"]
     ratio = step["perplexity_ratio"]
-    if step["group"] == "SCU":
-        return drop >= t.hurt_safety - 1e-9 and ratio <= 1 + t.spare_utility
-    if step["group"] == "UCU":
-        return ratio >= 1 + t.hurt_utility and abs(drop) <= t.spare_safety + 1e-9
-    return abs(drop) <= t.spare_safety + 1e-9 and ratio <= 1 + t.spare_utility
+    assert step["safety_hurt"] == (drop >= t.hurt_safety - 1e-9)
+    assert step["safety_spared"] == (abs(drop) <= t.spare_safety + 1e-9)
+    assert step["utility_hurt"] == (ratio >= 1 + t.hurt_utility)
+    assert step["utility_spared"] == (ratio <= 1 + t.spare_utility)
 
 
 @pytest.mark.parametrize("thresholds", ["hurt_safety=0,spare_utility=0.2,hurt_utility=0.01,spare_safety=0.2",
                                         "hurt_safety=0,spare_utility=100,spare_safety=1,hurt_utility=0"])
-def test_sweep_picks_the_largest_size_meeting_the_rule(setting, thresholds):
+def test_sweep_follows_its_rule(setting, thresholds):
     loaded, safety, utility, probe, _ = setting
     t = SweepThresholds.parse(thresholds)
     before = _state(loaded.model)
@@ -75,17 +75,26 @@ def test_sweep_picks_the_largest_size_meeting_the_rule(setting, thresholds):
     after = _state(loaded.model)
     assert all(torch.equal(before[k], after[k]) for k in before), "the sweep must restore every pruned weight"
     record = sweep.to_dict()
-    for group in ("SCU", "UCU", "RU"):
+    for group, own, other in (("SCU", "safety", "utility"), ("UCU", "utility", "safety")):
         steps = [s for s in record["steps"] if s["group"] == group]
-        assert steps, group
         fractions = [s["fraction"] for s in steps]
-        assert fractions == sorted(fractions, reverse=True), "candidates are tried from large to small"
+        assert steps and fractions == sorted(fractions, reverse=True), "candidates go from large to small"
         for step in steps:
-            assert step["meets_rule"] == _rule_holds(step, record["baseline"], t), step
-        meeting = [s for s in steps if s["meets_rule"]]
-        assert record["met"][group] == bool(meeting)
-        if meeting:  # the sweep stops at the first (largest) size that meets the rule
-            assert meeting == [steps[-1]] and sweep.sizes[group.lower()] == steps[-1]["fraction"]
+            _check_step(step, record["baseline"], t)
+        # the sweep goes down while pruning hurts the group's own attribute and stops at the first that does not
+        assert all(s[f"{own}_hurt"] for s in steps[:-1])
+        hurting = [s for s in steps if s[f"{own}_hurt"]]
+        expected = hurting[-1]["fraction"] if hurting and hurting[-1][f"{other}_spared"] else None
+        assert record["met"][group] == (expected is not None), record["reasons"][group]
+        if expected is not None:
+            assert sweep.sizes[group.lower()] == expected
+    ru = [s for s in record["steps"] if s["group"] == "RU"]
+    for step in ru:
+        _check_step(step, record["baseline"], t)
+    sparing = [s for s in ru if s["safety_spared"] and s["utility_spared"]]
+    assert record["met"]["RU"] == bool(sparing)
+    if sparing:  # the first (largest) size sparing both ends the sweep
+        assert sparing == [ru[-1]] and sweep.sizes["ru"] == ru[-1]["fraction"]
     assert sum(sweep.sizes.values()) <= 1
     groups = make_groups(safety, utility, sweep.sizes)
     total = groups.meta["total_units"]
@@ -93,29 +102,27 @@ def test_sweep_picks_the_largest_size_meeting_the_rule(setting, thresholds):
         assert groups.counts()[group] == int(sweep.sizes[group.lower()] * total + 0.5)
 
 
-def test_permissive_thresholds_give_the_largest_candidates(setting):
-    """Nothing is too much harm and everything is spared: each group takes its largest candidate."""
+def test_permissive_thresholds(setting):
+    """hurt=0 and spare=everything: SCU and UCU go down to the smallest candidate that does not improve
+    the attribute, and RU takes the largest candidate that fits."""
     loaded, safety, utility, probe, _ = setting
     t = SweepThresholds.parse("hurt_safety=0,spare_safety=1,hurt_utility=0,spare_utility=1e9")
-    base = probe.measure(loaded.model, loaded.tokenizer)
     sweep = sweep_sizes(loaded, safety, utility, probe, thresholds=t,
                         grids={"scu": (0.05, 0.02), "ucu": (0.2, 0.1), "ru": (0.9, 0.5)}, progress=False)
-    ucu_steps = [s for s in sweep.steps if s.group == "UCU"]
-    scu_steps = [s for s in sweep.steps if s.group == "SCU"]
-    # hurt_safety=0 and hurt_utility=0 still need the attribute not to improve
-    assert sweep.met["SCU"] == any(base.refusal_share - s.refusal_share >= 0 for s in scu_steps)
-    assert sweep.met["UCU"] == any(s.perplexity_ratio >= 1 for s in ucu_steps)
-    # RU takes the largest candidate that fits in what SCU and UCU left
+    base = sweep.baseline
+    scu = [s for s in sweep.steps if s.group == "SCU"]
+    if all(base.refusal_rate >= s.refusal_rate for s in scu):
+        assert sweep.met["SCU"] and sweep.sizes["scu"] == 0.02 and len(scu) == 2
     room = 1 - sweep.sizes["scu"] - sweep.sizes["ucu"]
     assert sweep.sizes["ru"] == max(f for f in (0.9, 0.5) if f <= room) and sweep.met["RU"]
 
 
 def test_a_model_that_does_not_refuse_cannot_size_scu(setting):
     loaded, safety, utility, probe, _ = setting
-    share = probe.measure(loaded.model, loaded.tokenizer).refusal_share
-    assert share < 1
+    rate = probe.measure(loaded.model, loaded.tokenizer).refusal_rate
+    assert rate < 1  # a random tiny model does not open its replies with refusals
     with pytest.raises(SsahError, match="cannot be sized automatically"):
-        sweep_sizes(loaded, safety, utility, probe, thresholds=SweepThresholds(hurt_safety=share + 0.01),
+        sweep_sizes(loaded, safety, utility, probe, thresholds=SweepThresholds(hurt_safety=rate + 0.01),
                     progress=False)
 
 

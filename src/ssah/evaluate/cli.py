@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from pathlib import Path
 
 import click
 
@@ -45,10 +46,14 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--prune", "prune_spec", default=None, metavar="GROUPS_DIR:MASK",
               help="evaluate with these units zeroed (reversibly), e.g. runs/x/groups:SCU or g:random:like=SCU")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of random masks (--prune)")
+@click.option("--monitor", "monitor_path", default=None, metavar="FILE",
+              help="generate under the runtime monitor: a monitor config (.yaml/.json, calibrated now on its "
+              "calibration splits, before any --prune) or a calibrated state (.safetensors, "
+              "calibrate_monitor(...).save(PATH))")
 @click.option("--force", is_flag=True, help="overwrite an output folder that holds another model's evaluation")
 def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
                  batch_size, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
-                 lm_eval_include, lm_eval_limit, prune_spec, seed, force):
+                 lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, force):
     """Evaluate safety (ASR per rule, refusal score), prefill attacks, over-refusal and utility.
 
     Writes OUT/eval.json (rates with Wilson 95% intervals, n, rule and data names, model fingerprint),
@@ -90,8 +95,17 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
         from ssah.interventions.masks import load_mask, split_mask_spec
 
         mask = load_mask(*split_mask_spec(prune_spec), seed=seed)
+    if monitor_path is not None and not Path(monitor_path).is_file():
+        raise SsahError(f"monitor file {monitor_path} does not exist; give a monitor state (.safetensors) "
+                        "or a monitor config (.yaml/.json)")
     loaded = load_from_options(model_args)
     info = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
+    monitor = None
+    if monitor_path is not None:
+        from ssah.probe.monitor import monitor_from_file
+
+        monitor = monitor_from_file(loaded.model, loaded.tokenizer, monitor_path)
+        info["monitor"] = str(monitor_path)
     with contextlib.ExitStack() as stack:
         key = loaded.fingerprint
         if mask is not None:
@@ -103,7 +117,7 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
             info["pruned"] = {"mask": mask.expression, "groups": mask.groups_digest, "units": mask.count(),
                               "share": mask.share(), "seed": seed}
         report = evaluate_model(loaded.model, loaded.tokenizer, key, out_dir, settings, data, model_info=info,
-                                force=force)
+                                force=force, monitor=monitor)
     if judge_folder is not None:
         # Free the evaluated model first: the judge and the model never sit in memory together.
         del loaded
@@ -156,6 +170,11 @@ def summary(report: dict, out_dir: str) -> str:
         for task, metrics in (utility.get("lm_eval") or {}).items():
             shown = ", ".join(f"{k}={v:.3f}" for k, v in metrics.items())
             lines.append(f"lm-eval {task}: {shown}")
+    monitor = report.get("monitor")
+    if monitor:
+        replaced = ", ".join(f"{suite} {_pct(e['share'])}" for suite, e in (monitor["replaced"] or {}).items())
+        lines.append(f"monitor {monitor['action']} at layers {monitor['layers']} (threshold {monitor['threshold']:.3g})"
+                     + (f"; replies replaced: {replaced}" if replaced else ""))
     if report.get("judge"):
         judge = report["judge"]
         lines.append(f"judge {judge['kind']}: {judge['model']} (fingerprint {judge['fingerprint']}, "

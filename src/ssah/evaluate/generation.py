@@ -132,12 +132,16 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
 def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, max_new_tokens: int = 64,
                    batch_size: int = 8, cache: GenerationCache | None = None, progress: bool = True,
                    desc: str = "generating",
-                   on_batch: Callable[[list[Generation]], None] | None = None) -> list[Generation]:
+                   on_batch: Callable[[list[Generation]], None] | None = None,
+                   rewrite: Callable[[list[str]], list[str]] | None = None) -> list[Generation]:
     """Greedy replies to already rendered input texts, in input order.
 
     `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
     caller modified it). Cached items are not regenerated; each finished batch is written to the
-    cache before `on_batch` (an observer, e.g. for progress reports or tests) sees it.
+    cache before `on_batch` (an observer, e.g. for progress reports or tests) sees it. `rewrite`
+    maps the decoded replies of the batch just generated to the replies to keep (e.g. a runtime
+    monitor replacing flagged replies by a refusal); it runs before caching, so its `model_key` must
+    say that a rewrite is in effect.
     """
     if max_new_tokens < 1:
         raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
@@ -166,8 +170,10 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
                 chunk = order[start:start + batch_size]
                 token_rows = _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens, eos_ids)
                 finished = []
-                for key, tokens in zip(chunk, token_rows):
-                    reply = tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
+                replies = [tokenizer.decode(list(tokens), skip_special_tokens=True).strip() for tokens in token_rows]
+                if rewrite is not None:
+                    replies = rewrite(replies)
+                for key, tokens, reply in zip(chunk, token_rows, replies):
                     results[key] = Generation(pending[key], reply, tokens, cached=False)
                     finished.append(results[key])
                 cache.add([(key, results[key].reply, results[key].token_ids) for key in chunk])
@@ -189,7 +195,8 @@ def render_prompts(tokenizer, prompts: Sequence[str], system: str | None = None,
 def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,
                    prefills: Sequence[str] | None = None, max_new_tokens: int = 64, batch_size: int = 8,
                    cache: GenerationCache | None = None, progress: bool = True, desc: str = "generating",
-                   on_batch: Callable[[list[Generation]], None] | None = None) -> list[Generation]:
+                   on_batch: Callable[[list[Generation]], None] | None = None,
+                   rewrite: Callable[[list[str]], list[str]] | None = None) -> list[Generation]:
     """Greedy replies to user prompts (chat template, optional system prompt and prefills), in order.
 
     With prefills, each reply is the model's continuation after the prefill text (which is not part
@@ -197,7 +204,8 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
     """
     texts = render_prompts(tokenizer, prompts, system, prefills)
     return generate_texts(model, tokenizer, texts, model_key=model_key, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, cache=cache, progress=progress, desc=desc, on_batch=on_batch)
+                          batch_size=batch_size, cache=cache, progress=progress, desc=desc, on_batch=on_batch,
+                          rewrite=rewrite)
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,

@@ -222,10 +222,10 @@ class _Evaluation:
     """One evaluation run: the model, its data and settings, the reply rows and timings it collects."""
 
     def __init__(self, model, tokenizer, model_key: str, settings: EvalSettings, data: dict[str, Dataset],
-                 cache: GenerationCache):
+                 cache: GenerationCache, rewrite=None):
         self.model, self.tokenizer, self.settings, self.data = model, tokenizer, settings, data
         self.gen = dict(model_key=model_key, max_new_tokens=settings.max_new_tokens,
-                        batch_size=settings.batch_size, cache=cache, progress=settings.progress)
+                        batch_size=settings.batch_size, cache=cache, progress=settings.progress, rewrite=rewrite)
         self.rows: list[dict] = []
         self.seconds: dict[str, float] = {}
 
@@ -305,9 +305,18 @@ def _check_data(data: dict[str, Dataset], suites: Sequence[str]) -> None:
                         "needs checkable records (an `answer` field)")
 
 
+def monitor_key(model_key: str, monitor) -> str:
+    """The model key of an evaluation under a runtime monitor (a (config, state) pair), else `model_key`."""
+    if monitor is None:
+        return model_key
+    from ssah.probe.monitor import monitor_digest
+
+    return f"{model_key}+monitor-{monitor_digest(*monitor)}"
+
+
 def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settings: EvalSettings | None = None,
                    data: dict[str, Dataset] | None = None, model_info: dict | None = None,
-                   force: bool = False) -> dict:
+                   force: bool = False, monitor=None) -> dict:
     """Evaluate a prepared model and write eval.json + replies.jsonl in `out_dir`; returns the report.
 
     `model_key` names the model in the generation cache and the folder guard (its fingerprint, plus
@@ -319,14 +328,30 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     (items per metric), `ci` (Wilson 95% interval of every rate), `rules`, `by_system_prompt`, `data`
     (names and fingerprints), `model` (key, spec, fingerprint), `settings`, `seconds`. Metrics of suites
     not run are null.
+
+    `monitor`, a (MonitorConfig | None, MonitorState) pair (see `ssah.probe.monitor`), puts every
+    generation under the runtime monitor; with its `stop` action a flagged reply is replaced by the
+    refusal text before it is judged or cached (task replies too, so a monitor that flags benign
+    tasks costs accuracy). The model key gains the monitor's digest (`monitor_key`), and the report a
+    `monitor` block with the share of replies replaced per suite. Perplexity runs no generation and is
+    unaffected.
     """
     settings = (settings or EvalSettings()).validate()
+    model_key = monitor_key(model_key, monitor)
     out = check_output_folder(out_dir, model_key, force)
     data = data if data is not None else load_eval_data(settings.suites, settings.limit)
     _check_data(data, settings.suites)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Evaluation(model, tokenizer, model_key, settings, data, GenerationCache(out / CACHE_FILE))
-    conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
+    with contextlib.ExitStack() as stack:
+        rewrite = None
+        if monitor is not None:
+            from ssah.probe.monitor import Monitor
+
+            active = stack.enter_context(Monitor(model, *monitor))
+            rewrite = active.apply_refusals
+        run = _Evaluation(model, tokenizer, model_key, settings, data, GenerationCache(out / CACHE_FILE), rewrite)
+        conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
+        utility = run.utility() if "utility" in settings.suites else None
 
     suites, results = settings.suites, list(conditions.values())
     report: dict = {
@@ -351,18 +376,40 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
         total = sum(overrefusal[1:], overrefusal[0])
         report["overrefusal_rate"], report["ci"]["overrefusal_rate"] = total.rate, list(total.ci)
         report["n"]["overrefusal_rate"] = total.n
-    if "utility" in suites:
-        report["utility"], accuracy, ppl = run.utility()
+    if utility is not None:
+        report["utility"], accuracy, ppl = utility
         report["ci"]["task_accuracy"] = list(accuracy.accuracy.ci)
         report["n"]["task_accuracy"], report["n"]["perplexity_tokens"] = accuracy.accuracy.n, ppl.n_tokens
 
     report["by_system_prompt"] = {name: result.to_dict() for name, result in conditions.items()}
     report["data"] = {role: {"name": ds.name, "fingerprint": ds.fingerprint, "n": len(ds)} for role, ds in data.items()}
+    if monitor is not None:
+        report["monitor"] = _monitor_block(monitor, run.rows)
     report["settings"] = {k: v for k, v in asdict(settings).items() if k != "progress"}
     report["seconds"] = {k: round(v, 2) for k, v in run.seconds.items()}
     write_jsonl(out / REPLIES_FILE, run.rows)  # replies first: eval.json marks a finished evaluation
     atomic_write_text(out / EVAL_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _monitor_block(monitor, rows: list[dict]) -> dict:
+    """What the monitor was and how many replies per suite it replaced (stop action: the replies equal
+    to its refusal text; counted from the rows so cached replies count too)."""
+    from ssah.probe.monitor import monitor_digest
+
+    config, state = monitor
+    config = config or state.config
+    block = {"digest": monitor_digest(config, state), "action": config.action, "layers": list(state.layers),
+             "threshold": float(config.threshold if config.threshold is not None else state.threshold),
+             "calibration": state.meta.get("calibration"), "replaced": None}
+    if config.action == "stop":
+        replaced: dict[str, dict] = {}
+        for row in rows:
+            entry = replaced.setdefault(row["suite"], {"n": 0, "replaced": 0})
+            entry["n"] += 1
+            entry["replaced"] += row["reply"] == config.refusal_text
+        block["replaced"] = {suite: {**e, "share": e["replaced"] / e["n"]} for suite, e in replaced.items()}
+    return block
 
 
 def read_replies(out_dir: str | Path) -> list[dict]:

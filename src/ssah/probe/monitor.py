@@ -229,6 +229,22 @@ class MonitorState:
                    float(metadata["threshold"]), int(metadata["num_layers"]), json.loads(metadata["meta"]))
 
 
+def monitor_digest(config: MonitorConfig | None, state: MonitorState) -> str:
+    """16 hex digits naming what a monitor does to generation: the effective config and threshold
+    and the state's tensors (two equal digests generate the same replies)."""
+    import hashlib
+
+    config = config or state.config
+    threshold = config.threshold if config.threshold is not None else state.threshold
+    settings = {key: getattr(config, key) for key in ("scorer", "statistic", "include_prompt", "min_tokens",
+                                                      "action", "steer_alpha", "refusal_text")}
+    digest = hashlib.sha256(json.dumps({**settings, "threshold": float(threshold), "layers": state.layers},
+                                       sort_keys=True).encode())
+    for tensor in (state.weight, state.bias, state.steer):
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def upper_quantile(values: torch.Tensor, share: float) -> float:
     """The smallest value t with at most `share` of `values` strictly above it (-inf values allowed)."""
     ordered = torch.sort(values.double().flatten()).values
