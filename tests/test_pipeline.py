@@ -73,16 +73,29 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
                           "unknown config key 'scores.colour'")
     assert_one_line_error(run_cli(capsys, "run", "--preset", "demo", "--out", str(tmp_path), "--force", "nope"),
                           "unknown stage")
+    bad.write_text("model: tiny:llama\nprobe:\n  monitor_settings: {action: shout}\n")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
+                          "monitor action 'shout' unknown")
 
 
 def test_full_run_writes_report_with_verdicts(tmp_path):
     summaries = run_pipeline(load_config(path=CONFIG), tmp_path)
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["verdicts"]) >= {"ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility",
-                                        "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal"}
+                                        "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal",
+                                        "monitor_halves_prefill_asr", "monitor_overrefusal_cost"}
     assert all(v["verdict"] in ("held", "not held", "inconclusive") for v in results["verdicts"].values())
     html = (tmp_path / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Llama-2-7B-Chat (paper)" in html
     assert summaries["finetune"]["freeze_ii"]["train"]["check"]["max_abs_change_frozen"] == 0.0
     assert all(math.isfinite(s["train"]["final_loss"]) for s in summaries["finetune"].values())
     assert abs(sum(map(sum, summaries["transfer"]["finetune"]["table_percent"])) - 100) < 1e-3
+    # The studied model's own evaluation is reused for "nothing pruned", not generated again.
+    same = [json.loads((tmp_path / d / "eval.json").read_text()) for d in ("2-align/eval-budget", "4-prune/eval-none")]
+    assert same[0] == same[1]
+    monitor = summaries["probe"]["monitor"]
+    assert monitor["without"]["prefill_asr"] == summaries["prune"]["none"]["prefill_asr"]
+    assert set(monitor["replaced"]) == {"safety", "prefill", "overrefusal"}
+    assert "Runtime monitor" in html
+    eval_monitor = json.loads((tmp_path / "6-probe" / "eval-monitor" / "eval.json").read_text())
+    assert "+monitor-" in eval_monitor["model"]["key"] and eval_monitor["monitor"]["calibration"]

@@ -107,6 +107,18 @@ class FinetuneConfig:
 class ProbeConfig:
     limit: int = 32
     opening_lengths: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10])
+    monitor: bool = True  # also evaluate the studied model under the runtime monitor (ssah.probe.monitor)
+    # MonitorConfig fields (e.g. layers, target_fpr, calibration_limit, calibration_tokens, action);
+    # calibration always uses the calibration splits of `data`
+    monitor_settings: dict[str, Any] = field(default_factory=dict)
+
+    def monitor_config(self, data: DataConfig):
+        """The MonitorConfig these settings describe (one clear error for an unknown or bad field)."""
+        from ssah.probe.monitor import MonitorConfig
+
+        settings = {"harmful_calibration": data.harmful_calibration,
+                    "benign_calibration": data.benign_calibration, **self.monitor_settings}
+        return MonitorConfig.from_dict(settings, "config key probe.monitor_settings")
 
 
 @dataclass
@@ -152,6 +164,8 @@ def _build(cls, data: Any, where: str):
 
 
 def _check_type(kind, value, path: str):
+    if kind is Any:
+        return value
     origin, args = get_origin(kind), get_args(kind)
     if value is None and type(None) in args:
         return None
@@ -198,7 +212,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Ru
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise SsahError(f"{where} is not valid YAML: {str(err).splitlines()[0]}") from err
-    return _build(RunConfig, data or {}, "")
+    config = _build(RunConfig, data or {}, "")
+    config.probe.monitor_config(config.data)  # monitor settings fail here, not after hours of stages
+    return config
 
 
 def config_hash(section: Any) -> str:

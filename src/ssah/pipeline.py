@@ -9,7 +9,8 @@ that records the hash of the config sections it used:
 3. ``groups``    safety and utility scores of the studied model, and its groups;
 4. ``prune``     evaluate with each group (and size-matched random controls) pruned (Table 1);
 5. ``finetune``  benign fine-tuning attack: plain, frozen (i) and (ii), LoRA; evaluate each (Table 2/3);
-6. ``probe``     reasoning direction, unaligned vs studied model;
+6. ``probe``     reasoning direction, unaligned vs studied model; the studied model under the runtime
+                 monitor (safety, prefill attack, over-refusal);
 7. ``transfer``  regroup after the fine-tuning attack and cross-tabulate (Figure 5);
 8. ``report``    results.json, report.html and a console summary.
 
@@ -117,17 +118,28 @@ class Run:
                               sensitive=d.sensitive, benign=benign, refusals=d.refusals,
                               compliance=d.compliance_openings, text=text)
 
-    def evaluate(self, loaded, model_key: str, out: Path, label: str) -> dict:
-        """Evaluate a prepared model into `out` (reused when already finished for the same key)."""
+    def evaluate(self, loaded, model_key: str, out: Path, label: str, monitor=None,
+                 suites: tuple[str, ...] | None = None) -> dict:
+        """Evaluate a prepared model into `out` (reused when already finished for the same key);
+        `monitor` is a (config, state) pair to generate under (see `evaluate_model`)."""
         from ssah.evaluate import evaluate_model, read_report
+        from ssah.evaluate.runner import monitor_key
 
         report = read_report(out) if out.is_dir() else None
-        if report is not None and report.get("model", {}).get("key") == model_key:
+        if report is not None and report.get("model", {}).get("key") == monitor_key(model_key, monitor):
             return report
         click.echo(f"  evaluating {label}")
-        return evaluate_model(loaded.model, loaded.tokenizer, model_key, out, self.eval_settings(),
+        settings = self.eval_settings(suites) if suites else self.eval_settings()
+        return evaluate_model(loaded.model, loaded.tokenizer, model_key, out, settings,
                               data=self.eval_data(), model_info={"spec": loaded.spec, "label": label},
-                              force=True)
+                              force=True, monitor=monitor)
+
+    def studied_eval_dir(self) -> Path:
+        """Where the studied model's own evaluation is written (by the baseline or align stage)."""
+        align = self.config.align
+        if not align.enabled or align.study == "base":
+            return self.stage_dir("baseline") / "eval"
+        return self.stage_dir("align") / ("eval-budget" if align.study == "budget" else "eval-full")
 
     def score_and_group(self, loaded, out: Path):
         """Safety scores (harmful prompts + refusals), utility scores (benign answers), groups."""
@@ -291,8 +303,9 @@ def stage_prune(run: Run) -> dict:
 
     loaded = run.load(run.studied_model_spec())
     groups = Groups.load(run.stage_dir("groups") / "groups")
-    summary = {"none": _headline(run.evaluate(loaded, loaded.fingerprint, run.stage_dir("prune") / "eval-none",
-                                              "studied model, nothing pruned"))}
+    none_dir = run.stage_dir("prune") / "eval-none"
+    _copy_finished_eval(run.studied_eval_dir(), none_dir, loaded.fingerprint)
+    summary = {"none": _headline(run.evaluate(loaded, loaded.fingerprint, none_dir, "studied model, nothing pruned"))}
     for expression in run.config.prune.masks:
         mask = mask_from_expression(groups, expression, seed=run.config.seed)
         key = f"{loaded.fingerprint}-pruned-{_slug(expression)}-{mask.groups_digest}"
@@ -365,7 +378,37 @@ def stage_probe(run: Run) -> dict:
                                                 < models[0]["mean_refusal_minus_compliance"])
         summary["mean_difference_unaligned"] = models[0]["mean_refusal_minus_compliance"]
         summary["mean_difference_aligned"] = models[1]["mean_refusal_minus_compliance"]
+    if c.probe.monitor:
+        summary["monitor"] = _monitor_evaluation(run, studied)
     return summary
+
+
+def _monitor_evaluation(run: Run, studied: str) -> dict:
+    """Calibrate the runtime monitor on the studied model (calibration splits only), then evaluate
+    safety, the prefill attack and over-refusal under it, beside the same model without it."""
+    from ssah.data import load_dataset
+    from ssah.evaluate import read_report
+    from ssah.probe.monitor import MonitorState, calibrate_monitor
+
+    c, out = run.config, run.stage_dir("probe")
+    config = c.probe.monitor_config(c.data)
+    loaded = run.load(studied)
+    state_path = out / "monitor.safetensors"
+    state = MonitorState.load(state_path) if state_path.is_file() else None
+    if state is None or state.meta.get("model_fingerprint") != loaded.fingerprint \
+            or state.meta.get("requested") != config.to_dict():
+        click.echo("  calibrating the runtime monitor")
+        state = calibrate_monitor(loaded.model, loaded.tokenizer, load_dataset(config.harmful_calibration),
+                                  load_dataset(config.benign_calibration), config)
+        state.meta["requested"] = config.to_dict()
+        state.save(state_path)
+    report = run.evaluate(loaded, loaded.fingerprint, out / "eval-monitor", "studied model under the monitor",
+                          monitor=(None, state), suites=("safety", "prefill", "overrefusal"))
+    without = read_report(run.studied_eval_dir()) or {}
+    del loaded
+    release()
+    return {"with": _headline(report), "without": _headline(without), "replaced": report["monitor"]["replaced"],
+            "layers": state.layers, "threshold": state.threshold, "calibration": state.meta.get("calibration")}
 
 
 def stage_transfer(run: Run) -> dict:
@@ -403,6 +446,24 @@ STAGE_FUNCTIONS: dict[str, Callable[[Run], dict]] = {
     "baseline": stage_baseline, "align": stage_align, "groups": stage_groups, "prune": stage_prune,
     "finetune": stage_finetune, "probe": stage_probe, "transfer": stage_transfer, "report": stage_report,
 }
+
+
+def _copy_finished_eval(source: Path, target: Path, model_key: str) -> None:
+    """Copy an earlier stage's finished evaluation of the same model (same key, same settings: the
+    config hash chains them) instead of generating every reply again."""
+    from ssah.evaluate import read_report
+
+    if (target / "eval.json").is_file() or not (source / "eval.json").is_file():
+        return
+    report = read_report(source)
+    if report.get("model", {}).get("key") != model_key:
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():  # a partial evaluation: its cached replies are in the copy's cache anyway
+        shutil.rmtree(target)
+    tmp.replace(target)
 
 
 def _headline(report: dict) -> dict:
