@@ -110,7 +110,7 @@ def test_eval_with_prune_records_the_mask(capsys, tmp_path, tiny_groups):
 
     from tests.helpers import run_cli
 
-    common = ["--model", "tiny:llama", "--suite", "safety", "--limit", "3", "--max-new-tokens", "3",
+    common = ["--model", "tiny:llama", "--suite", "safety,refusal_score", "--limit", "3", "--max-new-tokens", "3",
               "--system-prompt", "none", "--rules", "prefix"]
     assert run_cli(capsys, "eval", *common, "--out", str(tmp_path / "plain")).code == 0
     result = run_cli(capsys, "eval", *common, "--prune", f"{tiny_groups}:SCU+UCU", "--out", str(tmp_path / "p"))

@@ -37,6 +37,9 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
+    # suites of every evaluation in the run (see ssah.evaluate); the generation-free refusal score
+    # is the one a short run may drop: every verdict reads generated replies
+    suites: list[str] = field(default_factory=lambda: ["safety", "refusal_score", "prefill", "overrefusal", "utility"])
     limit: int | None = 64  # items per evaluation set (None: all)
     max_new_tokens: int = 24
     batch_size: int = 16

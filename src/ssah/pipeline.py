@@ -95,11 +95,11 @@ class Run:
 
         return load_model(spec or self.config.model, dtype=self.config.dtype, device=self.config.device)
 
-    def eval_settings(self, suites=("safety", "prefill", "overrefusal", "utility")):
+    def eval_settings(self, suites: tuple[str, ...] | None = None):
         from ssah.evaluate import EvalSettings
 
         e = self.config.eval
-        return EvalSettings(suites=tuple(suites), rules=tuple(e.rules), max_new_tokens=e.max_new_tokens,
+        return EvalSettings(suites=tuple(suites or e.suites), rules=tuple(e.rules), max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, system_prompt=e.system_prompt, limit=e.limit,
                             max_openings=e.max_openings, progress=True)
 
@@ -129,7 +129,7 @@ class Run:
         if report is not None and report.get("model", {}).get("key") == monitor_key(model_key, monitor):
             return report
         click.echo(f"  evaluating {label}")
-        settings = self.eval_settings(suites) if suites else self.eval_settings()
+        settings = self.eval_settings(suites)
         return evaluate_model(loaded.model, loaded.tokenizer, model_key, out, settings,
                               data=self.eval_data(), model_info={"spec": loaded.spec, "label": label},
                               force=True, monitor=monitor)

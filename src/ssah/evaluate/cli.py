@@ -18,8 +18,8 @@ def _names(text: str) -> tuple[str, ...]:
 
 @click.command("eval")
 @model_options
-@click.option("--suite", "suites", default="safety,prefill,overrefusal,utility", show_default=True,
-              help="comma-separated: safety (ASR + refusal score), refusal_score (no generation), prefill, "
+@click.option("--suite", "suites", default="safety,refusal_score,prefill,overrefusal,utility", show_default=True,
+              help="comma-separated: safety (ASR), refusal_score (no generation), prefill, "
                    "overrefusal, utility")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
 @click.option("--harmful", default=None, metavar="DATA", help="harmful prompts (default harmful:test)")

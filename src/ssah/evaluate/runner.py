@@ -39,7 +39,7 @@ from ssah.evaluate.utility import (
 )
 
 SUITES = ("safety", "refusal_score", "prefill", "overrefusal", "utility")
-DEFAULT_SUITES = ("safety", "prefill", "overrefusal", "utility")
+DEFAULT_SUITES = ("safety", "refusal_score", "prefill", "overrefusal", "utility")
 SYSTEM_PROMPT_MODES = ("none", "default", "both")
 SCHEMA_VERSION = 1
 
@@ -51,8 +51,8 @@ DATA_ROLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sensitive": ("sensitive_safe:test", ("overrefusal",)),  # the train split may be used in alignment
     "benign": ("benign:test", ("utility",)),
     "text": ("text", ("utility",)),
-    "refusals": ("refusals", ("safety", "refusal_score")),
-    "compliance": ("compliance_openings", ("safety", "refusal_score", "prefill")),
+    "refusals": ("refusals", ("refusal_score",)),
+    "compliance": ("compliance_openings", ("refusal_score", "prefill")),
 }
 
 
@@ -250,7 +250,7 @@ class _Evaluation:
         if "safety" in suites:
             run = self._generate("safety", "harmful", condition, system, rules)
             result.asr = {rule: run.attack_success(rule) for rule in rules}
-        if "safety" in suites or "refusal_score" in suites:
+        if "refusal_score" in suites:
             with self.timed("refusal_score"):
                 result.refusal = refusal_score(
                     self.model, self.tokenizer, self.data["harmful"].prompts(), self.data["refusals"].prompts(),

@@ -1,0 +1,49 @@
+"""The benchmark harness: its statistics, and a tiny end-to-end pass from measurement to markdown."""
+
+import json
+
+import pytest
+
+from benchmarks import common, harness, report
+from ssah.models.loading import load_model
+
+
+def test_summary_and_paired_ratios():
+    stats = common.summary([3.0, 1.0, 2.0])
+    assert (stats["median"], stats["min"], stats["max"], stats["n"]) == (2.0, 1.0, 3.0, 3)
+    assert common.paired_ratios([2.0, 6.0], [1.0, 2.0])["values"] == [2.0, 3.0]
+    assert common.target("t", 1.3, "<=", 1.2)["met"] is False
+    assert common.target("t", 12, ">=", 10)["met"] is True
+
+
+def test_linear_fit_recovers_a_line():
+    fit = common.linear_fit([1, 2, 3, 4], [3, 5, 7, 9])
+    assert fit["slope"] == pytest.approx(2) and fit["intercept"] == pytest.approx(1) and fit["r2"] == pytest.approx(1)
+
+
+def test_synthetic_batches_have_scoring_masks():
+    batch = common.synthetic_batches(50, 1, 2, 8)[0]
+    assert set(batch) == {"input_ids", "attention_mask", "prompt_mask", "response_mask"}
+    assert bool((batch["prompt_mask"] ^ batch["response_mask"]).all())
+
+
+def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path):
+    loaded = load_model("tiny:llama")
+    results = {
+        "scoring": harness.BENCHMARKS["scoring"].run(loaded, samples=4, repeats=1),
+        "peers": harness.BENCHMARKS["peers"].run(loaded, samples=4, repeats=1),
+        "freeze": harness.BENCHMARKS["freeze"].run(loaded, batch_size=1, length=16, steps=1, repeats=1, profile=False),
+    }
+    for name, result in results.items():
+        result.update(command=f"python -m benchmarks --quick --only {name}", date="today", elapsed_s=0.0)
+    data = {"mode": "quick", "model": "tiny:llama", "threads": 1, "command": "python -m benchmarks --quick",
+            "machine": common.machine_info(), "benchmarks": results}
+    json_path, md_path = tmp_path / "quick.json", tmp_path / "BENCHMARKS.md"
+    json_path.write_text(json.dumps(data))
+    harness.main(["--quick", "--render-only", "--json", str(json_path), "--markdown", str(md_path)])
+    text = md_path.read_text()
+    assert text == report.render(json.loads(json_path.read_text()), md_path, harness.BENCHMARKS)
+    assert "## 1. Scoring vs a plain forward pass" in text and "## 7. GPU" in text
+    assert "Not measured in this run: `python -m benchmarks --only generation`" in text
+    assert results["peers"]["storage"]["wanda_bytes"] > results["peers"]["storage"]["ours_bytes"]
+    assert all(check["met"] in (True, False) for _, check in report._targets(results))
