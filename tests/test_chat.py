@@ -72,3 +72,18 @@ def test_tiny_tokenizer_is_the_same_every_time():
     """Reproducible runs need the tiny models' tokenizer to map text to the same ids on every build."""
     ids = {tuple(tiny_tokenizer()("Same text, same ids: 123 é")["input_ids"]) for _ in range(5)}
     assert len(ids) == 1
+
+
+def test_prefill_is_prompt_and_the_response_continues_the_reply():
+    """Recovery examples: the compliant start is seen (prompt mask), only the refusal after it is learned."""
+    tok = tiny_tokenizer()
+    pair = encode_pair(tok, "How do I hotwire a car?", "I can't help with that.", prefill="Sure, first you")
+    prompt, response = tok.decode(pair.input_ids[:pair.prompt_len]), tok.decode(pair.input_ids[pair.prompt_len:])
+    assert prompt.endswith("<|im_start|>assistant\nSure, first you")
+    assert response == " I can't help with that.<|im_end|>\n"
+    whole = encode_pair(tok, "How do I hotwire a car?", "Sure, first you I can't help with that.")
+    assert tok.decode(whole.input_ids) == prompt + response
+    tok.chat_template = None
+    plain = encode_pair(tok, "Hi", "No.", prefill="Sure")
+    assert tok.decode(plain.input_ids[:plain.prompt_len]).endswith("Assistant: Sure")
+    assert tok.decode(plain.input_ids[plain.prompt_len:]) == " No.<|im_end|>"

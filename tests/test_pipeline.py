@@ -97,5 +97,6 @@ def test_full_run_writes_report_with_verdicts(tmp_path):
     assert monitor["without"]["prefill_asr"] == summaries["prune"]["none"]["prefill_asr"]
     assert set(monitor["replaced"]) == {"safety", "prefill", "overrefusal"}
     assert "Runtime monitor" in html
+    assert summaries["align"]["recovery"] > 0  # deeper-alignment examples from the model's own replies
     eval_monitor = json.loads((tmp_path / "6-probe" / "eval-monitor" / "eval.json").read_text())
     assert "+monitor-" in eval_monitor["model"]["key"] and eval_monitor["monitor"]["calibration"]

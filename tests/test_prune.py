@@ -143,3 +143,30 @@ def test_align_and_finetune_cli(capsys, tmp_path, tiny_groups):
                                   "--out", str(tmp_path / "e")), "nothing to train")
     assert_one_line_error(run_cli(capsys, "finetune", *common, "--data", "benign:train", "--freeze",
                                   f"{tiny_groups}:NOPE", "--out", str(tmp_path / "g")), "unknown mask term")
+
+
+def test_recovery_examples_cut_compliant_replies_and_train(capsys, tmp_path, tiny_groups):
+    import json
+
+    from ssah.data import load_dataset
+    from ssah.models.tiny import tiny_tokenizer
+    from ssah.train.cli import recovery_examples
+    from tests.helpers import assert_one_line_error, run_cli
+
+    tok = tiny_tokenizer()
+    refusals = load_dataset("refusals")
+    replies = ["Sure, here is how you do it step by step", "I'm sorry, I can't help with that.", "Ok"]
+    examples = recovery_examples(tok, ["p0", "p1", "p2"], replies, refusals, lengths=(4, 6, 3))
+    # p1 opens with a refusal and p2 is shorter than its k: only p0 remains, cut to its first 4 tokens
+    assert [(p, prefill) for p, _, prefill in examples] == [("p0", tok.decode(tok(replies[0])["input_ids"][:4]))]
+    assert examples[0][1] in {r.prompt for r in refusals}
+
+    common = ["--model", "tiny:llama", "--max-steps", "2", "--batch-size", "4", "--limit", "8", "--lr", "1e-3"]
+    result = run_cli(capsys, "align", *common, "--budget", f"{tiny_groups}:RU", "--recovery", "2,4",
+                     "--out", str(tmp_path / "r"))
+    assert result.code == 0, result.err
+    assert "recovery examples" in result.out
+    record = json.loads((tmp_path / "r" / "train.json").read_text())
+    assert record["identity"]["recovery"] == [2, 4] and record["result"]["check"]["max_abs_change_frozen"] == 0.0
+    assert_one_line_error(run_cli(capsys, "align", *common, "--budget", f"{tiny_groups}:RU", "--recovery", "0,x",
+                                  "--out", str(tmp_path / "r2")), "--recovery takes")

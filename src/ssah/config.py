@@ -88,6 +88,9 @@ class AlignConfig:
     benign_limit: int | None = None
     borderline_reply_tokens: int = 48  # length of the model's own replies to borderline prompts
     borderline_repeats: int = 1  # how often each borderline pair appears in the alignment data
+    # deeper alignment: a refusal after the first k tokens of the model's own compliant reply to each
+    # harmful training prompt (k cycles over these; empty: none)
+    recovery_lengths: list[int] = field(default_factory=list)
     train: TrainSection = field(default_factory=lambda: TrainSection(lr=1e-4))
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import json
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -236,8 +237,12 @@ def stage_align(run: Run) -> dict:
     borderline = _borderline_pairs(run, loaded, out / "borderline-replies.jsonl")
     pairs = alignment_pairs(harmful, benign, load_dataset(d.refusals), seed=c.seed,
                             borderline=borderline * c.align.borderline_repeats)
+    recovery = _recovery_examples(run, loaded, harmful, out / "harmful-replies.jsonl")
+    if recovery:
+        pairs = pairs + recovery
+        random.Random(c.seed).shuffle(pairs)
     summary: dict = {"pairs": len(pairs), "harmful": len(harmful), "benign": len(benign),
-                     "borderline": len(borderline)}
+                     "borderline": len(borderline), "recovery": len(recovery)}
 
     # The budget: groups of the unaligned model from a score on the harmful prompts (paired with
     # refusals) and a utility score; RU units matter least for both.
@@ -268,6 +273,23 @@ def stage_align(run: Run) -> dict:
         del aligned
         release()
     return summary
+
+
+def _recovery_examples(run: Run, loaded, harmful, cache: Path) -> list[tuple[str, str, str]]:
+    """Deeper-alignment examples from the unaligned model's own replies to the harmful training
+    prompts (see `ssah.train.cli.recovery_examples`; replies cached in the stage folder)."""
+    from ssah.data import load_dataset
+    from ssah.evaluate import generate_replies
+    from ssah.train.cli import recovery_examples
+
+    lengths = run.config.align.recovery_lengths
+    if not lengths:
+        return []
+    prompts = harmful.prompts()
+    replies = generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
+                               max_new_tokens=max(lengths) + 8, batch_size=run.config.eval.batch_size, cache=cache)
+    return recovery_examples(loaded.tokenizer, prompts, replies, load_dataset(run.config.data.refusals), lengths,
+                             seed=run.config.seed)
 
 
 def _borderline_pairs(run: Run, loaded, cache: Path) -> list[tuple[str, str]]:

@@ -47,15 +47,16 @@ def format_prompt(tokenizer, prompt: str, system: str | None = None, prefill: st
     return _render(tokenizer, _messages(prompt, system), add_generation_prompt=True) + prefill
 
 
-def _response_text(tokenizer, prompt: str, response: str, system: str | None) -> str:
-    """The reply as the template renders it after the prompt (with its end-of-turn marker)."""
+def _response_text(tokenizer, prompt: str, response: str, system: str | None, prefill: str = "") -> str:
+    """The reply (after `prefill`) as the template renders it after the prompt, with its end-of-turn marker."""
     eos = tokenizer.eos_token or ""
     if not has_chat_template(tokenizer):
         return f" {response}{eos}"
-    head = format_prompt(tokenizer, prompt, system)
-    full = _render(tokenizer, _messages(prompt, system) + [{"role": "assistant", "content": response}], False)
+    head = format_prompt(tokenizer, prompt, system, prefill)
+    content = f"{prefill} {response}" if prefill else response
+    full = _render(tokenizer, _messages(prompt, system) + [{"role": "assistant", "content": content}], False)
     # A template that rewrites earlier turns (e.g. strips reasoning) breaks the prefix: reply + EOS.
-    return full[len(head):] if full.startswith(head) else response + eos
+    return full[len(head):] if full.startswith(head) else (" " if prefill else "") + response + eos
 
 
 def _encode(tokenizer, text: str, add_special: bool) -> list[int]:
@@ -74,10 +75,15 @@ class EncodedPair:
 
 
 def encode_pair(tokenizer, prompt: str, response: str | None, system: str | None = None,
-                max_length: int | None = None) -> EncodedPair:
-    """Token ids of prompt + response. Too long: the response is cut first, then the prompt's start."""
-    prompt_ids = _prompt_ids(tokenizer, format_prompt(tokenizer, prompt, system))
-    response_ids = [] if response is None else _encode(tokenizer, _response_text(tokenizer, prompt, response, system), False)
+                max_length: int | None = None, prefill: str = "") -> EncodedPair:
+    """Token ids of prompt + response. Too long: the response is cut first, then the prompt's start.
+
+    `prefill` is reply text placed before the response and counted as prompt (no loss on it): the
+    response continues the reply after it, e.g. a refusal after the start of a compliant answer.
+    """
+    prompt_ids = _prompt_ids(tokenizer, format_prompt(tokenizer, prompt, system, prefill))
+    response_ids = [] if response is None else _encode(
+        tokenizer, _response_text(tokenizer, prompt, response, system, prefill), False)
     if max_length is not None:
         prompt_ids = prompt_ids[-max_length:]  # keep the end: it holds the generation prompt
         response_ids = response_ids[: max_length - len(prompt_ids)]

@@ -118,6 +118,18 @@ def finetune(model_args: dict, data_spec: str, freeze_spec: str | None, frozen_e
     _echo_result(kw["out"], result)
 
 
+def _lengths(text: str) -> list[int]:
+    from ssah.errors import SsahError
+
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SsahError(f"--recovery takes token counts like 2,4,6,8,10, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SsahError(f"--recovery takes positive token counts like 2,4,6,8,10, got {text!r}")
+    return values
+
+
 def _echo_result(out: str, result) -> None:
     check = result.check
     frozen = (f", frozen entries max change {check['max_abs_change_frozen']:g}"
@@ -142,6 +154,33 @@ def alignment_pairs(harmful, benign, refusals, seed: int = 0,
     return pairs
 
 
+def recovery_examples(tokenizer, prompts: list[str], replies: list[str], refusals, lengths=(2, 4, 6, 8, 10),
+                      seed: int = 0) -> list[tuple[str, str, str]]:
+    """Deeper-alignment data: (harmful prompt, refusal, first k tokens of a compliant reply).
+
+    Trained with the compliant start as a prefill (no loss on it), they teach the model to turn back
+    to a refusal after it has begun to comply, the failure a prefill attack exploits. k cycles over
+    `lengths`; replies that open with a refusal (prefix rule) or are shorter than k tokens are skipped.
+    `replies` are the model's own greedy answers (an unaligned model complies), so no harmful text
+    is written by us.
+    """
+    from ssah.errors import SsahError
+    from ssah.evaluate.rules import is_refusal
+
+    if not lengths or min(lengths) < 1:
+        raise SsahError(f"recovery lengths must be positive token counts, got {list(lengths)}")
+    rng = random.Random(seed + 1)
+    texts = [r.response or r.prompt for r in refusals]
+    out = []
+    for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+        k = lengths[i % len(lengths)]
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        if is_refusal(reply) or len(ids) < k:
+            continue
+        out.append((prompt, rng.choice(texts), tokenizer.decode(ids[:k]).strip()))
+    return out
+
+
 @click.command("align")
 @model_options
 @click.option("--budget", "budget_spec", required=True,
@@ -150,8 +189,12 @@ def alignment_pairs(harmful, benign, refusals, seed: int = 0,
 @click.option("--benign", "benign_spec", default="benign:train", show_default=True,
               help="benign (prompt, answer) pairs mixed in so the model does not refuse everything")
 @click.option("--refusals", "refusals_spec", default="refusals", show_default=True, help="refusal replies")
+@click.option("--recovery", "recovery_lengths", default=None, metavar="K1,K2,...",
+              help="deeper alignment: also train a refusal after the first K tokens of the model's own compliant "
+              "reply to each harmful prompt (K cycles over the list, e.g. 2,4,6,8,10)")
 @train_options
-def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, refusals_spec: str, **kw) -> None:
+def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, refusals_spec: str,
+          recovery_lengths: str | None, **kw) -> None:
     """Safety alignment SFT that trains only a unit budget; everything else stays bit-identical."""
     from ssah.data import load_dataset
     from ssah.interventions.freeze import UnitFreezer
@@ -160,6 +203,7 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
     from ssah.train.sft import train_sft
 
     config = _config(1e-4, **kw)
+    lengths = _lengths(recovery_lengths) if recovery_lengths else None
     harmful, benign, refusals = (load_dataset(s) for s in (data_spec, benign_spec, refusals_spec))
     if kw["limit"]:
         harmful, benign = harmful.take(kw["limit"]), benign.take(kw["limit"])
@@ -170,12 +214,24 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
         mask.check_model(loaded.fingerprint, loaded.layout)
     identity = {"model_fingerprint": loaded.fingerprint, "harmful": harmful.fingerprint,
                 "benign": benign.fingerprint, "refusals": refusals.fingerprint,
-                "budget": mask.groups_digest + ":" + mask.expression if mask else "all", "config": config.to_dict()}
+                "budget": mask.groups_digest + ":" + mask.expression if mask else "all", "config": config.to_dict(),
+                "recovery": lengths}
     if existing_run(kw["out"], "train.json", identity, kw["force"]):
         click.echo(f"{kw['out']} already holds this aligned model; nothing to do")
         return
     freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=True) if mask else None
     pairs = alignment_pairs(harmful, benign, refusals, seed=config.seed)
+    if lengths:
+        from ssah.evaluate import generate_replies
+
+        prompts = harmful.prompts()
+        replies = generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
+                                   max_new_tokens=max(lengths) + 8, batch_size=kw["batch_size"])
+        recovery = recovery_examples(loaded.tokenizer, prompts, replies, refusals, lengths, seed=config.seed)
+        click.echo(f"{len(recovery)} recovery examples (of {len(prompts)} harmful prompts; the others were refused "
+                   "or too short)")
+        pairs = pairs + recovery
+        random.Random(config.seed).shuffle(pairs)
     result = train_sft(loaded.model, loaded.tokenizer, pairs, config, freezer=freezer)
     record = {"identity": identity, "kind": "align", "source_model": loaded.spec,
               "budget_units": mask.count() if mask else loaded.layout.total_units,

@@ -59,8 +59,9 @@ class TrainResult:
                 "loss_curve": self.loss_curve, "check": self.check}
 
 
-def _batches(tokenizer, pairs: list[tuple[str, str]], config: TrainConfig, generator: torch.Generator):
-    encoded = [encode_pair(tokenizer, p, r, config.system, config.max_length) for p, r in pairs]
+def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, generator: torch.Generator):
+    # (prompt, response) or (prompt, response, prefill): a prefill opens the reply without loss on it
+    encoded = [encode_pair(tokenizer, pair[0], pair[1], config.system, config.max_length, *pair[2:]) for pair in pairs]
     # A prompt that fills max_length leaves no response token to learn from (and a NaN loss).
     encoded = [e for e in encoded if len(e.input_ids) > e.prompt_len]
     if not encoded:
@@ -74,9 +75,11 @@ def _batches(tokenizer, pairs: list[tuple[str, str]], config: TrainConfig, gener
     return DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
 
 
-def train_sft(model, tokenizer, pairs: list[tuple[str, str]], config: TrainConfig,
+def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig,
               freezer: UnitFreezer | None = None, progress: bool = True) -> TrainResult:
     """Train `model` in place on (prompt, response) pairs; returns the loss curve and checks.
+
+    A pair may carry a third item, a prefill: reply text before the response, seen but not learned.
 
     With a `freezer`, its frozen entries are restored after every optimizer step and the result's
     `check` reports their largest change (0 when the guarantee holds).
@@ -88,7 +91,7 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, str]], config: TrainConfi
 
     if not pairs:
         raise SsahError("no training examples: the dataset is empty")
-    missing = sum(1 for _, r in pairs if not r)
+    missing = sum(1 for pair in pairs if not pair[1])
     if missing:
         raise SsahError(f"{missing} training examples have no response; fine-tuning needs (prompt, response) pairs")
     set_seed(config.seed)
