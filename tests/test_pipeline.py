@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,8 +79,14 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
                           "monitor action 'shout' unknown")
 
 
-def test_full_run_writes_report_with_verdicts(tmp_path):
-    summaries = run_pipeline(load_config(path=CONFIG), tmp_path)
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("full")
+    return tmp_path, run_pipeline(load_config(path=CONFIG), tmp_path)
+
+
+def test_full_run_writes_report_with_verdicts(full_run):
+    tmp_path, summaries = full_run
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["verdicts"]) >= {"ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility",
                                         "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal",
@@ -100,3 +107,20 @@ def test_full_run_writes_report_with_verdicts(tmp_path):
     assert summaries["align"]["recovery"] > 0  # deeper-alignment examples from the model's own replies
     eval_monitor = json.loads((tmp_path / "6-probe" / "eval-monitor" / "eval.json").read_text())
     assert "+monitor-" in eval_monitor["model"]["key"] and eval_monitor["monitor"]["calibration"]
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(full_run, tmp_path):
+    """The self-contained report opens in a real browser: a screenshot shows text, tables and plots."""
+    from matplotlib.image import imread
+
+    run_dir, _ = full_run
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1200,2400", (run_dir / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2400, 1200)
+    inked = (pixels.mean(axis=2) < 0.9).mean()  # share of non-white pixels
+    colour = (pixels.max(axis=2) - pixels.min(axis=2) > 0.3).mean()  # plot lines and bars are coloured
+    assert inked > 0.02 and colour > 0.001, (inked, colour)
