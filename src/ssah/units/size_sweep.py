@@ -313,6 +313,7 @@ def plot_size_sweep(sweep: SizeSweep | dict, path: str | Path) -> Path:
     """Refusal share and perplexity ratio against group size, one panel per group (PNG)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
     record = sweep.to_dict() if isinstance(sweep, SizeSweep) else sweep
     base_rate = record["baseline"]["refusal_rate"]
@@ -326,12 +327,17 @@ def plot_size_sweep(sweep: SizeSweep | dict, path: str | Path) -> Path:
         ax.plot(fractions, [s["refusal_rate"] for s in steps], "o-", color="#d62728", label="refusal rate")
         ax.axhline(base_rate, color="#d62728", lw=0.8, ls=":")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(fractions)
+        ax.set_xticklabels([f"{100 * f:.3g}%" for f in fractions], rotation=60, fontsize="small")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel(f"{group} size (share of units)")
         twin = ax.twinx()
         twin.plot(fractions, [s["perplexity_ratio"] for s in steps], "s-", color="#1f77b4", label="perplexity ratio")
         twin.axhline(1 + thresholds["spare_utility"], color="#1f77b4", lw=0.8, ls=":")
         twin.set_yscale("log")
+        twin.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"x{value:g}"))
+        twin.yaxis.set_minor_formatter(NullFormatter())
         chosen = record["sizes"][group.lower()]
         ax.axvline(chosen, color="black", lw=1, ls="--")
         ax.set_title(f"{group}: {chosen:.2%}" + ("" if record["met"][group] else " (rule not met)"), fontsize="medium")
