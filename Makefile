@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv, install torch + ssah + the built-in model, run the end-to-end experiment
 #   make test   create .venv if needed and run the test suite
+#   make bench  run every benchmark and rewrite BENCHMARKS.md (about 20 min on 2 CPU cores)
 # GPU users: make demo TORCH_SPEC="torch==2.13.0" (or any CUDA build spec pip understands).
 
 PYTHON ?= python3
@@ -33,10 +34,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
+# Every benchmark, one process, 1 torch thread; rewrites BENCHMARKS.md and benchmarks/results/latest.json.
+# BENCH_ARGS="--quick" for a smoke run, "--only peers,freeze" for some tables.
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_scoring.py
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_freeze.py
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_monitor.py
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -6,55 +6,45 @@ Every run generates exactly --tokens new tokens per row (min_new_tokens), greedy
 left-padded batch of harmful calibration prompts. The monitor's threshold is set to +inf so it never
 acts and the token sequences are identical: what is timed is the monitoring itself (hooks, one dot
 product per row and layer, on-device flag updates). Runs are interleaved (plain, then each monitor
-variant, per repeat) so machine load drifts hit all of them alike; the table shows medians.
-Prints a markdown table.
+variant, per repeat) so machine load drifts hit all of them alike; the table shows medians, spreads
+and per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_MODEL, fmt_ratio, fmt_target, load, paired_ratios, set_threads, summary, target, timed,
+)
 
-from ssah.data import load_dataset  # noqa: E402
-from ssah.data.chat import encode_prompts  # noqa: E402
-from ssah.models.loading import DEFAULT_MODEL, load_model  # noqa: E402
-from ssah.probe.directions import compute_directions  # noqa: E402
-from ssah.probe.hidden import last_token_states  # noqa: E402
-from ssah.probe.monitor import Monitor, MonitorConfig, MonitorState  # noqa: E402
-
-
-def _time_generate(model, inputs: dict, tokens: int) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    if out.device.type == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
-    return elapsed
+NAME = "monitor"
+TITLE = "Monitor cost per generated token"
+PARAMS = {
+    "full": dict(batch=8, tokens=32, repeats=3),
+    "quick": dict(batch=4, tokens=8, repeats=1),
+}
+TARGET = 1.10
+PROSE = """\
+The monitor adds one dot product per row and monitored layer per step and never synchronises with
+the host during generation, so its cost is within the machine's noise."""
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is steadier on a shared machine); default: torch's choice")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(loaded, batch: int = 8, tokens: int = 32, repeats: int = 3) -> dict:
+    import torch
 
-    loaded = load_model(args.model, device=args.device)
+    from ssah.data import load_dataset
+    from ssah.data.chat import encode_prompts
+    from ssah.probe.directions import compute_directions
+    from ssah.probe.hidden import last_token_states
+    from ssah.probe.monitor import Monitor, MonitorConfig, MonitorState
+
     model, tok = loaded.model, loaded.tokenizer
     harmful = load_dataset("harmful:calibration").prompts()
     benign = load_dataset("benign:calibration").prompts()
@@ -64,39 +54,71 @@ def main() -> None:
     directions = compute_directions(states_h, states_b, list(range(depth)))
     middle = depth // 2
     variants = {
-        "monitor, 1 layer, stop": MonitorConfig(layers=[middle], threshold=math.inf),
-        "monitor, 1 layer, steer": MonitorConfig(layers=[middle], threshold=math.inf, action="steer"),
-        "monitor, 3 layers, stop": MonitorConfig(layers=[middle - 4, middle, middle + 4], threshold=math.inf),
+        "1 layer, stop": MonitorConfig(layers=[middle], threshold=math.inf),
+        "1 layer, steer": MonitorConfig(layers=[middle], threshold=math.inf, action="steer"),
+        "3 layers, stop": MonitorConfig(layers=sorted({max(0, middle - 4), middle, min(depth - 1, middle + 4)}),
+                                        threshold=math.inf),
     }
     states = {name: MonitorState.from_directions(directions, config, depth) for name, config in variants.items()}
+    inputs = {k: v.to(loaded.device) for k, v in encode_prompts(tok, harmful[16:16 + batch]).items()}
 
-    device = loaded.device
-    inputs = {k: v.to(device) for k, v in encode_prompts(tok, harmful[16:16 + args.batch]).items()}
-    times: dict[str, list[float]] = {"plain generate": []}
-    times.update({name: [] for name in variants})
+    def generate() -> None:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
 
-    def run(name: str) -> float:
+    def once(name: str) -> float:
         if name == "plain generate":
-            return _time_generate(model, inputs, args.tokens)
+            return timed(generate)
         with Monitor(model, variants[name], states[name]) as mon:
-            elapsed = _time_generate(model, inputs, args.tokens)
+            elapsed = timed(generate)
         assert not any(mon.flags)
         return elapsed
 
+    times: dict[str, list[float]] = {"plain generate": [], **{name: [] for name in variants}}
     for name in times:  # warm-up: first calls pay one-off allocation and dispatch costs
-        run(name)
-    for _ in range(args.repeats):
+        once(name)
+    for _ in range(repeats):
         for name in times:
-            times[name].append(run(name))
-
-    base = statistics.median(times["plain generate"])
-    print(f"model {args.model} on {device} ({torch.get_num_threads()} threads), batch {args.batch}, "
-          f"{args.tokens} new tokens, median of {args.repeats}\n")
-    print("| run | median s / call | ms / token step | vs plain |")
-    print("|---|---|---|---|")
+            times[name].append(once(name))
+    rows = []
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"| {name} | {median:.3f} | {1000 * median / args.tokens:.2f} | {median / base:.3f}x |")
+        row = {"run": name, "call_s": summary(values), "ms_per_token_step": 1000 * summary(values)["median"] / tokens}
+        if name != "plain generate":
+            row["ratio"] = paired_ratios(values, times["plain generate"])
+            row["target"] = target(f"monitor {name} / plain", row["ratio"]["median"], "<=", TARGET)
+        rows.append(row)
+    return {"name": NAME, "model": loaded.spec, "params": dict(batch=batch, tokens=tokens, repeats=repeats),
+            "rows": rows}
+
+
+def render(result: dict) -> list[str]:
+    p = result["params"]
+    lines = [f"`{result['model']}`, batch {p['batch']}, exactly {p['tokens']} new tokens per row, greedy, median of "
+             f"{p['repeats']} (min-max); ratios per repeat against the plain call run just before.", "",
+             "| run | seconds per call | ms per token step | vs plain generate | target |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        s = row["call_s"]
+        ratio = fmt_ratio(row["ratio"], 3) if "ratio" in row else "1 (reference)"
+        check = fmt_target(row["target"]) if "target" in row else ""
+        lines.append(f"| {row['run']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | "
+                     f"{row['ms_per_token_step']:.1f} | {ratio} | {check} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = PARAMS["full"]
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--batch", type=int, default=defaults["batch"])
+    parser.add_argument("--tokens", type=int, default=defaults["tokens"])
+    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is steadier on a shared machine); default: torch's choice")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    result = run(load(args.model, "auto"), args.batch, args.tokens, args.repeats)
+    print("\n".join(render(result)))
 
 
 if __name__ == "__main__":

@@ -1,27 +1,43 @@
 """Scoring cost vs a plain forward pass: wall time of `score_batches` over the same batches.
 
-    python benchmarks/bench_scoring.py                      # built-in model, 128 safety + 128 utility pairs
+    python benchmarks/bench_scoring.py                      # built-in model, 64 safety + 64 utility pairs
     python benchmarks/bench_scoring.py --scorers variance,snip --samples 32 --model tiny:llama
 
 For each calibration set (harmful:calibration with built-in refusals, benign:calibration with its
 answers) the script builds the batches once, then alternates a plain no-grad forward pass
 (`model(input_ids, attention_mask, use_cache=False)`, logits included) and each scorer over exactly
-those batches, `--repeats` times in the same process, and prints the median wall times and their
-ratio as a markdown table. Alternating keeps slow drifts of a shared machine out of the ratio.
+those batches, `--repeats` times in the same process, and prints the median wall times, their
+spread and the per-repeat ratio as a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    DEFAULT_MODEL, fmt_ratio, fmt_seconds, fmt_target, load, paired_ratios, set_threads, summary, target, timed,
+)
+
+NAME = "scoring"
+TITLE = "Scoring vs a plain forward pass"
+PARAMS = {
+    "full": dict(samples=64, scorers=("variance",), repeats=3, batch_size=8, max_length=256),
+    "quick": dict(samples=8, scorers=("variance",), repeats=1, batch_size=8, max_length=256),
+}
+TARGET = 1.2
+PROSE = """\
+Scoring is cheaper than the forward pass it is compared with because it stops after the last
+hooked module: the LM head (49,152 x 576 on the built-in model) is never computed. `ssah groups`
+on the 63,360 units of the built-in model takes well under a second."""
 
 
-def _forward(model, batches) -> None:
+def forward(model, batches) -> None:
+    """Plain no-grad forward over the batches, logits included (what scoring is compared with)."""
     import torch
 
     device = next(model.parameters()).device
@@ -31,74 +47,76 @@ def _forward(model, batches) -> None:
                   use_cache=False)
 
 
-def _sync() -> None:
-    import torch
+def calibration_sets(loaded, samples: int, batch_size: int, max_length: int) -> dict[str, list]:
+    """label -> batches of the two calibration sets the paper scores (safety and utility)."""
+    from ssah.data import load_dataset
+    from ssah.units.scores import calibration_pairs, make_batches
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    sets = {
+        "harmful:calibration + built-in refusals": (load_dataset("harmful:calibration"), "refusals"),
+        "benign:calibration": (load_dataset("benign:calibration"), "dataset"),
+    }
+    out = {}
+    for label, (dataset, responses) in sets.items():
+        pairs = calibration_pairs(loaded, dataset.take(samples), responses=responses, seed=0, progress=False)
+        out[label] = make_batches(loaded.tokenizer, pairs, batch_size, max_length)
+    return out
 
 
-def _timed(fn) -> float:
-    _sync()
-    start = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - start
+def run(loaded, samples: int, scorers=("variance",), repeats: int = 3, batch_size: int = 8,
+        max_length: int = 256) -> dict:
+    from ssah.units.scores import score_batches
+
+    rows = []
+    for label, batches in calibration_sets(loaded, samples, batch_size, max_length).items():
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        forward(loaded.model, batches[:1])  # warm-up: first-call allocations and kernel selection
+        times: dict[str, list[float]] = {"forward": [], **{name: [] for name in scorers}}
+        for _ in range(repeats):
+            times["forward"].append(timed(lambda: forward(loaded.model, batches)))
+            for name in scorers:
+                times[name].append(timed(lambda: score_batches(loaded.model, loaded.layout, batches, name, None,
+                                                               progress=False)))
+        for name in scorers:
+            ratio = paired_ratios(times[name], times["forward"])
+            rows.append({"data": label, "records": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,
+                         "scorer": name, "forward_s": summary(times["forward"]), "scoring_s": summary(times[name]),
+                         "ratio": ratio, "target": target(f"{name} / forward", ratio["median"], "<=", TARGET)})
+    return {"name": NAME, "model": loaded.spec, "dtype": str(next(loaded.model.parameters()).dtype),
+            "params": dict(samples=samples, scorers=list(scorers), repeats=repeats, batch_size=batch_size,
+                           max_length=max_length), "rows": rows}
+
+
+def render(result: dict) -> list[str]:
+    p = result["params"]
+    lines = [f"`{result['model']}`, {result['dtype'].removeprefix('torch.')}, batch {p['batch_size']}, max length "
+             f"{p['max_length']}, {p['samples']} records per set, median of {p['repeats']} (min-max); the ratio is "
+             "taken per repeat (forward and scoring ran back to back) and then summarised.", "",
+             "| calibration data | records | tokens | scorer | plain forward | scoring | scoring / forward | target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['data']} | {row['records']} | {row['tokens']:,} | `{row['scorer']}` | "
+                     f"{fmt_seconds(row['forward_s'])} | {fmt_seconds(row['scoring_s'])} | {fmt_ratio(row['ratio'])} | "
+                     f"{fmt_target(row['target'])} |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    defaults = PARAMS["full"]
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--samples", type=int, default=defaults["samples"])
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    parser.add_argument("--max-length", type=int, default=defaults["max_length"])
+    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
     parser.add_argument("--scorers", default="variance", help="comma-separated, e.g. variance,wanda,snip")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
-
-    import torch
-
-    from ssah.data import load_dataset
-    from ssah.models.loading import load_model
-    from ssah.units.scores import calibration_pairs, make_batches, score_batches
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    sets = {
-        "safety (harmful:calibration + refusals)": (load_dataset("harmful:calibration"), "refusals"),
-        "utility (benign:calibration)": (load_dataset("benign:calibration"), "dataset"),
-    }
-    scorers = [name.strip() for name in args.scorers.split(",") if name.strip()]
-    rows = []
-    for label, (dataset, responses) in sets.items():
-        dataset = dataset.take(args.samples)
-        pairs = calibration_pairs(loaded, dataset, responses=responses, seed=0)
-        batches = make_batches(loaded.tokenizer, pairs, args.batch_size, args.max_length)
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
-        _forward(loaded.model, batches[:1])  # warm-up: first-call allocations and kernel selection
-        times: dict[str, list[float]] = {"forward": [], **{name: [] for name in scorers}}
-        for _ in range(args.repeats):
-            times["forward"].append(_timed(lambda: _forward(loaded.model, batches)))
-            for name in scorers:
-                times[name].append(_timed(lambda: score_batches(loaded.model, loaded.layout, batches, name,
-                                                                None, progress=False)))
-        forward = statistics.median(times["forward"])
-        for name in scorers:
-            score = statistics.median(times[name])
-            rows.append((label, len(dataset), tokens, name, forward, score, score / forward))
-
-    device = f"{loaded.device}" + (f", {torch.get_num_threads()} threads" if loaded.device.type == "cpu" else "")
-    print(f"model {args.model} ({loaded.fingerprint}), {device}, dtype {next(loaded.model.parameters()).dtype}, "
-          f"batch size {args.batch_size}, max length {args.max_length}, median of {args.repeats}")
-    print()
-    print("| data | records | tokens | scorer | forward (s) | scoring (s) | scoring / forward |")
-    print("|---|---|---|---|---|---|---|")
-    for label, records, tokens, name, forward, score, ratio in rows:
-        print(f"| {label} | {records} | {tokens:,} | {name} | {forward:.2f} | {score:.2f} | {ratio:.2f} |")
+    set_threads(args.threads)
+    result = run(load(args.model, args.dtype), args.samples, [s.strip() for s in args.scorers.split(",") if s.strip()],
+                 args.repeats, args.batch_size, args.max_length)
+    print("\n".join(render(result)))
 
 
 if __name__ == "__main__":

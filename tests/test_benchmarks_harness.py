@@ -30,8 +30,8 @@ def test_synthetic_batches_have_scoring_masks():
 def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path):
     loaded = load_model("tiny:llama")
     results = {
-        "scoring": harness.BENCHMARKS["scoring"].run(loaded, samples=4, repeats=1),
-        "peers": harness.BENCHMARKS["peers"].run(loaded, samples=4, repeats=1),
+        "scoring": harness.BENCHMARKS["scoring"].run(loaded, samples=2, repeats=1, max_length=64),
+        "peers": harness.BENCHMARKS["peers"].run(loaded, samples=2, repeats=1, max_length=64),
         "freeze": harness.BENCHMARKS["freeze"].run(loaded, batch_size=1, length=16, steps=1, repeats=1, profile=False),
     }
     for name, result in results.items():
