@@ -100,9 +100,15 @@ def compute_verdicts(s: dict) -> dict:
         "same size raises it by <= 10")
     drops = {m: acc_none - v["task_accuracy"] for m, v in prune.items()
              if m != "none" and acc_none is not None and v.get("task_accuracy") is not None}
+    ppl_none = (none or {}).get("perplexity")
+    ppl_ratio = {m: v["perplexity"] / ppl_none for m, v in prune.items()
+                 if m != "none" and ppl_none and v.get("perplexity")}
+    # Task accuracy first; a tie (e.g. two masks both at 0%) is broken by the perplexity ratio.
+    costliest = max(drops, key=lambda m: (drops[m], ppl_ratio.get(m, 0.0))) if drops else None
     out["prune_ucu_costs_most_utility"] = _verdict(
-        "prune_ucu", None if "UCU" not in drops else max(drops, key=drops.get) == "UCU", True,
-        {"task_accuracy_drop": drops}, "pruning UCU costs the most task accuracy")
+        "prune_ucu", None if "UCU" not in drops else costliest == "UCU", True,
+        {"task_accuracy_drop": drops, "perplexity_ratio": ppl_ratio, "costliest": costliest},
+        "pruning UCU costs the most utility (task accuracy, ties broken by perplexity)")
 
     ft = s.get("finetune") or {}
     studied = none
