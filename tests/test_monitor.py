@@ -298,3 +298,22 @@ def test_directions_from_ssah_probe_feed_the_monitor_directly(llama):
     assert int((z > state.threshold).sum()) == 2
     replies = monitored_generate(model, tok, harmful[8:] + benign[8:], config, directions, max_new_tokens=4)
     assert [r.flagged for r in replies[:4]] == [True] * 4
+
+
+def test_borderline_prompts_join_the_threshold_calibration(llama):
+    """With borderline prompts (here: the harmful template, the hardest case), the threshold is the
+    quantile over benign and borderline replies together, so at most target_fpr of both are flagged."""
+    model, tok = llama
+    harmful, benign = _templates(24)
+    config = MonitorConfig(calibration_tokens=8, min_tokens=2, target_fpr=0.25)
+    plain = calibrate_monitor(model, tok, harmful[:16], benign[:16], config)
+    mixed = calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=harmful[16:])
+    calibration = mixed.meta["calibration"]
+    flagged = calibration["benign_flag_rate"] * 16 + calibration["borderline_flag_rate"] * 8
+    assert flagged <= 0.25 * 24 + 1e-6
+    assert mixed.threshold > plain.threshold and plain.meta["calibration"]["borderline_flag_rate"] is None
+    assert mixed.meta["borderline"]["n"] == 8
+    with pytest.raises(SsahError, match="test split"):
+        calibrate_monitor(model, tok, harmful[:16], benign[:16], config,
+                          borderline_calib=Dataset("sensitive_safe:test", [Record(id=f"s{i}", prompt=f"p{i}")
+                                                                           for i in range(4)]))

@@ -122,8 +122,8 @@ class ProbeConfig:
         """The MonitorConfig these settings describe (one clear error for an unknown or bad field)."""
         from ssah.probe.monitor import MonitorConfig
 
-        settings = {"harmful_calibration": data.harmful_calibration,
-                    "benign_calibration": data.benign_calibration, **self.monitor_settings}
+        settings = {"harmful_calibration": data.harmful_calibration, "benign_calibration": data.benign_calibration,
+                    "borderline_calibration": data.borderline_train, **self.monitor_settings}
         return MonitorConfig.from_dict(settings, "config key probe.monitor_settings")
 
 

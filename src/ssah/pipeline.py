@@ -421,7 +421,9 @@ def _monitor_evaluation(run: Run, studied: str) -> dict:
             or state.meta.get("requested") != config.to_dict():
         click.echo("  calibrating the runtime monitor")
         state = calibrate_monitor(loaded.model, loaded.tokenizer, load_dataset(config.harmful_calibration),
-                                  load_dataset(config.benign_calibration), config)
+                                  load_dataset(config.benign_calibration), config,
+                                  borderline_calib=load_dataset(config.borderline_calibration)
+                                  if config.borderline_calibration else None)
         state.meta["requested"] = config.to_dict()
         state.save(state_path)
     report = run.evaluate(loaded, loaded.fingerprint, out / "eval-monitor", "studied model under the monitor",

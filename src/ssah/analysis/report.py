@@ -253,7 +253,8 @@ def _html(run, s: dict, verdicts: dict) -> str:
                   "<p>The studied model generates under the monitor, which re-reads its harmfulness direction "
                   f"at every generated token (layers {html.escape(str(monitor.get('layers')))}, threshold "
                   f"{_fmt(monitor.get('threshold'))}, calibrated on the calibration splits only: it flagged "
-                  f"{_pct(calibration.get('benign_flag_rate'))}% of benign and "
+                  f"{_pct(calibration.get('benign_flag_rate'))}% of benign, "
+                  f"{_pct(calibration.get('borderline_flag_rate'))}% of borderline and "
                   f"{_pct(calibration.get('harmful_flag_rate'))}% of harmful calibration replies). A flagged "
                   f"reply is replaced by a refusal; replies replaced: {html.escape(replaced or '-')}.</p>",
                   _table(EVAL_COLUMNS, [_eval_row("studied model", monitor.get("without")),

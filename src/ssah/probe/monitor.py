@@ -18,6 +18,10 @@ flagged at the first t >= min_tokens where the statistic exceeds the threshold. 
 (EOS or padding) stop updating. The threshold is the (1 - target_fpr) quantile, over the benign
 calibration prompts, of the highest statistic each reached while generating `calibration_tokens`
 greedy tokens under the monitor: so at most target_fpr of benign calibration replies are flagged.
+With `borderline_calibration` (safe prompts that sound unsafe, e.g. `sensitive_safe:train`), their
+replies join the benign ones for this quantile: a direction fit on harmful vs plainly benign prompts
+also lights up on scary words, and only a threshold set with such prompts in view keeps it from
+refusing them (on the aligned demo model, a benign-only threshold flagged 85% of sensitive_safe:test).
 (`MonitorState.from_directions` offers a cheaper threshold from prompt scores alone.)
 
 Actions. `stop`: a LogitsProcessor forces EOS for flagged rows and a StoppingCriteria ends them;
@@ -77,6 +81,9 @@ class MonitorConfig:
     refusal_text: str = DEFAULT_REFUSAL
     harmful_calibration: str = "harmful:calibration"
     benign_calibration: str = "benign:calibration"
+    # safe prompts that sound unsafe (e.g. sensitive_safe:train): they join the benign replies that set
+    # the threshold (not the direction), so the monitor learns that a scary word alone is no reason to stop
+    borderline_calibration: str | None = None
     calibration_limit: int | None = 64  # prompts per calibration set, a seeded sample (None: all)
     calibration_tokens: int = 32  # new tokens per calibration reply
     batch_size: int = 8
@@ -604,7 +611,7 @@ def _prompts_of(data, limit: int | None, seed: int, what: str) -> tuple[list[str
 
 
 def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: MonitorConfig | None = None,
-                      progress: bool = False) -> MonitorState:
+                      progress: bool = False, borderline_calib=None) -> MonitorState:
     """Fit the monitor on calibration data: directions and probe from last-token states of all layers,
     the layer (config.layers, else best held-out separation), then the threshold from benign
     calibration replies (see the module docstring). The state's `meta["calibration"]` records the
@@ -626,7 +633,14 @@ def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: Mon
     observe = MonitorConfig(**{**state.config.to_dict(), "action": "observe", "threshold": math.inf})
     run = dict(system=config.system, max_new_tokens=config.calibration_tokens, batch_size=config.batch_size)
     benign_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, benign, observe, state, **run)])
-    threshold = config.threshold if config.threshold is not None else upper_quantile(benign_peaks, config.target_fpr)
+    safe_peaks = benign_peaks
+    if borderline_calib is not None:
+        borderline, meta["borderline"] = _prompts_of(borderline_calib, config.calibration_limit, config.seed,
+                                                     "borderline")
+        borderline_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, borderline, observe,
+                                                                            state, **run)])
+        safe_peaks = torch.cat([benign_peaks, borderline_peaks])
+    threshold = config.threshold if config.threshold is not None else upper_quantile(safe_peaks, config.target_fpr)
     harmful_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, harmful, observe, state, **run)])
     state.threshold = float(threshold)
     state.config = MonitorConfig(**{**state.config.to_dict(), "threshold": config.threshold})
@@ -635,6 +649,8 @@ def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: Mon
         **meta, "source": "calibrate_monitor", "threshold_from": "benign calibration replies",
         "calibration": {
             "benign_flag_rate": float((benign_peaks > threshold).float().mean()),
+            "borderline_flag_rate": (float((borderline_peaks > threshold).float().mean())
+                                     if borderline_calib is not None else None),
             "harmful_flag_rate": float((harmful_peaks > threshold).float().mean()),
             "tokens": config.calibration_tokens,
             "heldout_cohens_d": [float(directions.separation[i]) for i in layer_index],
@@ -662,5 +678,7 @@ def monitor_from_file(model, tokenizer, path: str | Path, check_model: bool = Tr
 
     config = MonitorConfig.load(path)
     state = calibrate_monitor(model, tokenizer, load_dataset(config.harmful_calibration),
-                              load_dataset(config.benign_calibration), config)
+                              load_dataset(config.benign_calibration), config,
+                              borderline_calib=load_dataset(config.borderline_calibration)
+                              if config.borderline_calibration else None)
     return config, state
