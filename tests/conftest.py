@@ -13,6 +13,16 @@ from ssah.models.tiny import TINY_FAMILIES, tiny_model  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads spin badly on a busy 2-core machine.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=TINY_FAMILIES)
 def family(request) -> str:
     """Every supported family, one test case each."""

@@ -14,13 +14,7 @@ SETTINGS = dict(suites=("safety", "prefill", "overrefusal", "utility"), rules=("
                 batch_size=4, system_prompt="none", limit=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads spin badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _records(name, *rows):

@@ -14,13 +14,7 @@ from ssah.units.scores import Scores
 from tests.helpers import assert_one_line_error, run_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads spin badly on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _scores(values: dict, fingerprint="f00d", dataset="d") -> Scores:

@@ -28,14 +28,7 @@ PAIRS = [
 ACTIVATION_SCORERS = ("variance", "wanda", "activation")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and OpenMP threads spin badly on a busy 2-core machine
-    (measured: 15x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _activations(model, layout, batches, scope):

@@ -14,12 +14,7 @@ from ssah.units.size_sweep import AttributeProbe, SweepThresholds, sweep_sizes
 from tests.helpers import assert_one_line_error, run_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,16 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         raise
 
 
+def save_png(figure, path: str | Path, **savefig_kwargs) -> Path:
+    """Render a matplotlib figure to PNG in memory and write it with `atomic_write`."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", **savefig_kwargs)
+    atomic_write(path, buffer.getvalue())
+    return Path(path)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON atomically (see `atomic_write`)."""
     atomic_write(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))

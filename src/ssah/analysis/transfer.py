@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ssah.errors import SsahError
+from ssah.io import save_png
 from ssah.units.groups import GROUP_NAMES, Groups, make_groups
 
 
@@ -71,6 +72,6 @@ def plot_transfer(summary: dict, path: str | Path, title: str = "attribute trans
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="% of all units")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ssah.io import save_png
+
 LENGTH_PLOT = "distance_by_length.png"
 LAYER_PLOT = "distance_by_layer.png"
 _STYLES = {"refusal": "-", "compliance": "--"}
@@ -51,8 +53,7 @@ def _draw(reports: list[tuple[str, dict]], rows_key: str, x_key: str, xlabel: st
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_png(fig, path)
     plt.close(fig)
     return path
 

@@ -55,12 +55,14 @@ def _plot_loss(curve: list[float], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ssah.io import save_png
+
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(range(1, len(curve) + 1), curve)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (response tokens)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_png(fig, path, dpi=100)
     plt.close(fig)
 
 

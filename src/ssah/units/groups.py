@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 from ssah.errors import SsahError
-from ssah.io import atomic_write
+from ssah.io import atomic_write, save_png
 from ssah.units.scores import Scores, existing_run, read_manifest, read_tensors
 
 GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
@@ -478,8 +478,4 @@ def plot_groups_per_layer(groups: Groups, path: str | Path) -> Path:
     figure.suptitle(f"unit groups per layer (normalize={meta['normalize']}, ranking={meta['ranking']})",
                     fontsize="medium")
     figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return save_png(figure, path)

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ssah.errors import SsahError
+from ssah.io import save_png
 from ssah.units.groups import DEFAULT_SIZES, SIZE_KEYS, make_groups
 from ssah.units.scores import Scores, make_batches
 
@@ -344,8 +345,4 @@ def plot_size_sweep(sweep: SizeSweep | dict, path: str | Path) -> Path:
     axes[0].set_ylabel("refusal rate (safety prompts)", color="#d62728")
     twin.set_ylabel("perplexity / unpruned (utility answers)", color="#1f77b4")
     figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png")
-    tmp.replace(path)
-    return path
+    return save_png(figure, path)
