@@ -39,6 +39,30 @@ def save_png(figure, path: str | Path, **savefig_kwargs) -> Path:
     return Path(path)
 
 
+def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file (tensors + string metadata) with `atomic_write`."""
+    from safetensors.torch import save
+
+    atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    return Path(path)
+
+
+def read_tensors_with_metadata(path: str | Path, what: str, missing_hint: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; one SsahError line for a missing or damaged file."""
+    from safetensors import safe_open
+
+    from ssah.errors import SsahError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SsahError(f"{what} {path} does not exist; {missing_hint}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except Exception as err:  # safetensors raises several types on a damaged file
+        raise SsahError(f"{what} {path} is not a readable safetensors file: {err}") from err
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON atomically (see `atomic_write`)."""
     atomic_write(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))

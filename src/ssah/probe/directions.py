@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from ssah.errors import SsahError
+from ssah.io import read_tensors_with_metadata, save_tensors_atomic
 
 
 def diff_of_means(harmful: torch.Tensor, benign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,8 +132,6 @@ class Directions:
 
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file; `meta` and the probe sizes go into its JSON metadata."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "layers": torch.tensor(self.layers, dtype=torch.long),
             "direction": self.direction, "mean_harmful": self.mean_harmful, "mean_benign": self.mean_benign,
@@ -143,24 +141,11 @@ class Directions:
         }
         meta = {"meta": json.dumps(self.meta), "probe_n_train": str(self.probe.n_train),
                 "probe_n_test": str(self.probe.n_test), "format": "ssah.directions/1"}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous().float() if k != "layers" else v for k, v in tensors.items()}, tmp, metadata=meta)
-        tmp.replace(path)
-        return path
+        return save_tensors_atomic(path, {k: v.float() if k != "layers" else v for k, v in tensors.items()}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> Directions:
-        path = Path(path)
-        if not path.is_file():
-            raise SsahError(f"directions file {path} does not exist; create it with `ssah probe --out DIR`")
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as err:  # safetensors raises several types on a damaged file
-            raise SsahError(f"{path} is not a readable safetensors file: {err}") from err
+        tensors, meta = read_tensors_with_metadata(path, "directions file", "create it with `ssah probe --out DIR`")
         if meta.get("format") != "ssah.directions/1":
             raise SsahError(f"{path} is not a directions file written by `ssah probe`")
         probe = LinearProbe(tensors["probe_weight"], tensors["probe_bias"], tensors["probe_accuracy"],

@@ -50,6 +50,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ssah.errors import SsahError
+from ssah.io import read_tensors_with_metadata, save_tensors_atomic
 from ssah.probe.directions import Directions, compute_directions
 from ssah.probe.hidden import block_output, last_token_states, num_layers, transformer_blocks, validate_layers
 
@@ -203,32 +204,15 @@ class MonitorState:
         return cls(resolved, layers, weight.float(), bias.float(), steer.float(), float(threshold), num_layers, meta)
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": STATE_FORMAT, "config": json.dumps(self.config.to_dict()),
                     "layers": json.dumps(self.layers), "threshold": repr(self.threshold),
                     "num_layers": str(self.num_layers), "meta": json.dumps(self.meta)}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
-                   "steer": self.steer.contiguous()}, tmp, metadata=metadata)
-        tmp.replace(path)
-        return path
+        return save_tensors_atomic(path, {"weight": self.weight, "bias": self.bias, "steer": self.steer}, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> MonitorState:
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise SsahError(f"monitor state {path} does not exist; create it with calibrate_monitor(...).save(PATH)")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as err:  # safetensors raises several types on a damaged file
-            raise SsahError(f"monitor state {path} is not a readable safetensors file: {err}") from err
+        tensors, metadata = read_tensors_with_metadata(path, "monitor state",
+                                                       "create it with calibrate_monitor(...).save(PATH)")
         if metadata.get("format") != STATE_FORMAT:
             raise SsahError(f"{path} is not a monitor state file (made by calibrate_monitor)")
         config = MonitorConfig.from_dict(json.loads(metadata["config"]), str(path))
