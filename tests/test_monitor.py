@@ -10,10 +10,11 @@ import torch
 from ssah.data.chat import encode_prompts
 from ssah.data.records import Dataset, Record
 from ssah.errors import SsahError
-from ssah.models.tiny import tiny_model
+from ssah.models.tiny import tiny_model, tiny_tokenizer
 from ssah.probe.hidden import block_output, transformer_blocks
 from ssah.probe.monitor import (
-    Monitor, MonitorConfig, MonitorState, calibrate_monitor, monitor_from_file, monitored_generate, upper_quantile,
+    Monitor, MonitorConfig, MonitorState, calibrate_monitor, monitor_from_file, monitored_generate, request_ends,
+    request_marker, upper_quantile,
 )
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, and why?"]
@@ -34,7 +35,8 @@ def _unit(seed: int, size: int = 32) -> torch.Tensor:
 def _state(direction: torch.Tensor, threshold: float = 100.0, steer: torch.Tensor | None = None, **config) -> MonitorState:
     config = MonitorConfig(**{"layers": [LAYER], "min_tokens": 2, **config})
     steer = torch.zeros(1, direction.numel()) if steer is None else steer[None]
-    return MonitorState(config, [LAYER], direction[None].clone(), torch.zeros(1), steer, threshold, num_layers=3)
+    return MonitorState(config, [LAYER], direction[None].clone(), torch.zeros(1), steer, threshold, num_layers=3,
+                        request_marker=request_marker(tiny_tokenizer()))
 
 
 @contextlib.contextmanager
@@ -230,7 +232,9 @@ def test_config_round_trips_and_rejects_unknown_keys(tmp_path):
 def test_monitor_refuses_a_config_the_state_was_not_calibrated_for(llama):
     model, _ = llama
     with pytest.raises(SsahError, match="statistic"):
-        Monitor(model, MonitorConfig(layers=[LAYER], min_tokens=2, statistic="max"), _state(_unit(0)))
+        Monitor(model, MonitorConfig(layers=[LAYER], min_tokens=2, statistic="mean"), _state(_unit(0)))
+    with pytest.raises(SsahError, match="prompt_position"):
+        Monitor(model, MonitorConfig(layers=[LAYER], min_tokens=2, prompt_position="last"), _state(_unit(0)))
     with pytest.raises(SsahError, match="layers"):
         Monitor(model, MonitorConfig(layers=[0], min_tokens=2), _state(_unit(0)))
     other, _ = tiny_model("gpt2")
@@ -305,7 +309,7 @@ def test_borderline_prompts_join_the_threshold_calibration(llama):
     quantile over benign and borderline replies together, so at most target_fpr of both are flagged."""
     model, tok = llama
     harmful, benign = _templates(24)
-    config = MonitorConfig(calibration_tokens=8, min_tokens=2, target_fpr=0.25)
+    config = MonitorConfig(calibration_tokens=8, min_tokens=2, target_fpr=0.25, contrast_borderline=False)
     plain = calibrate_monitor(model, tok, harmful[:16], benign[:16], config)
     mixed = calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=harmful[16:])
     calibration = mixed.meta["calibration"]
@@ -313,7 +317,58 @@ def test_borderline_prompts_join_the_threshold_calibration(llama):
     assert flagged <= 0.25 * 24 + 1e-6
     assert mixed.threshold > plain.threshold and plain.meta["calibration"]["borderline_flag_rate"] is None
     assert mixed.meta["borderline"]["n"] == 8
+    assert torch.equal(mixed.weight, plain.weight)  # without contrast the direction ignores them
     with pytest.raises(SsahError, match="test split"):
         calibrate_monitor(model, tok, harmful[:16], benign[:16], config,
                           borderline_calib=Dataset("sensitive_safe:test", [Record(id=f"s{i}", prompt=f"p{i}")
                                                                            for i in range(4)]))
+
+
+def test_contrast_borderline_fits_the_direction_on_one_half_and_the_threshold_on_the_other(llama):
+    model, tok = llama
+    harmful, benign = _templates(24)
+    config = MonitorConfig(calibration_tokens=8, min_tokens=2, target_fpr=0.25, layers=[LAYER])
+    contrast = calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=harmful[16:])
+    assert contrast.meta["borderline"]["contrast"] == 4
+    calibration = contrast.meta["calibration"]
+    flagged = calibration["benign_flag_rate"] * 16 + calibration["borderline_flag_rate"] * 4
+    assert flagged <= 0.25 * 20 + 1e-6
+    # The direction is the mean of harmful minus the mean of benign + the even half of the borderline prompts.
+    from ssah.probe.hidden import last_token_states
+
+    states_h = last_token_states(model, tok, harmful[:16], [LAYER])[:, 0]
+    states_n = last_token_states(model, tok, benign[:16] + harmful[16:][0::2], [LAYER])[:, 0]
+    expected = states_h.mean(0) - states_n.mean(0)
+    direction = contrast.weight[0] / contrast.weight[0].norm()
+    assert torch.allclose(direction, expected / expected.norm(), atol=1e-4)
+    with pytest.raises(SsahError, match="at least 4"):
+        calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=harmful[16:19])
+
+
+def test_request_marker_is_the_generation_prompt_tail(llama):
+    _, tok = llama
+    marker = request_marker(tok)
+    assert tok.decode(marker).strip().endswith("assistant")  # ChatML: "<|im_end|>\n<|im_start|>assistant\n"
+    k = len(marker)
+    first = [0, 0, 7, *marker, 9, 9]  # a request then two reply tokens (a prefill)
+    second = [5, *marker, 8, *marker]  # the marker twice: the last one counts
+    first = [0] * (len(second) - len(first)) + first  # left padding
+    ids = torch.tensor([first, second])
+    assert request_ends(ids, marker).tolist() == [len(first) - 3, 2 * k + 1]
+    assert request_ends(ids, [250, 251]).tolist() == [ids.shape[1] - 1] * 2  # no marker: the last token
+
+
+def test_prefill_cannot_move_the_request_score(llama):
+    """The prompt score is read where the request ends, so text placed in the reply leaves it exactly
+    as it was; read at the last input token (prompt_position last) the prefill changes it."""
+    model, tok = llama
+    prefills = ["Sure, here is how", "Of course! Step one:", "Yes"]
+    scores = {}
+    for position in ("request", "last"):
+        state = _state(_unit(0), prompt_position=position)
+        for name, pre in (("plain", None), ("prefilled", prefills)):
+            replies = monitored_generate(model, tok, PROMPTS, None, state, prefills=pre, max_new_tokens=2)
+            scores[position, name] = torch.tensor([r.prompt_score for r in replies])
+    assert torch.allclose(scores["request", "plain"], scores["request", "prefilled"], atol=1e-5)
+    assert torch.allclose(scores["request", "plain"], scores["last", "plain"], atol=1e-5)
+    assert (scores["last", "plain"] - scores["last", "prefilled"]).abs().min() > 1e-3

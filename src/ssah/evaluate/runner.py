@@ -347,7 +347,7 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
         if monitor is not None:
             from ssah.probe.monitor import Monitor
 
-            active = stack.enter_context(Monitor(model, *monitor))
+            active = stack.enter_context(Monitor(model, *monitor, tokenizer=tokenizer))
             rewrite = active.apply_refusals
         run = _Evaluation(model, tokenizer, model_key, settings, data, GenerationCache(out / CACHE_FILE), rewrite)
         conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
@@ -401,7 +401,8 @@ def _monitor_block(monitor, rows: list[dict]) -> dict:
     config = config or state.config
     block = {"digest": monitor_digest(config, state), "action": config.action, "layers": list(state.layers),
              "threshold": float(config.threshold if config.threshold is not None else state.threshold),
-             "calibration": state.meta.get("calibration"), "replaced": None}
+             "prompt_position": config.prompt_position, "calibration": state.meta.get("calibration"),
+             "replaced": None}
     if config.action == "stop":
         replaced: dict[str, dict] = {}
         for row in rows:

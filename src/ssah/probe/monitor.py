@@ -9,19 +9,31 @@ Score. At each monitored layer l, the state h of the newest position (block outp
 projection on the unit difference-of-means direction (scorer "direction") or the logit of the linear
 probe (scorer "probe"), and m_l, sd_l are the mean and standard deviation of s_l over the benign
 calibration prompts. With several layers the score is the mean of their z_l. Directions come from
-`harmful:calibration` vs `benign:calibration` prompts only; `calibrate_monitor` refuses test splits.
+`harmful:calibration` vs `benign:calibration` prompts only (plus the borderline calibration prompts
+on the benign side, with `contrast_borderline`); `calibrate_monitor` refuses test splits.
 
-Decision rule. The prefill forward gives the prompt's score p (its last token's state); each later
-forward gives the score s_t of generated token t. The running statistic after t generated tokens is
-the mean (default) or the max of [p, s_1, ..., s_t] (p left out with include_prompt=False). A row is
+Decision rule. The prefill forward gives the prompt's score p; each later forward gives the score
+s_t of generated token t. By default (prompt_position "request") p is read where the request ends and
+the assistant turn begins (found by the chat template's generation-prompt tokens, `request_marker`),
+not at the last input token: text already written into the reply, as in a prefill attack, comes
+after that position, and in a causal model it cannot move what the request's own state says. On the
+aligned demo model (layers 26-28) 87-89% of harmful calibration prompts score above a 5%-false-positive
+threshold at the request's end, but 0-4% at the last token once a compliance opening is prefilled.
+The running statistic after t generated tokens is the max (default) or the mean of
+[p, s_1, ..., s_t] (p left out with include_prompt=False): with the max, a request marked harmful
+stays marked however compliant the reply's words look, and a reply that drifts into harm later is
+still caught. A row is
 flagged at the first t >= min_tokens where the statistic exceeds the threshold. Rows that have ended
 (EOS or padding) stop updating. The threshold is the (1 - target_fpr) quantile, over the benign
 calibration prompts, of the highest statistic each reached while generating `calibration_tokens`
 greedy tokens under the monitor: so at most target_fpr of benign calibration replies are flagged.
-With `borderline_calibration` (safe prompts that sound unsafe, e.g. `sensitive_safe:train`), their
-replies join the benign ones for this quantile: a direction fit on harmful vs plainly benign prompts
-also lights up on scary words, and only a threshold set with such prompts in view keeps it from
-refusing them (on the aligned demo model, a benign-only threshold flagged 85% of sensitive_safe:test).
+With `borderline_calibration` (safe prompts that sound unsafe, e.g. `sensitive_safe:train`), the
+same quantile is taken over their replies too, and the higher of the two thresholds is kept, so at
+most target_fpr of each set is flagged: a direction fit on harmful vs plainly benign prompts also
+lights up on scary words (on the aligned demo model, a benign-only threshold flagged 85% of
+sensitive_safe:test). With `contrast_borderline` (default) half of the borderline sample also joins
+the benign side of the direction itself, so it points at harm rather than at alarming vocabulary;
+the other half sets the threshold (a threshold set on prompts the direction was fit to is optimistic).
 (`MonitorState.from_directions` offers a cheaper threshold from prompt scores alone.)
 
 Actions. `stop`: a LogitsProcessor forces EOS for flagged rows and a StoppingCriteria ends them;
@@ -59,7 +71,8 @@ SCORERS = ("direction", "probe")
 STATISTICS = ("mean", "max")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 # Config fields the threshold depends on: a state calibrated under other values must be recalibrated.
-CALIBRATION_FIELDS = ("scorer", "statistic", "include_prompt", "min_tokens")
+CALIBRATION_FIELDS = ("scorer", "statistic", "include_prompt", "min_tokens", "prompt_position", "contrast_borderline")
+PROMPT_POSITIONS = ("request", "last")
 STATE_FORMAT = "ssah.monitor-state/1"
 
 
@@ -72,8 +85,9 @@ class MonitorConfig:
 
     layers: list[int] | None = None  # None: calibration picks the layer with the best held-out separation
     scorer: str = "direction"  # direction | probe
-    statistic: str = "mean"  # running mean | max of the scores so far
-    include_prompt: bool = True  # the prompt's last-token score enters the running statistic
+    statistic: str = "max"  # running max | mean of the scores so far
+    include_prompt: bool = True  # the prompt's score enters the running statistic
+    prompt_position: str = "request"  # request: where the assistant turn begins | last: the last input token
     target_fpr: float = 0.05  # share of benign calibration replies allowed to be flagged
     threshold: float | None = None  # explicit threshold on the z-score scale; overrides target_fpr
     min_tokens: int = 4  # generated tokens seen before the monitor may act
@@ -85,6 +99,7 @@ class MonitorConfig:
     # safe prompts that sound unsafe (e.g. sensitive_safe:train): they join the benign replies that set
     # the threshold (not the direction), so the monitor learns that a scary word alone is no reason to stop
     borderline_calibration: str | None = None
+    contrast_borderline: bool = True  # borderline prompts also join the benign side of the direction
     calibration_limit: int | None = 64  # prompts per calibration set, a seeded sample (None: all)
     calibration_tokens: int = 32  # new tokens per calibration reply
     batch_size: int = 8
@@ -96,6 +111,9 @@ class MonitorConfig:
             raise SsahError(f"monitor scorer {self.scorer!r} unknown; use one of {', '.join(SCORERS)}")
         if self.statistic not in STATISTICS:
             raise SsahError(f"monitor statistic {self.statistic!r} unknown; use one of {', '.join(STATISTICS)}")
+        if self.prompt_position not in PROMPT_POSITIONS:
+            raise SsahError(f"monitor prompt_position {self.prompt_position!r} unknown; use one of "
+                            f"{', '.join(PROMPT_POSITIONS)}")
         if self.action not in ACTIONS:
             raise SsahError(f"monitor action {self.action!r} unknown; use one of {', '.join(ACTIONS)}")
         if not 0.0 < self.target_fpr < 1.0:
@@ -169,6 +187,8 @@ class MonitorState:
     threshold: float
     num_layers: int  # depth of the model it was made for
     meta: dict = field(default_factory=dict)
+    # token ids that end every chat-formatted request (the generation prompt, see `request_marker`)
+    request_marker: list[int] = field(default_factory=list)
 
     @property
     def hidden_size(self) -> int:
@@ -206,7 +226,8 @@ class MonitorState:
     def save(self, path: str | Path) -> Path:
         metadata = {"format": STATE_FORMAT, "config": json.dumps(self.config.to_dict()),
                     "layers": json.dumps(self.layers), "threshold": repr(self.threshold),
-                    "num_layers": str(self.num_layers), "meta": json.dumps(self.meta)}
+                    "num_layers": str(self.num_layers), "meta": json.dumps(self.meta),
+                    "request_marker": json.dumps(self.request_marker)}
         return save_tensors_atomic(path, {"weight": self.weight, "bias": self.bias, "steer": self.steer}, metadata)
 
     @classmethod
@@ -217,7 +238,8 @@ class MonitorState:
             raise SsahError(f"{path} is not a monitor state file (made by calibrate_monitor)")
         config = MonitorConfig.from_dict(json.loads(metadata["config"]), str(path))
         return cls(config, json.loads(metadata["layers"]), tensors["weight"], tensors["bias"], tensors["steer"],
-                   float(metadata["threshold"]), int(metadata["num_layers"]), json.loads(metadata["meta"]))
+                   float(metadata["threshold"]), int(metadata["num_layers"]), json.loads(metadata["meta"]),
+                   json.loads(metadata.get("request_marker", "[]")))
 
 
 def monitor_digest(config: MonitorConfig | None, state: MonitorState) -> str:
@@ -228,12 +250,43 @@ def monitor_digest(config: MonitorConfig | None, state: MonitorState) -> str:
     config = config or state.config
     threshold = config.threshold if config.threshold is not None else state.threshold
     settings = {key: getattr(config, key) for key in ("scorer", "statistic", "include_prompt", "min_tokens",
-                                                      "action", "steer_alpha", "refusal_text")}
-    digest = hashlib.sha256(json.dumps({**settings, "threshold": float(threshold), "layers": state.layers},
-                                       sort_keys=True).encode())
+                                                      "prompt_position", "action", "steer_alpha", "refusal_text")}
+    digest = hashlib.sha256(json.dumps({**settings, "threshold": float(threshold), "layers": state.layers,
+                                        "request_marker": state.request_marker}, sort_keys=True).encode())
     for tensor in (state.weight, state.bias, state.steer):
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def request_marker(tokenizer) -> list[int]:
+    """The token ids every chat-formatted request ends with: the tail the chat template (or the plain
+    `User:`/`Assistant:` format) adds after the user's text to open the assistant turn. Found as the
+    longest common tail of three rendered prompts that end in different characters; [] if none."""
+    from ssah.probe.hidden import prompt_token_ids
+
+    renders = [prompt_token_ids(tokenizer, text) for text in ("Hi", "Name a colour.", "What is 2+2?")]
+    tail: list[int] = []
+    for items in zip(*(reversed(ids) for ids in renders)):
+        if len(set(items)) != 1:
+            break
+        tail.append(items[0])
+    return tail[::-1]
+
+
+def request_ends(input_ids: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """Per row, the position of the last token of the last occurrence of `marker` (the end of the
+    request, before any text already placed in the reply); the last position where it does not occur."""
+    rows, width = input_ids.shape
+    last = torch.full((rows,), width - 1, dtype=torch.long, device=input_ids.device)
+    k = len(marker)
+    if k == 0 or width < k:
+        return last
+    windows = input_ids.unfold(1, k, 1)  # [B, width - k + 1, k]
+    hits = (windows == torch.tensor(marker, device=input_ids.device)).all(-1)
+    found = hits.any(1)
+    # index of the last hit: flip, take the first, map back; window j ends at position j + k - 1
+    last_hit = hits.shape[1] - 1 - hits.flip(1).float().argmax(1)
+    return torch.where(found, last_hit + k - 1, last)
 
 
 def upper_quantile(values: torch.Tensor, share: float) -> float:
@@ -302,7 +355,7 @@ class Monitor:
     state's, while action, steer_alpha, refusal_text and an explicit threshold may differ.
     """
 
-    def __init__(self, model, config: MonitorConfig | None, state: MonitorState | Directions):
+    def __init__(self, model, config: MonitorConfig | None, state: MonitorState | Directions, tokenizer=None):
         if isinstance(state, Directions):
             state = MonitorState.from_directions(state, config or MonitorConfig(), num_layers(model))
         config = config or state.config
@@ -318,6 +371,13 @@ class Monitor:
             raise SsahError(f"monitor state is for a model with {state.num_layers} layers and hidden size "
                             f"{state.hidden_size}, but this model has {depth} and {hidden}; calibrate on this model")
         validate_layers(model, state.layers)
+        # Where the prompt score is read: the request's end needs the tokens that end a request.
+        self.request_marker: list[int] | None = None
+        if config.prompt_position == "request":
+            self.request_marker = list(state.request_marker) or (request_marker(tokenizer) if tokenizer else None)
+            if self.request_marker is None:
+                raise SsahError("monitor prompt_position 'request' needs the tokens that end a request: pass "
+                                "the tokenizer (Monitor(model, config, state, tokenizer)) or set prompt_position: last")
         self.model, self.config, self.state = model, config, state
         self.action = config.action
         self.threshold = float(config.threshold if config.threshold is not None else state.threshold)
@@ -408,6 +468,9 @@ class Monitor:
             device = ids.device if ids is not None else kwargs["inputs_embeds"].device
             self._allocate(rows, device)
             self._prefill = True
+            self._read_at = None  # None: the last position
+            if self.request_marker is not None and ids is not None:
+                self._read_at = request_ends(ids, self.request_marker)
         else:
             self._prefill = False
             if ids is not None and self._stop_ids is not None and self._stop_ids.numel():
@@ -436,7 +499,10 @@ class Monitor:
             hidden = block_output(output)
             weight, bias, steer = self._layer_tensors[position]
             newest = hidden[:, -1]
-            score = newest.float() @ weight + bias  # one dot product per row
+            read = newest
+            if self._prefill and self._read_at is not None:
+                read = hidden[torch.arange(hidden.shape[0], device=hidden.device), self._read_at.to(hidden.device)]
+            score = read.float() @ weight + bias  # one dot product per row
             score = score.to(self._flagged.device)
             self._partial = score if self._partial is None else self._partial + score
             if position == last:
@@ -549,7 +615,7 @@ def monitored_generate(model, tokenizer, prompts: list[str], config: MonitorConf
 
     if prefills is not None and len(prefills) != len(prompts):
         raise SsahError(f"{len(prefills)} prefills for {len(prompts)} prompts; give one per prompt")
-    monitor = Monitor(model, config, state)
+    monitor = Monitor(model, config, state, tokenizer)
     size = batch_size or monitor.config.batch_size
     generate_kwargs.setdefault("do_sample", False)
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -608,33 +674,47 @@ def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: Mon
     layers = validate_layers(model, None)
     if config.layers:
         config = MonitorConfig(**{**config.to_dict(), "layers": validate_layers(model, config.layers)})
-    harmful_states = last_token_states(model, tokenizer, harmful, layers, config.batch_size, config.system)
-    benign_states = last_token_states(model, tokenizer, benign, layers, config.batch_size, config.system)
     meta = {"model_fingerprint": model_fingerprint(model), "harmful": harmful_info, "benign": benign_info}
-    directions = compute_directions(harmful_states, benign_states, layers, seed=config.seed, meta=meta)
-    state = MonitorState.from_directions(directions, MonitorConfig(**{**config.to_dict(), "threshold": 0.0}),
-                                         len(layers))
-    observe = MonitorConfig(**{**state.config.to_dict(), "action": "observe", "threshold": math.inf})
-    run = dict(system=config.system, max_new_tokens=config.calibration_tokens, batch_size=config.batch_size)
-    benign_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, benign, observe, state, **run)])
-    safe_peaks = benign_peaks
+    borderline: list[str] = []
+    contrast: list[str] = []
     if borderline_calib is not None:
         borderline, meta["borderline"] = _prompts_of(borderline_calib, config.calibration_limit, config.seed,
                                                      "borderline")
+        if config.contrast_borderline:
+            if len(borderline) < 4:
+                raise SsahError("contrast_borderline needs at least 4 borderline calibration prompts (half join the "
+                                "direction, half set the threshold)")
+            # Disjoint halves: a threshold set on prompts the direction was fit to would be optimistic.
+            contrast, borderline = borderline[0::2], borderline[1::2]
+            meta["borderline"]["contrast"] = len(contrast)
+    harmful_states = last_token_states(model, tokenizer, harmful, layers, config.batch_size, config.system)
+    negatives = last_token_states(model, tokenizer, benign + contrast, layers, config.batch_size, config.system)
+    directions = compute_directions(harmful_states, negatives, layers, seed=config.seed, meta=meta)
+    state = MonitorState.from_directions(directions, MonitorConfig(**{**config.to_dict(), "threshold": 0.0}),
+                                         len(layers))
+    state.request_marker = request_marker(tokenizer)
+    observe = MonitorConfig(**{**state.config.to_dict(), "action": "observe", "threshold": math.inf})
+    run = dict(system=config.system, max_new_tokens=config.calibration_tokens, batch_size=config.batch_size)
+    benign_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, benign, observe, state, **run)])
+    # The quantile is taken in each safe set separately and the higher one kept: pooled, the many easy
+    # benign replies would let the threshold flag far more than target_fpr of the borderline ones.
+    candidates = [upper_quantile(benign_peaks, config.target_fpr)]
+    if borderline:
         borderline_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, borderline, observe,
                                                                             state, **run)])
-        safe_peaks = torch.cat([benign_peaks, borderline_peaks])
-    threshold = config.threshold if config.threshold is not None else upper_quantile(safe_peaks, config.target_fpr)
+        candidates.append(upper_quantile(borderline_peaks, config.target_fpr))
+    threshold = config.threshold if config.threshold is not None else max(candidates)
     harmful_peaks = torch.tensor([r.peak for r in monitored_generate(model, tokenizer, harmful, observe, state, **run)])
     state.threshold = float(threshold)
     state.config = MonitorConfig(**{**state.config.to_dict(), "threshold": config.threshold})
     layer_index = [directions.index(layer) for layer in state.layers]
     state.meta = {
-        **meta, "source": "calibrate_monitor", "threshold_from": "benign calibration replies",
+        **meta, "source": "calibrate_monitor",
+        "threshold_from": "benign and borderline calibration replies" if borderline else "benign calibration replies",
         "calibration": {
             "benign_flag_rate": float((benign_peaks > threshold).float().mean()),
             "borderline_flag_rate": (float((borderline_peaks > threshold).float().mean())
-                                     if borderline_calib is not None else None),
+                                     if borderline else None),
             "harmful_flag_rate": float((harmful_peaks > threshold).float().mean()),
             "tokens": config.calibration_tokens,
             "heldout_cohens_d": [float(directions.separation[i]) for i in layer_index],
