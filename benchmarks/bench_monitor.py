@@ -70,7 +70,7 @@ def run(loaded, batch: int = 8, tokens: int = 32, repeats: int = 3) -> dict:
     def once(name: str) -> float:
         if name == "plain generate":
             return timed(generate)
-        with Monitor(model, variants[name], states[name]) as mon:
+        with Monitor(model, variants[name], states[name], tok) as mon:
             elapsed = timed(generate)
         assert not any(mon.flags)
         return elapsed
