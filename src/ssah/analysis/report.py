@@ -250,8 +250,9 @@ def _html(run, s: dict, verdicts: dict) -> str:
         replaced = ", ".join(f"{suite} {100 * e['share']:.0f}%" for suite, e in (monitor.get("replaced") or {}).items())
         calibration = monitor.get("calibration") or {}
         parts += ["<h2>Runtime monitor (beyond the paper)</h2>",
-                  "<p>The studied model generates under the monitor, which re-reads its harmfulness direction "
-                  f"at every generated token (layers {html.escape(str(monitor.get('layers')))}, threshold "
+                  "<p>The studied model generates under the monitor, which reads its harmfulness direction "
+                  "where the request ends (so a prefilled reply opening cannot move it) and again at every "
+                  f"generated token (layers {html.escape(str(monitor.get('layers')))}, threshold "
                   f"{_fmt(monitor.get('threshold'))}, calibrated on the calibration splits only: it flagged "
                   f"{_pct(calibration.get('benign_flag_rate'))}% of benign, "
                   f"{_pct(calibration.get('borderline_flag_rate'))}% of borderline and "
