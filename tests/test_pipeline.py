@@ -77,6 +77,12 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
     bad.write_text("model: tiny:llama\nprobe:\n  monitor_settings: {action: shout}\n")
     assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
                           "monitor action 'shout' unknown")
+    bad.write_text("model: tiny:llama\nfinetune:\n  settings: [plain, freeze_iii]\n")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
+                          "unknown finetune setting 'freeze_iii'")
+    bad.write_text("model: tiny:llama\nalign:\n  study: full\nfinetune:\n  settings: [freeze_budget]\n")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
+                          "needs align.enabled: true and align.study: budget")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +101,12 @@ def test_full_run_writes_report_with_verdicts(full_run):
     html = (tmp_path / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Llama-2-7B-Chat (paper)" in html
     assert summaries["finetune"]["freeze_ii"]["train"]["check"]["max_abs_change_frozen"] == 0.0
+    # freeze_budget freezes exactly the units the align stage trained, and they stay bit-identical
+    frozen_budget = summaries["finetune"]["freeze_budget"]
+    assert frozen_budget["alignment_budget_frozen"] == 1.0
+    assert frozen_budget["train"]["check"]["max_abs_change_frozen"] == 0.0
+    assert 0.0 <= summaries["finetune"]["freeze_ii"]["alignment_budget_frozen"] < 1.0
+    assert "freeze_budget_keeps_rise_to_half" in results["verdicts"]
     assert all(math.isfinite(s["train"]["final_loss"]) for s in summaries["finetune"].values())
     assert abs(sum(map(sum, summaries["transfer"]["finetune"]["table_percent"])) - 100) < 1e-3
     # The studied model's own evaluation is reused for "nothing pruned", not generated again.

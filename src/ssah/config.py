@@ -100,8 +100,13 @@ class PruneConfig:
                                                       "random:like=UCU", "random:like=RU"])
 
 
+FINETUNE_SETTINGS = ("plain", "freeze_i", "freeze_ii", "lora", "freeze_budget")
+
+
 @dataclass
 class FinetuneConfig:
+    # plain | freeze_i | freeze_ii | lora | freeze_budget (beyond the paper: freeze the units the
+    # alignment stage trained, for a model aligned inside a budget; needs align.study: budget)
     settings: list[str] = field(default_factory=lambda: ["plain", "freeze_i", "freeze_ii", "lora"])
     freeze_i: str = "SCU+CU:top=0.06"
     freeze_ii: str = "SCU+CU"
@@ -219,7 +224,14 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Ru
     except yaml.YAMLError as err:
         raise SsahError(f"{where} is not valid YAML: {str(err).splitlines()[0]}") from err
     config = _build(RunConfig, data or {}, "")
-    config.probe.monitor_config(config.data)  # monitor settings fail here, not after hours of stages
+    # settings that would fail in a late stage fail here, not after hours of earlier ones
+    config.probe.monitor_config(config.data)
+    for setting in config.finetune.settings:
+        if setting not in FINETUNE_SETTINGS:
+            raise SsahError(f"{where}: unknown finetune setting {setting!r}; use {', '.join(FINETUNE_SETTINGS)}")
+    if "freeze_budget" in config.finetune.settings and not (config.align.enabled and config.align.study == "budget"):
+        raise SsahError(f"{where}: finetune setting freeze_budget freezes the alignment budget, so it needs "
+                        "align.enabled: true and align.study: budget")
     return config
 
 

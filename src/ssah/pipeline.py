@@ -350,17 +350,27 @@ def stage_finetune(run: Run) -> dict:
         data = data.sample(min(c.finetune.train.limit, len(data)), c.seed)
     pairs = [(r.prompt, r.response) for r in data if r.response]
     groups = Groups.load(run.stage_dir("groups") / "groups")
+    # The units the alignment stage trained (from the unaligned model's groups; the studied model is
+    # that model plus changes inside them, so layout and units match): what each frozen set covers
+    # of them says whether freezing can keep what alignment put there.
+    budget = None
+    if c.align.enabled and c.align.study == "budget":
+        budget = mask_from_expression(Groups.load(run.stage_dir("align") / "base" / "groups"), c.align.budget,
+                                      seed=c.seed)
     summary: dict = {}
     for setting in c.finetune.settings:
         loaded = run.load(run.studied_model_spec())
-        freezer, multiplier, lora = None, 1.0, setting == "lora"
-        if setting in ("freeze_i", "freeze_ii"):
-            expression = getattr(c.finetune, setting)
-            mask = mask_from_expression(groups, expression, seed=c.seed)
+        freezer, multiplier, lora, covered = None, 1.0, setting == "lora", None
+        if setting in ("freeze_i", "freeze_ii", "freeze_budget"):
+            mask = budget if setting == "freeze_budget" else \
+                mask_from_expression(groups, getattr(c.finetune, setting), seed=c.seed)
             freezer = UnitFreezer(loaded.model, loaded.layout, mask)
             multiplier = c.finetune.frozen_epochs_multiplier
+            if budget is not None:
+                covered = sum(int((mask.units[k] & budget.units[k]).sum()) for k in budget.units) / budget.count()
         elif setting not in ("plain", "lora"):
-            raise SsahError(f"unknown fine-tuning setting {setting!r}; use plain, freeze_i, freeze_ii, lora")
+            raise SsahError(f"unknown fine-tuning setting {setting!r}; use plain, freeze_i, freeze_ii, lora, "
+                            "freeze_budget")
         click.echo(f"  fine-tuning: {setting}")
         record = run.train(loaded, pairs, c.finetune.train, out / f"model-{setting}", freezer=freezer,
                            lora=lora, steps_multiplier=multiplier)
@@ -369,6 +379,8 @@ def stage_finetune(run: Run) -> dict:
         tuned = run.load(str(out / f"model-{setting}"))
         report = run.evaluate(tuned, tuned.fingerprint, out / f"eval-{setting}", f"fine-tuned ({setting})")
         summary[setting] = {**_headline(report), "train": _train_summary(record)}
+        if covered is not None:
+            summary[setting]["alignment_budget_frozen"] = covered
         del tuned
         release()
     return summary
