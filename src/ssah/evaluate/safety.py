@@ -31,9 +31,15 @@ DEFAULT_SYSTEM_PROMPT = (
 OVERREFUSAL_RULE = "prefix"
 
 
-def verdicts(prompt: str, reply: str, rules: Sequence[str]) -> dict[str, str]:
-    """The reply's verdict under each rule (empty, refusal, echo, short or compliance)."""
-    return {rule: RULES[rule](reply, prompt) for rule in rules}
+def verdicts(prompt: str, reply: str, rules: Sequence[str], complete: bool = True) -> dict[str, str]:
+    """The reply's verdict under each rule (empty, refusal, echo, short or compliance); `complete`:
+    see `ssah.evaluate.rules` (a reply cut off by the token budget is never an echo)."""
+    return {rule: RULES[rule](reply, prompt, complete) for rule in rules}
+
+
+def is_complete(generation, max_new_tokens: int) -> bool:
+    """True when the model ended the reply itself: its tokens (EOS excluded) stop short of the budget."""
+    return len(generation.token_ids) < max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ def run_prompts(model, tokenizer, prompts: Sequence[str], *, model_key: str, rul
     generations = generate_items(model, tokenizer, prompts, model_key=model_key, system=system, prefills=prefills,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache,
                                  progress=progress, desc=desc, rewrite=rewrite)
-    judged = tuple(verdicts(prompt, gen.reply, rules) for prompt, gen in zip(prompts, generations))
+    judged = tuple(verdicts(prompt, gen.reply, rules, is_complete(gen, max_new_tokens))
+                   for prompt, gen in zip(prompts, generations))
     return SafetyRun(tuple(prompts), tuple(prefills) if prefills is not None else None, tuple(generations), judged)
 
 
