@@ -1,8 +1,11 @@
 """Frozen entries stay bit-identical through real training; trainable ones move."""
 
+import math
+
 import pytest
 import torch
 
+from ssah.errors import SsahError
 from ssah.interventions.freeze import UnitFreezer, freeze_callback
 from ssah.interventions.masks import UnitMask
 from ssah.models.tiny import tiny_model
@@ -117,3 +120,77 @@ def test_trainer_callback_keeps_frozen_entries(tmp_path):
             callbacks=[freeze_callback(freezer)]).train()
     after = frozen_values(model, layout, mask)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert freezer.mode == "masked"  # the Trainer's AdamW needs no copy
+    assert freezer.check()["max_abs_change_frozen"] == 0.0
+
+
+def _adamw_steps(model, tokenizer, optimizer, steps: int = 3) -> None:
+    ids = tokenizer(["some text to fit", "another bit of text"], return_tensors="pt", padding=True)
+    model.train()
+    for _ in range(steps):
+        model(**ids, labels=ids["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_masked_mode_keeps_no_copy_and_trains_exactly_like_copy_mode():
+    """AdamW with decay: masked mode (no copy, decay taken over by the freezer) and copy mode give the
+    same weights entry for entry, frozen and trainable alike."""
+    runs = {}
+    for copy in (False, True):
+        model, tokenizer = tiny_model("llama")
+        layout = UnitLayout.from_model(model)
+        freezer = UnitFreezer(model, layout, random_mask(layout, 0.5, seed=4), copy=copy)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = freezer.wrap_optimizer(torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1))
+        _adamw_steps(model, tokenizer, optimizer)
+        assert freezer.mode == ("copy" if copy else "masked")
+        assert (freezer.copy_bytes() > 0) == copy
+        assert freezer.check()["max_abs_change_frozen"] == 0.0
+        runs[copy] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert all(torch.equal(runs[False][n], runs[True][n]) for n in runs[True])
+
+
+def test_optimizers_that_could_move_frozen_entries_get_copy_mode():
+    model, tokenizer = tiny_model("llama")
+    layout = UnitLayout.from_model(model)
+    mask = random_mask(layout, 0.3, seed=5)
+    params = lambda: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+    coupled = UnitFreezer(model, layout, mask)
+    coupled.wrap_optimizer(torch.optim.SGD(params(), lr=1e-2, momentum=0.9, weight_decay=0.1))
+    assert coupled.mode == "copy"
+    coupled.remove()
+    with pytest.raises(SsahError, match="coupled"):
+        UnitFreezer(model, layout, mask, copy=False).wrap_optimizer(
+            torch.optim.Adam(params(), lr=1e-2, weight_decay=0.1))
+    # An optimizer that already has moments for the frozen parameters cannot be trusted to leave them.
+    stale = torch.optim.AdamW(params(), lr=1e-2)
+    _adamw_steps(model, tokenizer, stale, steps=1)
+    before = frozen_values(model, layout, mask)
+    freezer = UnitFreezer(model, layout, mask)
+    freezer.wrap_optimizer(stale)
+    assert freezer.mode == "copy"
+    _adamw_steps(model, tokenizer, stale, steps=2)
+    assert all(torch.equal(before[k], frozen_values(model, layout, mask)[k]) for k in before)
+
+
+def test_check_catches_a_frozen_entry_that_moved_and_a_late_attach():
+    model, tokenizer = tiny_model("llama")
+    layout = UnitLayout.from_model(model)
+    mask = random_mask(layout, 0.3, seed=6)
+    (name, dim), positions = next(iter(mask.owned_slices(layout).items()))
+    param = dict(model.named_parameters())[name]
+    late = UnitFreezer(model, layout, mask)
+    with torch.no_grad():
+        param.index_fill_(dim, positions[:1], 0.5)
+    with pytest.raises(SsahError, match="before training starts"):
+        late.wrap_optimizer(torch.optim.AdamW([param], lr=1e-2))
+    late.remove()
+    for copy in (False, True):
+        freezer = UnitFreezer(model, layout, mask, copy=copy)
+        freezer.wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+        with torch.no_grad():
+            param.index_fill_(dim, positions[:1], 0.75 + copy)  # 0.5 -> 0.75, then 0.75 -> 1.75
+        worst = freezer.check()["max_abs_change_frozen"]
+        assert worst == pytest.approx(1.0) if copy else math.isnan(worst)
+        freezer.remove()

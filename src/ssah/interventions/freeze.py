@@ -2,27 +2,40 @@
 
 Zeroing gradients is not enough: decoupled weight decay (AdamW), coupled decay folded into
 momentum (SGD), and optimizer state all still move an entry whose gradient is zero. So the
-`UnitFreezer`
+`UnitFreezer` masks gradients of frozen entries with tensor hooks (clipping and data-parallel
+all-reduce then see zeros there), and then keeps the entries fixed in one of two ways, chosen when
+it is attached to the optimizer (`wrap_optimizer`):
 
-1. masks gradients of frozen entries with tensor hooks (clipping and data-parallel all-reduce
-   then see zeros there), and
-2. copies the frozen entries back after every optimizer step (`restore_`), keeping only the
-   frozen slices in memory.
+- ``masked`` (no copy): for torch's Adam/AdamW (any weight decay when decoupled, as in AdamW) and
+  SGD or Adam without weight decay, starting from empty optimizer state. Then the frozen entries'
+  moments stay exactly zero, so the update there is exactly zero (Adam: 0 / (0 + eps); SGD: 0), and
+  the only thing left that moves them, AdamW's decoupled decay, is taken over by the freezer: the
+  groups' `weight_decay` is set to 0 and, right before each step, every parameter with a gradient is
+  multiplied by (1 - lr * weight_decay) as AdamW would, except the frozen entries, which are
+  multiplied by exactly 1. No copy of the frozen entries is kept.
+- ``copy``: any other optimizer (or `copy=True`): a copy of the frozen entries is taken and written
+  back after every optimizer step (`restore_`).
 
-Parameters that are frozen whole (e.g. embeddings and norms when only a unit budget trains)
-get `requires_grad=False` instead: no gradient, no optimizer state, no copy.
+Parameters that are frozen whole (e.g. embeddings and norms when only a unit budget trains) get
+`requires_grad=False` instead: no gradient, no optimizer state, no copy.
 
-Three ways to use it: `freezer.wrap_optimizer(opt)` (plain PyTorch: restores after each
-`step()`), `FreezeCallback(freezer)` for a Hugging Face `Trainer`, and `ssah finetune --freeze`.
+`check()` proves the result either way: each frozen slice's sha256, taken at the start, must match
+at the end (max change 0); in ``copy`` mode the largest change is also measured.
+
+Three ways to use it: `freezer.wrap_optimizer(opt)` (plain PyTorch), `freeze_callback(freezer)` for a
+Hugging Face `Trainer` (attaches to the Trainer's optimizer when training begins), and
+`ssah finetune --freeze`.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ssah.errors import SsahError
 from ssah.interventions.masks import UnitMask
 from ssah.units.layout import UnitLayout
 
@@ -32,7 +45,35 @@ class _FrozenSlice:
     param: nn.Parameter
     dim: int
     positions: torch.Tensor
-    values: torch.Tensor  # the frozen entries as they were before training
+    digest: str  # sha256 of the frozen entries before training
+    values: torch.Tensor | None = None  # their copy (copy mode only)
+
+    def current(self) -> torch.Tensor:
+        return self.param.detach().index_select(self.dim, self.positions)
+
+
+def _digest(values: torch.Tensor) -> str:
+    flat = values.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit patterns
+        flat = flat.view(torch.int16)
+    return hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+
+
+def _masked_supported(optimizer: torch.optim.Optimizer, params: set[int]) -> str | None:
+    """None when `masked` mode keeps the frozen entries exact with this optimizer, else the reason."""
+    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    if not adam and not isinstance(optimizer, torch.optim.SGD):
+        return f"{type(optimizer).__name__} is not Adam, AdamW or SGD"
+    for group in optimizer.param_groups:
+        if not any(id(p) in params for p in group["params"]):
+            continue
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+        if group.get("weight_decay", 0) and not (adam and decoupled):
+            return "its weight decay is added to the gradient (coupled), which would reach frozen entries"
+        for p in group["params"]:
+            if id(p) in params and optimizer.state.get(p):
+                return "it already holds state for frozen parameters (a fresh optimizer starts from zero moments)"
+    return None
 
 
 class UnitFreezer:
@@ -40,18 +81,23 @@ class UnitFreezer:
 
     `frozen`: units whose owned entries must not change. With `train_only=True` the meaning flips:
     the mask names the only units that may change, and every other parameter entry is frozen
-    (the alignment budget).
+    (the alignment budget). `copy`: None (default) picks ``masked`` mode when the optimizer allows it
+    and ``copy`` otherwise (see the module docstring); True forces ``copy``; False demands ``masked``.
     """
 
-    def __init__(self, model: nn.Module, layout: UnitLayout, mask: UnitMask, train_only: bool = False):
+    def __init__(self, model: nn.Module, layout: UnitLayout, mask: UnitMask, train_only: bool = False,
+                 copy: bool | None = None):
         self.model = model
         self.mask = mask
         self.train_only = train_only
+        self.copy = copy
+        self.mode: str | None = None  # "masked" or "copy", set by wrap_optimizer
         params = dict(model.named_parameters())
         slices = mask.owned_slices(layout)
         self._slices: list[_FrozenSlice] = []
         self._whole: list[str] = []
         self._hooks = []
+        self._decay: list[tuple[dict, float]] = []  # (param group, weight decay) taken over in masked mode
         if train_only:
             trainable_params = {name for name, _ in slices}
             for name, param in params.items():
@@ -66,25 +112,87 @@ class UnitFreezer:
         else:
             for (name, dim), positions in slices.items():
                 self._add(params[name], dim, positions)
+        # Per hooked parameter, the multiplier's shape and a [size along dim] bool of frozen positions.
+        self._frozen_rows: dict[int, tuple[nn.Parameter, int, torch.Tensor]] = {}
+        self._two_dims = False  # a parameter frozen along two dims: its decay needs a full mask, so copy mode
+        for s in self._slices:
+            _, dim, rows = self._frozen_rows.get(id(s.param), (s.param, s.dim, None))
+            if dim != s.dim:
+                self._two_dims = True
+                continue
+            if rows is None:
+                rows = torch.zeros(s.param.shape[s.dim], dtype=torch.bool, device=s.param.device)
+            rows[s.positions] = True
+            self._frozen_rows[id(s.param)] = (s.param, s.dim, rows)
 
     def _add(self, param: nn.Parameter, dim: int, positions: torch.Tensor) -> None:
         if positions.numel() == 0 or not param.requires_grad:
             return
         positions = positions.to(param.device)
-        values = param.detach().index_select(dim, positions).clone()
-        self._slices.append(_FrozenSlice(param, dim, positions, values))
+        digest = _digest(param.detach().index_select(dim, positions))
+        self._slices.append(_FrozenSlice(param, dim, positions, digest))
         self._hooks.append(param.register_hook(lambda grad, d=dim, p=positions: grad.index_fill(d, p, 0)))
+
+    # --- attaching to an optimizer -------------------------------------------------------------------
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Attach to `optimizer` before its first step: in ``masked`` mode it takes over the decay of
+        the frozen parameters' groups (pre-step hook); in ``copy`` mode `step()` restores them after."""
+        if self.mode is not None:
+            raise SsahError("this UnitFreezer is already attached to an optimizer; make one freezer per run")
+        self._check_untouched()
+        reason = "a parameter is frozen along two dimensions" if self._two_dims \
+            else _masked_supported(optimizer, set(self._frozen_rows))
+        if self.copy is False and reason:
+            raise SsahError(f"UnitFreezer(copy=False) cannot keep frozen entries exact with this optimizer: {reason}")
+        if self.copy or reason:
+            self.mode = "copy"
+            for s in self._slices:
+                s.values = s.current().clone()
+            optimizer.register_step_post_hook(lambda *_: self.restore_())
+            return optimizer
+        self.mode = "masked"
+        for group in optimizer.param_groups:
+            if group.get("weight_decay", 0) and any(id(p) in self._frozen_rows for p in group["params"]):
+                self._decay.append((group, float(group["weight_decay"])))
+                group["weight_decay"] = 0.0
+        if self._decay:
+            optimizer.register_step_pre_hook(lambda *_: self._decoupled_decay_())
+        return optimizer
+
+    def _check_untouched(self) -> None:
+        for s in self._slices:
+            if _digest(s.current()) != s.digest:
+                raise SsahError("frozen entries changed before the freezer was attached to the optimizer; "
+                                "attach it (wrap_optimizer / freeze_callback) before training starts")
+
+    @torch.no_grad()
+    def _decoupled_decay_(self) -> None:
+        """AdamW's decay, p *= 1 - lr * wd, for every parameter with a gradient, frozen entries excepted."""
+        with torch.profiler.record_function("ssah::freezer_decay"):  # named for benchmarks/bench_freeze.py
+            self._decay_groups_()
+
+    def _decay_groups_(self) -> None:
+        for group, decay in self._decay:
+            factor = 1.0 - group["lr"] * decay
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                frozen = self._frozen_rows.get(id(p))
+                if frozen is None:
+                    p.mul_(factor)
+                    continue
+                _, dim, rows = frozen
+                shape = [1] * p.dim()
+                shape[dim] = -1
+                scale = torch.full(rows.shape, factor, dtype=torch.float32, device=p.device)
+                p.mul_(scale.masked_fill(rows, 1.0).view(shape))
 
     @torch.no_grad()
     def restore_(self) -> None:
-        """Copy every frozen entry back (call after each optimizer step)."""
+        """Copy every frozen entry back (copy mode; a no-op in masked mode, which needs no restore)."""
         for s in self._slices:
-            s.param.index_copy_(s.dim, s.positions, s.values.to(s.param.dtype))
-
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Make `optimizer.step()` restore the frozen entries right after it runs."""
-        optimizer.register_step_post_hook(lambda *_: self.restore_())
-        return optimizer
+            if s.values is not None:
+                s.param.index_copy_(s.dim, s.positions, s.values.to(s.param.dtype))
 
     def remove(self) -> None:
         """Drop the gradient hooks (frozen whole parameters stay requires_grad=False)."""
@@ -92,22 +200,31 @@ class UnitFreezer:
             hook.remove()
         self._hooks.clear()
 
+    def copy_bytes(self) -> int:
+        """Memory held by the copy of the frozen entries (0 in masked mode)."""
+        return sum(s.values.numel() * s.values.element_size() for s in self._slices if s.values is not None)
+
     @torch.no_grad()
     def check(self) -> dict:
         """Largest change on frozen entries (must be 0) and share of trainable entries that changed.
 
-        Call after training, before `remove()`; compares against the snapshot taken at start.
+        Call after training, before `remove()`. Every frozen slice is compared with its sha256 from the
+        start: equal digests mean a change of exactly 0; otherwise the largest change is measured
+        against the copy (copy mode) or reported as NaN (masked mode keeps no copy).
         The trainable share needs the starting weights, so it is measured by `TrainingCheck`.
         """
         worst = 0.0
         for s in self._slices:
-            now = s.param.detach().index_select(s.dim, s.positions)
-            worst = max(worst, float((now.float() - s.values.float()).abs().max()))
+            now = s.current()
+            if _digest(now) == s.digest:
+                continue
+            worst = max(worst, float((now.float() - s.values.float()).abs().max())) if s.values is not None \
+                else float("nan")
         return {"max_abs_change_frozen": worst, "frozen_entries": self.frozen_entries(),
-                "frozen_whole_parameters": len(self._whole)}
+                "frozen_whole_parameters": len(self._whole), "freeze_mode": self.mode}
 
     def frozen_entries(self) -> int:
-        total = sum(s.values.numel() for s in self._slices)
+        total = sum(s.positions.numel() * (s.param.numel() // s.param.shape[s.dim]) for s in self._slices)
         params = dict(self.model.named_parameters())
         return total + sum(params[name].numel() for name in self._whole)
 
@@ -147,14 +264,16 @@ class TrainingCheck:
 
 
 def freeze_callback(freezer: UnitFreezer):
-    """A Hugging Face `TrainerCallback` that restores frozen entries after every optimizer step."""
+    """A Hugging Face `TrainerCallback` that attaches the freezer to the Trainer's optimizer when
+    training begins (before the first step)."""
     from transformers import TrainerCallback
 
     class FreezeCallback(TrainerCallback):
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            freezer.restore_()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            freezer.restore_()
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is None:
+                raise SsahError("the Trainer passed no optimizer to the freeze callback; use "
+                                "freezer.wrap_optimizer(optimizer) on the optimizer you give the Trainer")
+            # The Trainer's optimizer may be wrapped (accelerate); the freezer hooks the torch one.
+            freezer.wrap_optimizer(getattr(optimizer, "optimizer", optimizer))
 
     return FreezeCallback()
