@@ -45,18 +45,18 @@ Memory is the accounting of what a step holds (weights + gradients + two AdamW m
 weights in fp32) against the same plus the freezer's copy of the frozen entries; on CUDA the GPU
 script (below) measures peak allocated memory instead.
 
-What limits setting (ii), from the profile: the freezer's own operators -- the gradient hooks'
-out-of-place `index_fill` (a clone of every hooked gradient, then the fill) and `restore_()`'s
-`index_copy_` of the frozen entries -- grow with the frozen share. At ~85% they take a few percent
-of a CPU step, which puts the time ratio at the 1.05x line, where this shared machine's noise
-decides the verdict from run to run (compare the earlier runs listed under the table). AdamW's
-`sqrt` (it allocates new tensors every step) also grows in the frozen step although the freezer
-never calls it; the likeliest reason is the extra memory the freezer allocates (its copy, one
-gradient clone per hooked parameter), which is not confirmed. The memory target misses by
-construction: the copy holds the frozen entries, 85% of the units' slices. Cheaper for large frozen
-shares: mask gradients in place where the gradient is not shared (no clone), keep the copy of the
-*trainable* side instead when it is smaller, or skip the restore for optimizers without decay (only
-after a proof that the entries cannot move)."""
+Two freezer modes. `masked` (what ssah uses with torch's Adam, AdamW and SGD) keeps no copy: the
+gradient hooks zero the frozen entries' gradients, so their Adam moments stay exactly zero and
+their update is exactly zero, and the freezer applies AdamW's decoupled decay itself (the
+`ssah::freezer_decay` rows: a multiply by 1 - lr * wd that is 1 on frozen positions), replacing
+the decay AdamW would have done. Its memory ratio is 1.000x at any frozen share. `copy`, the
+fallback for any other optimizer, writes a copy of the frozen entries back after every step; at
+~85% of the units that copy is 290 MiB here, which misses the memory target by construction.
+
+What is left of the time at ~85%: the hooks' out-of-place `index_fill` (a clone of every hooked
+gradient, then the fill). AdamW's `sqrt`, `add` and `fill_` also grow in the frozen step although
+the freezer never calls them; the likeliest reason is allocator pressure from those clones, not
+confirmed. Masking in place where the gradient is not shared would remove the clones."""
 
 
 def _mask(layout, share: float, seed: int):
@@ -135,24 +135,25 @@ def profile_freezer(loaded, batch, state, share: float, repeats: int = 2, top: i
     model, layout = loaded.model, loaded.layout
     mask = _mask(layout, share, seed=1)
 
-    def profiled_step(freezer) -> tuple[dict, dict]:
+    def profiled_step(frozen: bool) -> tuple[dict, dict, int]:
         model.load_state_dict(state)
+        freezer = UnitFreezer(model, layout, mask) if frozen else None  # made on the starting weights
         params, opt = _optimizer(model, freezer)
         model.train()
         _one_step(model, batch, params, opt)  # optimizer state allocated outside the profile
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             _one_step(model, batch, params, opt)
-        return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}, _freezer_time(prof)
+        copy_bytes = 0
+        if freezer is not None:
+            copy_bytes = freezer.copy_bytes()
+            freezer.remove()
+        return {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}, _freezer_time(prof), copy_bytes
 
     ops = {"plain": {}, "frozen": {}}
     freezer_parts: dict[str, float] = {}
-    freezer_copy_bytes = 0
     for _ in range(repeats):
-        freezer = UnitFreezer(model, layout, mask)
-        frozen_ops, parts = profiled_step(freezer)
-        freezer_copy_bytes = freezer.copy_bytes()
-        freezer.remove()
-        plain_ops, _ = profiled_step(None)
+        frozen_ops, parts, freezer_copy_bytes = profiled_step(True)
+        plain_ops, _, _ = profiled_step(False)
         for side, found in (("frozen", frozen_ops), ("plain", plain_ops)):
             for name, seconds in found.items():
                 ops[side][name] = ops[side].get(name, 0.0) + seconds / repeats
@@ -242,7 +243,7 @@ def render(result: dict) -> list[str]:
         freezer_total = sum(prof["freezer_ops_s"].values())
         lines += ["", f"**Profile of setting (ii)** (torch.profiler, self CPU time per step, mean of {prof['repeats']} "
                   f"profiled steps per side, plain and frozen alternating; {prof['hooked_parameters']} hooked "
-                  f"parameters, {prof['frozen_copy_bytes'] / 2**20:.0f} MiB of frozen entries): a profiled step "
+                  f"parameters, {prof.get('mode', 'copy')} mode, {prof['frozen_copy_bytes'] / 2**20:.0f} MiB copied): a profiled step "
                   f"takes {prof['plain_step_s']:.2f} s plain and {prof['frozen_step_s']:.2f} s frozen "
                   f"({growth:+.2f} s). The freezer's own operators, found through their parent operator:", "",
                   "| freezer part: operator | seconds per step | share of the growth |", "|---|---|---|"]

@@ -32,7 +32,7 @@ def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path):
     results = {
         "scoring": harness.BENCHMARKS["scoring"].run(loaded, samples=2, repeats=1, max_length=64),
         "peers": harness.BENCHMARKS["peers"].run(loaded, samples=2, repeats=1, max_length=64),
-        "freeze": harness.BENCHMARKS["freeze"].run(loaded, batch_size=1, length=16, steps=1, repeats=1, profile=False),
+        "freeze": harness.BENCHMARKS["freeze"].run(loaded, batch_size=1, length=16, steps=1, repeats=1, profile=True),
         "monitor": harness.BENCHMARKS["monitor"].run(loaded, batch=2, tokens=2, repeats=1),
     }
     for name, result in results.items():
