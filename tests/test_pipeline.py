@@ -109,6 +109,14 @@ def test_full_run_writes_report_with_verdicts(full_run):
     assert "freeze_budget_keeps_rise_to_half" in results["verdicts"]
     assert all(math.isfinite(s["train"]["final_loss"]) for s in summaries["finetune"].values())
     assert abs(sum(map(sum, summaries["transfer"]["finetune"]["table_percent"])) - 100) < 1e-3
+    # align.group_sizes sets the unaligned model's groups (the budget); the studied groups and both
+    # transfer tables use groups.sizes, the unaligned model regrouped from its saved scores
+    config = load_config(path=CONFIG)
+    base = json.loads((tmp_path / "2-align" / "base" / "groups" / "groups.json").read_text())
+    studied = json.loads((tmp_path / "3-groups" / "groups" / "groups.json").read_text())
+    assert base["sizes"] == config.align.group_sizes and studied["sizes"] == config.groups.sizes
+    assert summaries["transfer"]["alignment"]["sizes"] == config.groups.sizes
+    assert abs(sum(map(sum, summaries["transfer"]["alignment"]["table_percent"])) - 100) < 1e-3
     # The studied model's own evaluation is reused for "nothing pruned", not generated again.
     same = [json.loads((tmp_path / d / "eval.json").read_text()) for d in ("2-align/eval-budget", "4-prune/eval-none")]
     assert same[0] == same[1]

@@ -91,6 +91,9 @@ class AlignConfig:
     # deeper alignment: a refusal after the first k tokens of the model's own compliant reply to each
     # harmful training prompt (k cycles over these; empty: none)
     recovery_lengths: list[int] = field(default_factory=list)
+    # sizes of the unaligned model's groups that `budget` picks from (null: groups.sizes); lets the
+    # studied model's groups take other sizes (e.g. from a pruning sweep) without moving the budget
+    group_sizes: dict[str, float] | None = None
     train: TrainSection = field(default_factory=lambda: TrainSection(lr=1e-4))
 
 

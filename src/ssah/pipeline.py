@@ -58,8 +58,10 @@ class Run:
         common = {"model": c.model, "seed": c.seed, "data": asdict(c.data), "eval": asdict(c.eval)}
         parts = {
             "baseline": common,
-            "align": {**common, "align": asdict(c.align), "scores": asdict(c.scores), "groups": asdict(c.groups)},
-            "groups": {**common, "align": asdict(c.align), "scores": asdict(c.scores), "groups": asdict(c.groups)},
+            "align": {**common, "align": _without_none(asdict(c.align), "group_sizes"), "scores": asdict(c.scores),
+                      "groups": {**asdict(c.groups), "sizes": self.budget_sizes()}},
+            "groups": {**common, "align": _without_none(asdict(c.align), "group_sizes"), "scores": asdict(c.scores),
+                       "groups": asdict(c.groups)},
             "prune": {"prune": asdict(c.prune)},
             "finetune": {"finetune": asdict(c.finetune)},
             "probe": {"probe": asdict(c.probe)},
@@ -142,10 +144,15 @@ class Run:
             return self.stage_dir("baseline") / "eval"
         return self.stage_dir("align") / ("eval-budget" if align.study == "budget" else "eval-full")
 
-    def score_and_group(self, loaded, out: Path):
-        """Safety scores (harmful prompts + refusals), utility scores (benign answers), groups."""
+    def budget_sizes(self) -> dict[str, float]:
+        """Group sizes of the unaligned model, from which the alignment budget is taken."""
+        return self.config.align.group_sizes or self.config.groups.sizes
+
+    def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | None = None):
+        """Safety scores (harmful prompts + refusals), utility scores (benign answers), groups
+        (of `sizes`, default groups.sizes)."""
         from ssah.data import load_dataset
-        from ssah.units.groups import Groups, make_groups
+        from ssah.units.groups import SIZE_KEYS, Groups, make_groups
         from ssah.units.scores import score_dataset
 
         s, d = self.config.scores, self.config.data
@@ -156,13 +163,15 @@ class Run:
                                out=out / "scores-safety", **common)
         utility = score_dataset(loaded, limited(d.benign_calibration), responses="dataset",
                                 out=out / "scores-utility", **common)
+        g = self.config.groups
+        sizes = sizes or g.sizes
         groups_dir = out / "groups"
         if (groups_dir / "groups.json").is_file():
             groups = Groups.load(groups_dir)
-            if groups.model_fingerprint == loaded.fingerprint:
+            asked = {key: float(sizes.get(key, 0.0)) for key in SIZE_KEYS}
+            if groups.model_fingerprint == loaded.fingerprint and groups.meta.get("sizes") == asked:
                 return groups
-        g = self.config.groups
-        groups = make_groups(safety, utility, g.sizes, normalize=g.normalize, ranking=g.ranking)
+        groups = make_groups(safety, utility, sizes, normalize=g.normalize, ranking=g.ranking)
         groups.save(groups_dir)
         return groups
 
@@ -246,7 +255,7 @@ def stage_align(run: Run) -> dict:
 
     # The budget: groups of the unaligned model from a score on the harmful prompts (paired with
     # refusals) and a utility score; RU units matter least for both.
-    groups = run.score_and_group(loaded, out / "base")
+    groups = run.score_and_group(loaded, out / "base", run.budget_sizes())
     mask = mask_from_expression(groups, c.align.budget, seed=c.seed)
     freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=True)
     click.echo(f"  aligning inside the {c.align.budget} budget ({mask.count()} units, {mask.share():.1%})")
@@ -449,7 +458,8 @@ def _monitor_evaluation(run: Run, studied: str) -> dict:
 
 def stage_transfer(run: Run) -> dict:
     from ssah.analysis.transfer import plot_transfer, transfer_summary
-    from ssah.units.groups import Groups
+    from ssah.units.groups import Groups, make_groups
+    from ssah.units.scores import Scores
 
     out = run.stage_dir("transfer")
     before = Groups.load(run.stage_dir("groups") / "groups")
@@ -463,9 +473,15 @@ def stage_transfer(run: Run) -> dict:
         table = transfer_summary(before, after)
         plot_transfer(table, out / "transfer-finetune.png", "after benign fine-tuning (Fig. 5)")
         summary["finetune"] = table
-    base_groups = run.stage_dir("align") / "base" / "groups"
-    if (base_groups / "groups.json").is_file():
-        table = transfer_summary(Groups.load(base_groups), before)
+    base = run.stage_dir("align") / "base"
+    if (base / "groups" / "groups.json").is_file():
+        unaligned = Groups.load(base / "groups")
+        if run.budget_sizes() != run.config.groups.sizes:
+            # The table compares groups of the same sizes: regroup the unaligned model's saved scores.
+            g = run.config.groups
+            unaligned = make_groups(Scores.load(base / "scores-safety"), Scores.load(base / "scores-utility"),
+                                    g.sizes, normalize=g.normalize, ranking=g.ranking)
+        table = transfer_summary(unaligned, before)
         plot_transfer(table, out / "transfer-alignment.png", "after alignment (Fig. 6)")
         summary["alignment"] = table
     write_json_atomic(out / "transfer.json", summary)
@@ -500,6 +516,11 @@ def _copy_finished_eval(source: Path, target: Path, model_key: str) -> None:
     if target.exists():  # a partial evaluation: its cached replies are in the copy's cache anyway
         shutil.rmtree(target)
     tmp.replace(target)
+
+
+def _without_none(data: dict, key: str) -> dict:
+    """`data` without `key` when its value is None (a newer optional key leaves older hashes as they were)."""
+    return {k: v for k, v in data.items() if not (k == key and v is None)}
 
 
 def _headline(report: dict) -> dict:
