@@ -148,6 +148,9 @@ def test_masked_mode_keeps_no_copy_and_trains_exactly_like_copy_mode():
         assert (freezer.copy_bytes() > 0) == copy
         assert freezer.check()["max_abs_change_frozen"] == 0.0
         runs[copy] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        freezer.remove()  # the optimizer gets its decay back and no hook of the freezer runs any more
+        assert optimizer.param_groups[0]["weight_decay"] == 0.1
+        assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
     assert all(torch.equal(runs[False][n], runs[True][n]) for n in runs[True])
 
 

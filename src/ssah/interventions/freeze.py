@@ -98,6 +98,7 @@ class UnitFreezer:
         self._whole: list[str] = []
         self._hooks = []
         self._decay: list[tuple[dict, float]] = []  # (param group, weight decay) taken over in masked mode
+        self._optimizer_hooks = []
         if train_only:
             trainable_params = {name for name, _ in slices}
             for name, param in params.items():
@@ -148,7 +149,7 @@ class UnitFreezer:
             self.mode = "copy"
             for s in self._slices:
                 s.values = s.current().clone()
-            optimizer.register_step_post_hook(lambda *_: self.restore_())
+            self._optimizer_hooks.append(optimizer.register_step_post_hook(lambda *_: self.restore_()))
             return optimizer
         self.mode = "masked"
         for group in optimizer.param_groups:
@@ -156,7 +157,7 @@ class UnitFreezer:
                 self._decay.append((group, float(group["weight_decay"])))
                 group["weight_decay"] = 0.0
         if self._decay:
-            optimizer.register_step_pre_hook(lambda *_: self._decoupled_decay_())
+            self._optimizer_hooks.append(optimizer.register_step_pre_hook(lambda *_: self._decoupled_decay_()))
         return optimizer
 
     def _check_untouched(self) -> None:
@@ -195,10 +196,15 @@ class UnitFreezer:
                 s.param.index_copy_(s.dim, s.positions, s.values.to(s.param.dtype))
 
     def remove(self) -> None:
-        """Drop the gradient hooks (frozen whole parameters stay requires_grad=False)."""
-        for hook in self._hooks:
+        """Detach: drop the gradient and optimizer hooks and give the optimizer back its weight decay
+        (frozen whole parameters stay requires_grad=False). Call `check()` before."""
+        for hook in self._hooks + self._optimizer_hooks:
             hook.remove()
         self._hooks.clear()
+        self._optimizer_hooks.clear()
+        for group, decay in self._decay:
+            group["weight_decay"] = decay
+        self._decay.clear()
 
     def copy_bytes(self) -> int:
         """Memory held by the copy of the frozen entries (0 in masked mode)."""

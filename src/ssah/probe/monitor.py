@@ -8,7 +8,7 @@ Score. At each monitored layer l, the state h of the newest position (block outp
 `ssah.probe.hidden`) gets the standardised score z_l = (s_l(h) - m_l) / sd_l, where s_l is the
 projection on the unit difference-of-means direction (scorer "direction") or the logit of the linear
 probe (scorer "probe"), and m_l, sd_l are the mean and standard deviation of s_l over the benign
-calibration prompts. With several layers the score is the mean of their z_l. Directions come from
+side of the calibration prompts. With several layers the score is the mean of their z_l. Directions come from
 `harmful:calibration` vs `benign:calibration` prompts only (plus the borderline calibration prompts
 on the benign side, with `contrast_borderline`); `calibrate_monitor` refuses test splits.
 
@@ -22,11 +22,11 @@ threshold at the request's end, but 0-4% at the last token once a compliance ope
 The running statistic after t generated tokens is the max (default) or the mean of
 [p, s_1, ..., s_t] (p left out with include_prompt=False): with the max, a request marked harmful
 stays marked however compliant the reply's words look, and a reply that drifts into harm later is
-still caught. A row is
-flagged at the first t >= min_tokens where the statistic exceeds the threshold. Rows that have ended
-(EOS or padding) stop updating. The threshold is the (1 - target_fpr) quantile, over the benign
-calibration prompts, of the highest statistic each reached while generating `calibration_tokens`
-greedy tokens under the monitor: so at most target_fpr of benign calibration replies are flagged.
+still caught. A row is flagged at the first t >= min_tokens where the statistic exceeds the
+threshold. Rows that have ended (EOS or padding) stop updating. The threshold is the
+(1 - target_fpr) quantile, over the benign calibration prompts, of the highest statistic each reached
+while generating `calibration_tokens` greedy tokens under the monitor: so at most target_fpr of
+benign calibration replies are flagged.
 With `borderline_calibration` (safe prompts that sound unsafe, e.g. `sensitive_safe:train`), the
 same quantile is taken over their replies too, and the higher of the two thresholds is kept, so at
 most target_fpr of each set is flagged: a direction fit on harmful vs plainly benign prompts also
@@ -88,7 +88,7 @@ class MonitorConfig:
     statistic: str = "max"  # running max | mean of the scores so far
     include_prompt: bool = True  # the prompt's score enters the running statistic
     prompt_position: str = "request"  # request: where the assistant turn begins | last: the last input token
-    target_fpr: float = 0.05  # share of benign calibration replies allowed to be flagged
+    target_fpr: float = 0.05  # share of each safe calibration set (benign, borderline) allowed to be flagged
     threshold: float | None = None  # explicit threshold on the z-score scale; overrides target_fpr
     min_tokens: int = 4  # generated tokens seen before the monitor may act
     action: str = "stop"  # stop | steer | observe
@@ -96,8 +96,8 @@ class MonitorConfig:
     refusal_text: str = DEFAULT_REFUSAL
     harmful_calibration: str = "harmful:calibration"
     benign_calibration: str = "benign:calibration"
-    # safe prompts that sound unsafe (e.g. sensitive_safe:train): they join the benign replies that set
-    # the threshold (not the direction), so the monitor learns that a scary word alone is no reason to stop
+    # safe prompts that sound unsafe (e.g. sensitive_safe:train): their replies also set the threshold,
+    # so the monitor learns that a scary word alone is no reason to stop
     borderline_calibration: str | None = None
     contrast_borderline: bool = True  # borderline prompts also join the benign side of the direction
     calibration_limit: int | None = 64  # prompts per calibration set, a seeded sample (None: all)
