@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ssah.config import load_config
 from ssah.errors import SsahError
@@ -68,6 +69,14 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
     config.eval.max_new_tokens += 1
     with pytest.raises(SsahError, match="made with another config"):
         run_pipeline(config, tmp_path, only=("baseline",))
+    # A folder made before ssah added an optional key (stored without it) still counts as the same config.
+    older = load_config(path=CONFIG)
+    older.align.group_sizes = None
+    run_pipeline(older, tmp_path / "older", only=("baseline",))
+    stored = yaml.safe_load((tmp_path / "older" / "config.yaml").read_text())
+    del stored["align"]["group_sizes"]
+    (tmp_path / "older" / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=True))
+    run_pipeline(older, tmp_path / "older", only=("baseline",))
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny:llama\nscores:\n  scorer: variance\n  colour: red\n")
     assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
@@ -107,6 +116,7 @@ def test_full_run_writes_report_with_verdicts(full_run):
     assert frozen_budget["train"]["check"]["max_abs_change_frozen"] == 0.0
     assert 0.0 <= summaries["finetune"]["freeze_ii"]["alignment_budget_frozen"] < 1.0
     assert "freeze_budget_keeps_rise_to_half" in results["verdicts"]
+    assert "Share of the alignment budget" in html and "freeze_budget 100.0%" in html
     assert all(math.isfinite(s["train"]["final_loss"]) for s in summaries["finetune"].values())
     assert abs(sum(map(sum, summaries["transfer"]["finetune"]["table_percent"])) - 100) < 1e-3
     # align.group_sizes sets the unaligned model's groups (the budget); the studied groups and both

@@ -548,7 +548,8 @@ def check_run_dir(config: RunConfig, out: Path) -> None:
     path = out / CONFIG_FILE
     text = yaml.safe_dump(config.to_dict(), sort_keys=True)
     if path.is_file():
-        if path.read_text(encoding="utf-8") != text:
+        stored = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if _unset_new_keys_dropped(config.to_dict(), stored) != stored:
             raise SsahError(f"{out} was made with another config (see {path}); use another --out folder, "
                             "or delete the folder to start over")
         return
@@ -556,6 +557,18 @@ def check_run_dir(config: RunConfig, out: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def _unset_new_keys_dropped(current: dict, stored: dict) -> dict:
+    """`current` without the keys `stored` lacks whose value is None: a folder made before ssah added
+    an optional key (e.g. align.group_sizes) was made with the same config (the stage hashes agree)."""
+    out = {}
+    for key, value in current.items():
+        if key not in stored and value is None:
+            continue
+        out[key] = _unset_new_keys_dropped(value, stored[key]) \
+            if isinstance(value, dict) and isinstance(stored.get(key), dict) else value
+    return out
 
 
 def run_pipeline(config: RunConfig, out: str | Path, from_stage: str | None = None,

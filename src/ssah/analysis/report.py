@@ -246,10 +246,17 @@ def _html(run, s: dict, verdicts: dict) -> str:
               _table(PAPER["table1_llama2"]["columns"], PAPER["table1_llama2"]["rows"]),
               f"<p class=note>{PAPER['table1_llama2']['model']}</p>"]
     ft = s.get("finetune") or {}
+    covered = {k: v["alignment_budget_frozen"] for k, v in ft.items() if v.get("alignment_budget_frozen") is not None}
     parts += ["<h2>Benign fine-tuning attack and freezing (cf. paper Table 2)</h2>",
               _table(EVAL_COLUMNS, [_eval_row("before fine-tuning", prune.get("none"))] +
-                     [_eval_row(f"fine-tuned: {k}", v) for k, v in ft.items()]),
-              _table(PAPER["table2_llama2"]["columns"], PAPER["table2_llama2"]["rows"]),
+                     [_eval_row(f"fine-tuned: {k}", v) for k, v in ft.items()])]
+    if covered:
+        # A budget-aligned model keeps its refusals in the units alignment trained: say how much of them
+        # each frozen setting holds fixed, since freezing cannot keep what it leaves trainable.
+        shares = ", ".join(f"{k} {100 * v:.1f}%" for k, v in covered.items())
+        parts += ["<p class=note>Share of the alignment budget (the units the alignment stage trained) that each "
+                  f"frozen setting holds fixed: {html.escape(shares)}.</p>"]
+    parts += [_table(PAPER["table2_llama2"]["columns"], PAPER["table2_llama2"]["rows"]),
               f"<p class=note>{PAPER['table2_llama2']['model']}</p>"]
     groups = s.get("groups") or {}
     if groups:
