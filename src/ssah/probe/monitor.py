@@ -17,8 +17,9 @@ s_t of generated token t. By default (prompt_position "request") p is read where
 the assistant turn begins (found by the chat template's generation-prompt tokens, `request_marker`),
 not at the last input token: text already written into the reply, as in a prefill attack, comes
 after that position, and in a causal model it cannot move what the request's own state says. On the
-aligned demo model (layers 26-28) 87-89% of harmful calibration prompts score above a 5%-false-positive
-threshold at the request's end, but 0-4% at the last token once a compliance opening is prefilled.
+aligned demo model (layers 26-28) 87-90% of harmful calibration prompts score above a 5%-false-positive
+threshold at the request's end, but 0-4% at the last token once a compliance opening is prefilled
+(`experiments/monitor_positions.py`).
 The running statistic after t generated tokens is the max (default) or the mean of
 [p, s_1, ..., s_t] (p left out with include_prompt=False): with the max, a request marked harmful
 stays marked however compliant the reply's words look, and a reply that drifts into harm later is
