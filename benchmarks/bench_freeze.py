@@ -18,7 +18,6 @@ gradient, then the fill) and `restore_()`'s `index_copy_` -- and also times thos
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_MODEL, fmt_ratio, fmt_seconds, fmt_target, load, paired_ratios, set_threads, summary, target, timed,
+    fmt_ratio, fmt_seconds, fmt_target, paired_ratios, script_main, summary, target, timed,
 )
 
 NAME = "freeze"
@@ -243,7 +242,8 @@ def render(result: dict) -> list[str]:
         freezer_total = sum(prof["freezer_ops_s"].values())
         lines += ["", f"**Profile of setting (ii)** (torch.profiler, self CPU time per step, mean of {prof['repeats']} "
                   f"profiled steps per side, plain and frozen alternating; {prof['hooked_parameters']} hooked "
-                  f"parameters, {prof.get('mode', 'copy')} mode, {prof['frozen_copy_bytes'] / 2**20:.0f} MiB copied): a profiled step "
+                  f"parameters, {prof.get('mode', 'copy')} mode, {prof['frozen_copy_bytes'] / 2**20:.0f} MiB copied): "
+                  "a profiled step "
                   f"takes {prof['plain_step_s']:.2f} s plain and {prof['frozen_step_s']:.2f} s frozen "
                   f"({growth:+.2f} s). The freezer's own operators, found through their parent operator:", "",
                   "| freezer part: operator | seconds per step | share of the growth |", "|---|---|---|"]
@@ -263,21 +263,5 @@ def render(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = PARAMS["full"]
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--length", type=int, default=defaults["length"])
-    parser.add_argument("--steps", type=int, default=defaults["steps"])
-    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
-    parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    set_threads(args.threads)
-    result = run(load(args.model), args.batch_size, args.length, args.steps, args.repeats, not args.no_profile)
-    print("\n".join(render(result)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(sys.modules[__name__])

@@ -12,7 +12,6 @@ that. Sides alternate per repeat; medians, spreads and per-repeat ratios are rep
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_MODEL, fmt_ratio, fmt_target, load, paired_ratios, set_threads, summary, target, timed_call,
+    fmt_ratio, fmt_target, paired_ratios, script_main, summary, target, timed_call,
 )
 
 NAME = "generation"
@@ -106,20 +105,5 @@ def render(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = PARAMS["full"]
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--prompts", type=int, default=defaults["prompts"])
-    parser.add_argument("--tokens", type=int, default=defaults["tokens"])
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    set_threads(args.threads)
-    result = run(load(args.model), args.prompts, args.tokens, args.batch_size, args.repeats)
-    print("\n".join(render(result)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(sys.modules[__name__])

@@ -12,7 +12,6 @@ and per-repeat ratios.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_MODEL, fmt_ratio, fmt_target, load, paired_ratios, set_threads, summary, target, timed,
+    fmt_ratio, fmt_target, paired_ratios, script_main, summary, target, timed,
 )
 
 NAME = "monitor"
@@ -106,20 +105,5 @@ def render(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = PARAMS["full"]
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--batch", type=int, default=defaults["batch"])
-    parser.add_argument("--tokens", type=int, default=defaults["tokens"])
-    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is steadier on a shared machine); default: torch's choice")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    result = run(load(args.model, "auto"), args.batch, args.tokens, args.repeats)
-    print("\n".join(render(result)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(sys.modules[__name__])

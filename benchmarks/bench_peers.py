@@ -21,7 +21,6 @@ after all repeats every layer of (a) was timed exactly once, interleaved with ou
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_MODEL, fmt_seconds, fmt_target, load, set_threads, summary, target, timed, timed_call,
+    fmt_seconds, fmt_target, script_main, summary, target, timed, timed_call,
 )
 
 NAME = "peers"
@@ -211,22 +210,5 @@ def render(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = PARAMS["full"]
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--samples", type=int, default=defaults["samples"])
-    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--max-length", type=int, default=defaults["max_length"])
-    parser.add_argument("--snip-layers", type=int, default=None,
-                        help="time (a) on this many evenly spaced layers and extrapolate (default: all layers)")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    set_threads(args.threads)
-    result = run(load(args.model), args.samples, args.repeats, args.batch_size, args.max_length, args.snip_layers)
-    print("\n".join(render(result)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(sys.modules[__name__])

@@ -14,7 +14,6 @@ against it (width) and against the layer count (depth). A PNG plot is written ne
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_MODEL, linear_fit, load, set_threads, summary, synthetic_batches, target, timed,
+    linear_fit, script_main, summary, synthetic_batches, target, timed,
 )
 
 NAME = "scaling"
@@ -172,17 +171,5 @@ def render(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="folder for the plot")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    result = run(load(args.model), **PARAMS["quick" if args.quick else "full"], out_dir=Path(args.out))
-    print("\n".join(render(result)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(sys.modules[__name__])

@@ -12,7 +12,6 @@ spread and the per-repeat ratio as a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    DEFAULT_MODEL, fmt_ratio, fmt_seconds, fmt_target, load, paired_ratios, set_threads, summary, target, timed,
+    fmt_ratio, fmt_seconds, fmt_target, paired_ratios, script_main, summary, target, timed,
 )
 
 NAME = "scoring"
@@ -101,23 +100,5 @@ def render(result: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = PARAMS["full"]
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--dtype", default="fp32")
-    parser.add_argument("--samples", type=int, default=defaults["samples"])
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--max-length", type=int, default=defaults["max_length"])
-    parser.add_argument("--repeats", type=int, default=defaults["repeats"])
-    parser.add_argument("--scorers", default="variance", help="comma-separated, e.g. variance,wanda,snip")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-    set_threads(args.threads)
-    result = run(load(args.model, args.dtype), args.samples, [s.strip() for s in args.scorers.split(",") if s.strip()],
-                 args.repeats, args.batch_size, args.max_length)
-    print("\n".join(render(result)))
-
-
 if __name__ == "__main__":
-    main()
+    script_main(sys.modules[__name__])

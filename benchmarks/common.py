@@ -162,3 +162,43 @@ def load(spec: str, dtype: str = "fp32"):
     from ssah.models.loading import load_model
 
     return load_model(spec, dtype=dtype, device="cpu" if spec.startswith("tiny:") else "auto")
+
+
+def script_main(module) -> None:
+    """Run one benchmark module as a script: `python benchmarks/bench_NAME.py [--quick] [--model SPEC]
+    [--dtype fp32] [--threads N] [--PARAM VALUE ...]`, one flag per key of its PARAMS (sequences as
+    comma lists, booleans as --x/--no-x; defaults from PARAMS["full"], or PARAMS["quick"] with --quick),
+    and print its table. The harness (`python -m benchmarks --only NAME`) runs the same `run`."""
+    import argparse
+    import inspect
+    from pathlib import Path
+
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--quick", action="store_true")
+    is_quick = mode.parse_known_args()[0].quick
+    defaults = module.PARAMS["quick" if is_quick else "full"]
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the harness's quick sizes and model as defaults")
+    parser.add_argument("--model", default=QUICK_MODEL if is_quick else DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    for key, value in defaults.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, (tuple, list)):
+            kind = type(value[0]) if value else str
+            parser.add_argument(flag, default=value, help="comma-separated",
+                                type=lambda text, kind=kind: tuple(kind(item) for item in text.split(",") if item))
+        else:
+            parser.add_argument(flag, type=int if value is None else type(value), default=value)
+    wants_out = "out_dir" in inspect.signature(module.run).parameters
+    if wants_out:
+        parser.add_argument("--out", default=str(Path(module.__file__).resolve().parent / "results"),
+                            help="folder for the plot")
+    args = parser.parse_args()
+    set_threads(args.threads)
+    params = {key: getattr(args, key) for key in defaults}
+    if wants_out:
+        params["out_dir"] = Path(args.out)
+    print("\n".join(module.render(module.run(load(args.model, args.dtype), **params))))

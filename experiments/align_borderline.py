@@ -11,7 +11,6 @@ rule, 8 new tokens) on the first 48 prompts of harmful:test and of sensitive_saf
 import argparse
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

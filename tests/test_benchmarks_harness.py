@@ -48,3 +48,16 @@ def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path):
     assert "Not measured in this run: `python -m benchmarks --only generation`" in text
     assert results["peers"]["storage"]["wanda_bytes"] > results["peers"]["storage"]["ours_bytes"]
     assert all(check["met"] in (True, False) for _, check in report._targets(results))
+
+
+def test_a_benchmark_runs_as_a_script_with_flags_from_its_params():
+    """`python benchmarks/bench_NAME.py` builds its flags from PARAMS (common.script_main)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_freeze.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--steps", "1", "--length", "16",
+                           "--no-profile", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "batch 2 x 16 tokens" in done.stdout and "Profile of setting (ii)" not in done.stdout
