@@ -372,3 +372,23 @@ def test_prefill_cannot_move_the_request_score(llama):
     assert torch.allclose(scores["request", "plain"], scores["request", "prefilled"], atol=1e-5)
     assert torch.allclose(scores["request", "plain"], scores["last", "plain"], atol=1e-5)
     assert (scores["last", "plain"] - scores["last", "prefilled"]).abs().min() > 1e-3
+
+
+def test_a_state_saved_before_request_reading_keeps_its_last_token_reading(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = _state(_unit(0), prompt_position="last", contrast_borderline=False).save(tmp_path / "old.safetensors")
+    # Rewrite it as an older ssah wrote it: no request marker, no prompt_position/contrast keys.
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    config = json.loads(metadata["config"])
+    del config["prompt_position"], config["contrast_borderline"]
+    metadata["config"] = json.dumps(config)
+    del metadata["request_marker"]
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    state = MonitorState.load(path)
+    assert state.config.prompt_position == "last" and state.config.contrast_borderline is False
+    assert state.request_marker == []

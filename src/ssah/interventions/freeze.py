@@ -56,7 +56,7 @@ def _digest(values: torch.Tensor) -> str:
     flat = values.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit patterns
         flat = flat.view(torch.int16)
-    return hashlib.sha256(flat.cpu().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(flat.cpu().numpy().data).hexdigest()  # hashes the buffer, no bytes copy
 
 
 def _masked_supported(optimizer: torch.optim.Optimizer, params: set[int]) -> str | None:

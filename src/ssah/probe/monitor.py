@@ -31,8 +31,8 @@ benign calibration replies are flagged.
 With `borderline_calibration` (safe prompts that sound unsafe, e.g. `sensitive_safe:train`), the
 same quantile is taken over their replies too, and the higher of the two thresholds is kept, so at
 most target_fpr of each set is flagged: a direction fit on harmful vs plainly benign prompts also
-lights up on scary words (on the aligned demo model, a benign-only threshold flagged 85% of
-sensitive_safe:test). With `contrast_borderline` (default) half of the borderline sample also joins
+lights up on scary words (on the aligned demo model, the earlier default -- running mean, last-token
+reading, no borderline prompts -- flagged 85% of sensitive_safe:test). With `contrast_borderline` (default) half of the borderline sample also joins
 the benign side of the direction itself, so it points at harm rather than at alarming vocabulary;
 the other half sets the threshold (a threshold set on prompts the direction was fit to is optimistic).
 (`MonitorState.from_directions` offers a cheaper threshold from prompt scores alone.)
@@ -237,7 +237,11 @@ class MonitorState:
                                                        "create it with calibrate_monitor(...).save(PATH)")
         if metadata.get("format") != STATE_FORMAT:
             raise SsahError(f"{path} is not a monitor state file (made by calibrate_monitor)")
-        config = MonitorConfig.from_dict(json.loads(metadata["config"]), str(path))
+        saved = json.loads(metadata["config"])
+        # States saved before these keys existed were calibrated reading the last token, without contrast.
+        saved.setdefault("prompt_position", "last")
+        saved.setdefault("contrast_borderline", False)
+        config = MonitorConfig.from_dict(saved, str(path))
         return cls(config, json.loads(metadata["layers"]), tensors["weight"], tensors["bias"], tensors["steer"],
                    float(metadata["threshold"]), int(metadata["num_layers"]), json.loads(metadata["meta"]),
                    json.loads(metadata.get("request_marker", "[]")))
