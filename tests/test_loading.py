@@ -1,7 +1,7 @@
 """Model loading: every SPEC form, fingerprints, and one clear line for every bad input."""
 
 import json
-import time
+import os
 
 import pytest
 import torch
@@ -113,13 +113,30 @@ def test_gguf_save_is_atomic(tmp_path, monkeypatch):
     assert list((tmp_path / "models").iterdir()) == []
 
 
-@pytest.mark.slow
-def test_builtin_model_loads_fast_from_cache_and_answers(builtin_model):
-    from ssah.data.chat import encode_prompts
+def test_builtin_cache_key_survives_a_reinstall_but_not_a_new_file(tmp_path):
+    from ssah.models import loading
 
-    start = time.perf_counter()
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"x" * 1000)
+    key = loading._builtin_cache_path("smollm2-135m-instruct", gguf)
+    os.utime(gguf, (1, 1))  # a fresh install stamps the file anew
+    assert loading._builtin_cache_path("smollm2-135m-instruct", gguf) == key
+    gguf.write_bytes(b"x" * 1001)
+    assert loading._builtin_cache_path("smollm2-135m-instruct", gguf) != key
+
+
+@pytest.mark.slow
+def test_builtin_model_loads_from_cache_and_answers(builtin_model):
+    from ssah.data.chat import encode_prompts
+    from ssah.models.loading import cache_dir
+
+    def cached_copies():
+        return {p.name: (p / "config.json").stat().st_mtime_ns
+                for p in (cache_dir() / "models").iterdir()}
+
+    before = cached_copies()
     again = load_model("builtin:smollm2-135m-instruct", device="cpu")
-    assert time.perf_counter() - start < 2.0
+    assert cached_copies() == before  # read the cached copy, converted nothing anew
     assert again.fingerprint == builtin_model.fingerprint
     batch = encode_prompts(again.tokenizer, ["What is the capital of France?"])
     out = again.model.generate(**batch, max_new_tokens=16, do_sample=False)

@@ -13,6 +13,8 @@ A model SPEC is one of:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -267,9 +269,18 @@ def _quiet_progress():
 
 
 def _builtin_cache_path(name: str, gguf_path: Path) -> Path:
-    """A cache folder keyed by the GGUF file's size and mtime, so a new release converts anew."""
-    stat = gguf_path.stat()
-    return cache_dir() / "models" / f"{name}-{stat.st_size}-{int(stat.st_mtime)}"
+    """A cache folder keyed by the package's release and the GGUF file's size.
+
+    Not by mtime: every fresh install stamps the file anew, and each clean clone would convert
+    and store another 0.5 GB copy of the same weights.
+    """
+    package = BUILTIN_MODELS[name][0]
+    try:
+        release = importlib.metadata.version(_PIP_NAMES[package])
+    except importlib.metadata.PackageNotFoundError:  # a bare folder on the path: hash the file
+        with gguf_path.open("rb") as f:
+            release = "sha" + hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    return cache_dir() / "models" / f"{name}-{release}-{gguf_path.stat().st_size}"
 
 
 def _save_atomically(model, tokenizer, target: Path, source: str) -> None:
