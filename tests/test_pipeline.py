@@ -154,3 +154,18 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     inked = (pixels.mean(axis=2) < 0.9).mean()  # share of non-white pixels
     colour = (pixels.max(axis=2) - pixels.min(axis=2) > 0.3).mean()  # plot lines and bars are coloured
     assert inked > 0.02 and colour > 0.001, (inked, colour)
+
+
+def test_saved_groups_are_remade_when_their_ranking_changes(tmp_path):
+    from ssah.pipeline import Run
+
+    config = load_config(path=CONFIG)
+    run = Run(config, tmp_path)
+    loaded = run.load()
+    first = run.score_and_group(loaded, tmp_path / "groups-stage")
+    assert first.meta["ranking"] == "global"
+    config.groups.ranking = "per-layer"
+    again = run.score_and_group(loaded, tmp_path / "groups-stage")
+    assert again.meta["ranking"] == "per-layer"
+    on_disk = json.loads((tmp_path / "groups-stage" / "groups" / "groups.json").read_text())
+    assert on_disk["ranking"] == "per-layer"

@@ -169,7 +169,8 @@ class Run:
         if (groups_dir / "groups.json").is_file():
             groups = Groups.load(groups_dir)
             asked = {key: float(sizes.get(key, 0.0)) for key in SIZE_KEYS}
-            if groups.model_fingerprint == loaded.fingerprint and groups.meta.get("sizes") == asked:
+            if (groups.model_fingerprint == loaded.fingerprint and groups.meta.get("sizes") == asked
+                    and groups.meta.get("normalize") == g.normalize and groups.meta.get("ranking") == g.ranking):
                 return groups
         groups = make_groups(safety, utility, sizes, normalize=g.normalize, ranking=g.ranking)
         groups.save(groups_dir)
