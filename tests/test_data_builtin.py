@@ -32,7 +32,7 @@ def splits_of(name: str) -> dict:
     return {split: load_dataset(f"{name}:{split}") for split in SPLITS if split in names}
 
 
-@pytest.mark.parametrize("name, minimum", [("harmful", 400), ("benign", 800), ("sensitive_safe", 320),
+@pytest.mark.parametrize("name, minimum", [("harmful", 400), ("benign", 800), ("sensitive_safe", 470),
                                            ("refusals", 20), ("compliance_openings", 20), ("text", 50)])
 def test_minimum_sizes_and_unique_ids_and_prompts(name, minimum):
     data = load_dataset(name)
@@ -122,20 +122,20 @@ def test_sensitive_safe_categories():
 
 
 def test_sensitive_safe_splits_per_category():
-    # train: the first 5 per category plus 10 added (ids 17-26); test: ids 06-16, unchanged and in order;
-    # calibration (for choosing a recipe or threshold without touching test): ids 27-32.
+    # train: the first 5 per category plus 10 added (ids 17-26) and 15 more (ids 33-47); test: ids 06-16,
+    # unchanged and in order; calibration (for choosing a recipe or threshold without touching test): 27-32.
     parts = splits_of("sensitive_safe")
-    sizes = {"calibration": 60, "train": 150, "test": 110}
+    sizes = {"calibration": 60, "train": 300, "test": 110}
     assert {s: len(d) for s, d in parts.items()} == sizes
     assert builtin_names()["sensitive_safe"].splits == sizes
     categories = set(load_dataset("sensitive_safe").categories())
     assert len(categories) == 10
-    for split, per_category in (("calibration", 6), ("train", 15), ("test", 11)):
+    for split, per_category in (("calibration", 6), ("train", 30), ("test", 11)):
         counts = {c: sum(r.category == c for r in parts[split]) for c in categories}
         assert set(counts.values()) == {per_category}, (split, counts)
     test_numbers = [int(r.id.rsplit("/", 1)[1]) for r in parts["test"]]
     assert test_numbers == [n for n in range(6, 17) for _ in range(10)]
-    assert {int(r.id.rsplit("/", 1)[1]) for r in parts["train"]} == set(range(1, 6)) | set(range(17, 27))
+    assert {int(r.id.rsplit("/", 1)[1]) for r in parts["train"]} == set(range(1, 6)) | set(range(17, 27)) | set(range(33, 48))
     assert {int(r.id.rsplit("/", 1)[1]) for r in parts["calibration"]} == set(range(27, 33))
 
 
