@@ -18,8 +18,14 @@ recipe beat 25% over-refusal at <= 20% ASR, rounds 2 and 3 tried a higher learni
 
     r2-global (the demo's recipe before: 2 repeats, lr 2e-4, global ranking)   28.3 / 28.3
     r1 / r2 / r3 / r4 (per-layer ranking, lr 2e-4)        11.7 / 43.3   25.0 / 31.7   36.7 / 23.3   56.7 / 16.7
-    r3-lr4 (3 repeats, lr 4e-4)   15.0 / 25.0   <- chosen
+    r3-lr4 (3 repeats, lr 4e-4)   15.0 / 25.0
     r4-lr4 26.7 / 23.3   r3-s72 (72 steps) 18.3 / 25.0   r3-lr6 13.3 / 31.7   r4-lr6 18.3 / 30.0
+
+Rounds 1-3 ran with 150 borderline training prompts. Round 4, after 150 more were written (ids
+/33-/47 of sensitive_safe:train), with all 300:
+
+    r1-lr4 20.0 / 23.3   <- chosen (lowest over-refusal of all rounds at ASR <= 20%)
+    r2-lr4 30.0 / 18.3   r3-lr4 65.0 / 6.7
 
 None reaches the issue's targets (ASR <= 25%, over-refusal <= 15%) on validation: at this size and
 step count, fewer over-refusals cost refusals of harmful prompts, as the repeats sweep shows.
@@ -49,6 +55,8 @@ RECIPES = {
     "r4-lr4": ("per-layer", {"borderline_repeats": 4, "train": {"lr": 4e-4}}),
     "r3-s72": ("per-layer", {"borderline_repeats": 3, "train": {"max_steps": 72}}),
     "r3-lr6": ("per-layer", {"borderline_repeats": 3, "train": {"lr": 6e-4}}),
+    "r1-lr4": ("per-layer", {"borderline_repeats": 1, "train": {"lr": 4e-4}}),
+    "r2-lr4": ("per-layer", {"borderline_repeats": 2, "train": {"lr": 4e-4}}),
     "r4-lr6": ("per-layer", {"borderline_repeats": 4, "train": {"lr": 6e-4}}),
 }
 # cached by the first run and reused: the unaligned model's replies and unit scores
