@@ -278,8 +278,11 @@ def _builtin_cache_path(name: str, gguf_path: Path) -> Path:
     try:
         release = importlib.metadata.version(_PIP_NAMES[package])
     except importlib.metadata.PackageNotFoundError:  # a bare folder on the path: hash the file
+        digest = hashlib.sha256()
         with gguf_path.open("rb") as f:
-            release = "sha" + hashlib.file_digest(f, "sha256").hexdigest()[:16]
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # hashlib.file_digest needs Python 3.11
+                digest.update(chunk)
+        release = "sha" + digest.hexdigest()[:16]
     return cache_dir() / "models" / f"{name}-{release}-{gguf_path.stat().st_size}"
 
 
