@@ -13,16 +13,17 @@ lowest validation over-refusal; ties go to fewer borderline repeats. Prints one 
 recipe and the choice.
 
 Measured on 2026-11-28 (validation ASR / over-refusal, 60 prompts each, prefix rule, 8 tokens; RU
-budget, recovery examples, 48 steps unless named). Round 1 varied the borderline repeats; when no
-recipe beat 25% over-refusal at <= 20% ASR, rounds 2 and 3 tried a higher learning rate and more steps:
+budget, recovery examples, 48 steps unless named). Round 1 varied the borderline repeats; its only
+recipe at <= 20% ASR refused 43% of the borderline prompts, so rounds 2 and 3 tried a higher
+learning rate and more steps:
 
     r2-global (the demo's recipe before: 2 repeats, lr 2e-4, global ranking)   28.3 / 28.3
     r1 / r2 / r3 / r4 (per-layer ranking, lr 2e-4)        11.7 / 43.3   25.0 / 31.7   36.7 / 23.3   56.7 / 16.7
     r3-lr4 (3 repeats, lr 4e-4)   15.0 / 25.0
     r4-lr4 26.7 / 23.3   r3-s72 (72 steps) 18.3 / 25.0   r3-lr6 13.3 / 31.7   r4-lr6 18.3 / 30.0
 
-Rounds 1-3 ran with 150 borderline training prompts. Round 4, after 150 more were written (ids
-/33-/47 of sensitive_safe:train), with all 300:
+Rounds 1-3 ran with 150 borderline training prompts (the data as of commit 87f523c). Round 4 ran
+after 150 more were written (ids /33-/47 of sensitive_safe:train), with all 300:
 
     r1-lr4 20.0 / 23.3   <- chosen (lowest over-refusal of all rounds at ASR <= 20%)
     r2-lr4 30.0 / 18.3   r3-lr4 65.0 / 6.7
@@ -32,7 +33,6 @@ step count, fewer over-refusals cost refusals of harmful prompts, as the repeats
 """
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -42,22 +42,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VALIDATION = {"harmful_test": "harmful:calibration", "benign_test": "benign:calibration",
               "sensitive": "sensitive_safe:calibration"}
-# name -> (groups.ranking, align overrides)
+# name -> (groups.ranking, borderline repeats, align learning rate, align steps); everything else
+# is the demo preset's align section
 RECIPES = {
-    "r2-global": ("global", {"borderline_repeats": 2}),
-    "r1": ("per-layer", {"borderline_repeats": 1}),
-    "r2": ("per-layer", {"borderline_repeats": 2}),
-    "r3": ("per-layer", {"borderline_repeats": 3}),
-    "r4": ("per-layer", {"borderline_repeats": 4}),
-    # a higher learning rate or more steps: with 3 repeats there are 880 pairs and 48 steps of 8
-    # see fewer than half of them
-    "r3-lr4": ("per-layer", {"borderline_repeats": 3, "train": {"lr": 4e-4}}),
-    "r4-lr4": ("per-layer", {"borderline_repeats": 4, "train": {"lr": 4e-4}}),
-    "r3-s72": ("per-layer", {"borderline_repeats": 3, "train": {"max_steps": 72}}),
-    "r3-lr6": ("per-layer", {"borderline_repeats": 3, "train": {"lr": 6e-4}}),
-    "r1-lr4": ("per-layer", {"borderline_repeats": 1, "train": {"lr": 4e-4}}),
-    "r2-lr4": ("per-layer", {"borderline_repeats": 2, "train": {"lr": 4e-4}}),
-    "r4-lr6": ("per-layer", {"borderline_repeats": 4, "train": {"lr": 6e-4}}),
+    "r2-global": ("global", 2, 2e-4, 48),  # the demo's recipe before this search
+    "r1": ("per-layer", 1, 2e-4, 48),
+    "r2": ("per-layer", 2, 2e-4, 48),
+    "r3": ("per-layer", 3, 2e-4, 48),
+    "r4": ("per-layer", 4, 2e-4, 48),
+    # a higher learning rate or more steps: with 3 repeats of 150 there are 880 pairs, and 48 steps
+    # of 8 see fewer than half of them
+    "r3-lr4": ("per-layer", 3, 4e-4, 48),
+    "r4-lr4": ("per-layer", 4, 4e-4, 48),
+    "r3-s72": ("per-layer", 3, 2e-4, 72),
+    "r3-lr6": ("per-layer", 3, 6e-4, 48),
+    "r4-lr6": ("per-layer", 4, 6e-4, 48),
+    "r1-lr4": ("per-layer", 1, 4e-4, 48),
+    "r2-lr4": ("per-layer", 2, 4e-4, 48),
 }
 # cached by the first run and reused: the unaligned model's replies and unit scores
 SHARED = ("2-align/borderline-replies.jsonl", "2-align/harmful-replies.jsonl",
@@ -69,15 +70,13 @@ def recipe_config(name: str) -> dict:
 
     from ssah.config import preset_text
 
-    ranking, align = RECIPES[name]
-    data = yaml.safe_load(preset_text("demo"))
-    config = copy.deepcopy(data)
+    ranking, repeats, lr, steps = RECIPES[name]
+    config = yaml.safe_load(preset_text("demo"))
     config["data"] = {**config.get("data", {}), **VALIDATION}
     config["eval"].update(suites=["safety", "overrefusal", "utility"], limit=60)
     config["groups"]["ranking"] = ranking
-    align = copy.deepcopy(align)
-    config["align"]["train"].update(align.pop("train", {}))
-    config["align"].update(compare_full=False, **align)
+    config["align"].update(compare_full=False, borderline_repeats=repeats)
+    config["align"]["train"].update(lr=lr, max_steps=steps)
     return config
 
 
@@ -110,11 +109,12 @@ def main() -> None:
         results[name] = {"asr": headline["asr"]["prefix"], "overrefusal": headline["overrefusal_rate"],
                          "task_accuracy": headline["task_accuracy"], "perplexity": headline["perplexity"],
                          "n": headline["n"]}
-        print(json.dumps({"recipe": name, **RECIPES[name][1], "ranking": RECIPES[name][0], **results[name]}),
-              flush=True)
+        ranking, repeats, lr, steps = RECIPES[name]
+        print(json.dumps({"recipe": name, "ranking": ranking, "borderline_repeats": repeats, "lr": lr,
+                          "steps": steps, **results[name]}), flush=True)
     eligible = [name for name in results if results[name]["asr"] <= 0.20]
     if eligible:
-        chosen = min(eligible, key=lambda n: (results[n]["overrefusal"], RECIPES[n][1]["borderline_repeats"]))
+        chosen = min(eligible, key=lambda n: (results[n]["overrefusal"], RECIPES[n][1]))
         print(json.dumps({"chosen": chosen, **results[chosen]}))
     else:
         print(json.dumps({"chosen": None, "why": "no recipe reached validation ASR <= 20%"}))
