@@ -1,0 +1,45 @@
+"""How many calibration prompts the runtime monitor needs, judged on calibration prompts only.
+
+    python experiments/monitor_calibration_size.py --model runs/demo/2-align/model-budget --limits 64 128
+
+Calibrates the demo's monitor on the given model with each `calibration_limit` (prompts per set:
+harmful, benign, borderline) and prints the layer, the threshold and the share of each calibration
+set flagged at it. No test prompt is read.
+
+Measured on 2026-11-28 on the demo's final aligned model: 64 prompts flag 42% of the harmful set
+(benign 0%, borderline 3.1%; layer 27); 128 flag 73% (benign 0%, borderline 4.7%; layer 28).
+The demo preset took 128.
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="the aligned model (a folder or any model SPEC)")
+    parser.add_argument("--limits", type=int, nargs="+", default=[64, 128])
+    args = parser.parse_args()
+
+    from ssah.config import load_config
+    from ssah.data import load_dataset
+    from ssah.models.loading import load_model
+    from ssah.probe.monitor import calibrate_monitor
+
+    run_config = load_config("demo")
+    loaded = load_model(args.model, device="cpu", dtype="fp32")
+    for limit in args.limits:
+        run_config.probe.monitor_settings["calibration_limit"] = limit
+        config = run_config.probe.monitor_config(run_config.data)
+        state = calibrate_monitor(loaded.model, loaded.tokenizer, load_dataset(config.harmful_calibration),
+                                  load_dataset(config.benign_calibration), config,
+                                  borderline_calib=load_dataset(config.borderline_calibration))
+        print(json.dumps({"calibration_limit": limit, "layers": state.layers, "threshold": float(state.threshold),
+                          **state.meta.get("calibration", {})}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
