@@ -1,7 +1,7 @@
 """Choose the demo's benign fine-tuning attack strength on validation data, not on the test splits.
 
-    python experiments/align_recipe.py --out /tmp/recipe --recipes r2        # an aligned model
-    python experiments/finetune_attack_strength.py --aligned /tmp/recipe/r2 --out /tmp/attack
+    python experiments/align_recipe.py --out /tmp/recipe --recipes r1-lr4    # the demo recipe, aligned
+    python experiments/finetune_attack_strength.py --aligned /tmp/recipe/r1-lr4 --out /tmp/attack
 
 Groups the aligned model as the demo does, then runs the demo's fine-tuning attack (plain and frozen
 setting (ii)) at several learning rates, each evaluated on harmful:calibration (first 60 prompts;
