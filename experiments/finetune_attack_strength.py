@@ -39,12 +39,15 @@ def main() -> None:
     import yaml
 
     from ssah.config import load_config
-    from ssah.pipeline import Run, stage_finetune, stage_groups
+    from ssah.evaluate import read_report
+    from ssah.pipeline import Run, _headline, stage_finetune, stage_groups
 
     aligned, out = Path(args.aligned).resolve(), Path(args.out)
     base = yaml.safe_load((aligned / "config.yaml").read_text())
     base["eval"]["suites"] = ["safety"]
     base["finetune"]["settings"] = ["plain", "freeze_ii"]
+    start = _headline(read_report(aligned / "2-align" / "eval-budget"))["asr"]["prefix"]
+    groups_dir = None  # the aligned model's groups: made once, shared by every learning rate
     rows = {}
     for lr in LEARNING_RATES:
         run_dir = out / f"lr{lr:g}"
@@ -55,22 +58,17 @@ def main() -> None:
         run = Run(load_config(path=config_path), run_dir)
         if not run.stage_dir("align").exists():
             run.stage_dir("align").symlink_to(aligned / "2-align")
+        if groups_dir is not None and not run.stage_dir("groups").exists():
+            run.stage_dir("groups").symlink_to(groups_dir)
         if not (run.stage_dir("groups") / "groups" / "groups.json").is_file():
             run.stage_dir("groups").mkdir(parents=True, exist_ok=True)
             stage_groups(run)
+        groups_dir = run.stage_dir("groups").resolve()
         summary = stage_finetune(run)
-        aligned_asr = json.loads((aligned / "2-align" / "eval-budget" / "eval.json").read_text())
-        start = _asr(aligned_asr)
         rows[lr] = {setting: summary[setting]["asr"]["prefix"] - start for setting in ("plain", "freeze_ii")}
         print(json.dumps({"lr": lr, "aligned_asr": start, "rise": rows[lr]}), flush=True)
     strong = [lr for lr in LEARNING_RATES if rows[lr]["plain"] >= MIN_RISE]
     print(json.dumps({"chosen_lr": strong[0] if strong else None}))
-
-
-def _asr(report: dict) -> float:
-    from ssah.pipeline import _headline
-
-    return _headline(report)["asr"]["prefix"]
 
 
 if __name__ == "__main__":
