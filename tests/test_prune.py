@@ -96,9 +96,14 @@ def test_prune_cli_saves_a_model_equal_to_the_reversible_prune(capsys, tmp_path,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**ids).logits, expected, atol=1e-6, rtol=0)
-    # Bad input: an unknown group, a mask of another model, an out folder holding another model.
+    # Bad input: an unknown group, a malformed option value, a mask of another model, an out folder
+    # holding another model.
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),
                                   "--mask", "XYZ", "--out", str(tmp_path / "p2")), "unknown mask term")
+    for bad, message in (("random:like=SCU,seed=x", "must be an integer"), ("SCU:top=lots", "must be a number"),
+                         ("random:frac=half", "must be a number")):
+        assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),
+                                      "--mask", bad, "--out", str(tmp_path / "p2")), message)
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:qwen2", "--groups", str(tiny_groups),
                                   "--mask", "SCU", "--out", str(tmp_path / "p3")), "was made for model")
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),

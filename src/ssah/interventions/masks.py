@@ -97,7 +97,8 @@ def mask_from_expression(groups, expression: str, seed: int = 0) -> UnitMask:
         if key in GROUP_NAMES:
             part = groups.members(key)
             if "top" in opts:
-                part = _top_share(groups, part, float(opts.pop("top")), opts.pop("by", "s-u"), total, term)
+                part = _top_share(groups, part, _number(opts.pop("top"), float, "top", term), opts.pop("by", "s-u"),
+                                  total, term)
         elif key == "ALL":
             part = {k: torch.ones_like(v) for k, v in selected.items()}
         elif key == "RANDOM":
@@ -147,6 +148,15 @@ def _parse_options(text: str, term: str) -> dict[str, str]:
     return opts
 
 
+def _number(text: str, kind: type, option: str, term: str):
+    """A mask option's value as `kind`, or one clear error."""
+    try:
+        return kind(text)
+    except ValueError:
+        wanted = "an integer" if kind is int else "a number"
+        raise SsahError(f"mask option {option}={text!r} in {term!r} must be {wanted}") from None
+
+
 def _rank_score(groups, kind: str, by: str) -> torch.Tensor:
     s, u = groups.safety[kind].double(), groups.utility[kind].double()
     scores = {"s-u": s - u, "u-s": u - s, "s": s, "u": u, "sum": s + u}
@@ -176,7 +186,7 @@ def _top_share(groups, members: dict, fraction: float, by: str, total: int, term
 
 def _random_units(groups, opts: dict, generator: torch.Generator, term: str) -> dict:
     if "seed" in opts:
-        generator.manual_seed(int(opts.pop("seed")))
+        generator.manual_seed(_number(opts.pop("seed"), int, "seed", term))
     if "like" in opts:
         reference = groups.members(opts.pop("like").upper())
         out = {}
@@ -189,7 +199,7 @@ def _random_units(groups, opts: dict, generator: torch.Generator, term: str) -> 
             out[kind] = picked
         return out
     if "frac" in opts:
-        fraction = float(opts.pop("frac"))
+        fraction = _number(opts.pop("frac"), float, "frac", term)
         if not 0 <= fraction <= 1:
             raise SsahError(f"random:frac must be within [0, 1], got {fraction}")
         flat = torch.cat([v.flatten() for v in groups.labels.values()])
