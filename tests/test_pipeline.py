@@ -92,6 +92,9 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
     bad.write_text("model: tiny:llama\nalign:\n  study: full\nfinetune:\n  settings: [freeze_budget]\n")
     assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
                           "needs align.enabled: true and align.study: budget")
+    bad.write_text("model: tiny:llama\ngroups:\n  ranking: per_layer\n")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
+                          "unknown groups.ranking 'per_layer'; use global, per-layer")
 
 
 @pytest.fixture(scope="module")

@@ -232,6 +232,12 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Ru
     for setting in config.finetune.settings:
         if setting not in FINETUNE_SETTINGS:
             raise SsahError(f"{where}: unknown finetune setting {setting!r}; use {', '.join(FINETUNE_SETTINGS)}")
+    from ssah.units.groups import NORMALIZATIONS, RANKINGS
+
+    for key, value, known in (("normalize", config.groups.normalize, NORMALIZATIONS),
+                              ("ranking", config.groups.ranking, RANKINGS)):
+        if value not in known:
+            raise SsahError(f"{where}: unknown groups.{key} {value!r}; use {', '.join(known)}")
     if "freeze_budget" in config.finetune.settings and not (config.align.enabled and config.align.study == "budget"):
         raise SsahError(f"{where}: finetune setting freeze_budget freezes the alignment budget, so it needs "
                         "align.enabled: true and align.study: budget")
