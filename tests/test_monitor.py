@@ -345,6 +345,36 @@ def test_contrast_borderline_fits_the_direction_on_one_half_and_the_threshold_on
         calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=harmful[16:19])
 
 
+def test_a_threshold_set_bounds_the_flag_rate_and_every_borderline_prompt_shapes_the_direction(llama):
+    """With threshold_calib, all borderline prompts join the benign side of the direction and the
+    threshold set's replies (not half of the borderline ones) bound the flag rate."""
+    from ssah.probe.hidden import last_token_states
+
+    model, tok = llama
+    harmful, benign = _templates(28)
+    config = MonitorConfig(calibration_tokens=8, min_tokens=2, target_fpr=0.25, layers=[LAYER])
+    borderline, threshold_set = harmful[16:20], harmful[20:28]
+    state = calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=borderline,
+                              threshold_calib=threshold_set)
+    assert state.meta["borderline"]["contrast"] == 4 and state.meta["threshold_set"]["n"] == 8
+    assert state.meta["threshold_from"] == "benign and threshold-set calibration replies"
+    calibration = state.meta["calibration"]
+    assert calibration["benign_flag_rate"] <= 0.25 and calibration["borderline_flag_rate"] <= 0.25
+    # The threshold set sounds as harmful as the harmful template: bounding its flag rate at 25%
+    # lifts the threshold above the benign-only one.
+    plain = calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=borderline,
+                              threshold_calib=benign[16:24])
+    assert state.threshold > plain.threshold
+    states_h = last_token_states(model, tok, harmful[:16], [LAYER])[:, 0]
+    states_n = last_token_states(model, tok, benign[:16] + borderline, [LAYER])[:, 0]
+    expected = states_h.mean(0) - states_n.mean(0)
+    assert torch.allclose(state.weight[0] / state.weight[0].norm(), expected / expected.norm(), atol=1e-4)
+    with pytest.raises(SsahError, match="test split"):
+        calibrate_monitor(model, tok, harmful[:16], benign[:16], config, borderline_calib=borderline,
+                          threshold_calib=Dataset("sensitive_safe:test", [Record(id=f"s{i}", prompt=f"p{i}")
+                                                                          for i in range(4)]))
+
+
 def test_request_marker_is_the_generation_prompt_tail(llama):
     _, tok = llama
     marker = request_marker(tok)

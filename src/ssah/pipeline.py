@@ -430,9 +430,8 @@ def stage_probe(run: Run) -> dict:
 def _monitor_evaluation(run: Run, studied: str) -> dict:
     """Calibrate the runtime monitor on the studied model (calibration splits only), then evaluate
     safety, the prefill attack and over-refusal under it, beside the same model without it."""
-    from ssah.data import load_dataset
     from ssah.evaluate import read_report
-    from ssah.probe.monitor import MonitorState, calibrate_monitor
+    from ssah.probe.monitor import MonitorState, calibrate_named
 
     c, out = run.config, run.stage_dir("probe")
     config = c.probe.monitor_config(c.data)
@@ -442,10 +441,7 @@ def _monitor_evaluation(run: Run, studied: str) -> dict:
     if state is None or state.meta.get("model_fingerprint") != loaded.fingerprint \
             or state.meta.get("requested") != config.to_dict():
         click.echo("  calibrating the runtime monitor")
-        state = calibrate_monitor(loaded.model, loaded.tokenizer, load_dataset(config.harmful_calibration),
-                                  load_dataset(config.benign_calibration), config,
-                                  borderline_calib=load_dataset(config.borderline_calibration)
-                                  if config.borderline_calibration else None)
+        state = calibrate_named(loaded.model, loaded.tokenizer, config)
         state.meta["requested"] = config.to_dict()
         state.save(state_path)
     report = run.evaluate(loaded, loaded.fingerprint, out / "eval-monitor", "studied model under the monitor",

@@ -35,6 +35,9 @@ lights up on scary words (on the aligned demo model, the earlier default -- runn
 reading, no borderline prompts -- flagged 85% of sensitive_safe:test). With `contrast_borderline` (default) half of the borderline sample also joins
 the benign side of the direction itself, so it points at harm rather than at alarming vocabulary;
 the other half sets the threshold (a threshold set on prompts the direction was fit to is optimistic).
+With `threshold_calibration` (e.g. `sensitive_safe:calibration`), that set's replies bound the
+threshold instead and the whole borderline sample shapes the direction: an aligned model was trained
+on sensitive_safe:train, and a threshold set on prompts it was trained to answer is optimistic too.
 (`MonitorState.from_directions` offers a cheaper threshold from prompt scores alone.)
 
 Actions. `stop`: a LogitsProcessor forces EOS for flagged rows and a StoppingCriteria ends them;
@@ -72,7 +75,8 @@ SCORERS = ("direction", "probe")
 STATISTICS = ("mean", "max")
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 # Config fields the threshold depends on: a state calibrated under other values must be recalibrated.
-CALIBRATION_FIELDS = ("scorer", "statistic", "include_prompt", "min_tokens", "prompt_position", "contrast_borderline")
+CALIBRATION_FIELDS = ("scorer", "statistic", "include_prompt", "min_tokens", "prompt_position", "contrast_borderline",
+                      "threshold_calibration")
 PROMPT_POSITIONS = ("request", "last")
 STATE_FORMAT = "ssah.monitor-state/1"
 
@@ -101,6 +105,11 @@ class MonitorConfig:
     # so the monitor learns that a scary word alone is no reason to stop
     borderline_calibration: str | None = None
     contrast_borderline: bool = True  # borderline prompts also join the benign side of the direction
+    # safe-but-alarming prompts that no training step saw (e.g. sensitive_safe:calibration): when set,
+    # their replies set the threshold (beside the benign ones) and every borderline_calibration prompt
+    # shapes the direction instead; a model aligned on borderline_calibration answers those prompts
+    # more calmly than unseen ones, so a threshold set there is optimistic
+    threshold_calibration: str | None = None
     calibration_limit: int | None = 64  # prompts per calibration set, a seeded sample (None: all)
     calibration_tokens: int = 32  # new tokens per calibration reply
     batch_size: int = 8
@@ -666,11 +675,13 @@ def _prompts_of(data, limit: int | None, seed: int, what: str) -> tuple[list[str
 
 
 def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: MonitorConfig | None = None,
-                      progress: bool = False, borderline_calib=None) -> MonitorState:
+                      progress: bool = False, borderline_calib=None, threshold_calib=None) -> MonitorState:
     """Fit the monitor on calibration data: directions and probe from last-token states of all layers,
     the layer (config.layers, else best held-out separation), then the threshold from benign
-    calibration replies (see the module docstring). The state's `meta["calibration"]` records the
-    flag rates reached on benign and harmful calibration replies."""
+    calibration replies (see the module docstring). With `threshold_calib`, the borderline prompts
+    all shape the direction and the threshold set's replies bound the flag rate instead of half of
+    them. The state's `meta["calibration"]` records the flag rates reached on benign, borderline (or
+    threshold-set) and harmful calibration replies."""
     from ssah.models.fingerprint import model_fingerprint
 
     config = config or MonitorConfig()
@@ -680,18 +691,24 @@ def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: Mon
     if config.layers:
         config = MonitorConfig(**{**config.to_dict(), "layers": validate_layers(model, config.layers)})
     meta = {"model_fingerprint": model_fingerprint(model), "harmful": harmful_info, "benign": benign_info}
-    borderline: list[str] = []
-    contrast: list[str] = []
+    borderline: list[str] = []  # safe prompts whose replies bound the threshold with the benign ones
+    contrast: list[str] = []  # borderline prompts on the benign side of the direction
     if borderline_calib is not None:
         borderline, meta["borderline"] = _prompts_of(borderline_calib, config.calibration_limit, config.seed,
                                                      "borderline")
-        if config.contrast_borderline:
+        if threshold_calib is not None:
+            contrast = borderline if config.contrast_borderline else []
+            meta["borderline"]["contrast"] = len(contrast)
+        elif config.contrast_borderline:
             if len(borderline) < 4:
                 raise SsahError("contrast_borderline needs at least 4 borderline calibration prompts (half join the "
                                 "direction, half set the threshold)")
             # Disjoint halves: a threshold set on prompts the direction was fit to would be optimistic.
             contrast, borderline = borderline[0::2], borderline[1::2]
             meta["borderline"]["contrast"] = len(contrast)
+    if threshold_calib is not None:
+        borderline, meta["threshold_set"] = _prompts_of(threshold_calib, config.calibration_limit, config.seed,
+                                                        "threshold")
     harmful_states = last_token_states(model, tokenizer, harmful, layers, config.batch_size, config.system)
     negatives = last_token_states(model, tokenizer, benign + contrast, layers, config.batch_size, config.system)
     directions = compute_directions(harmful_states, negatives, layers, seed=config.seed, meta=meta)
@@ -715,7 +732,9 @@ def calibrate_monitor(model, tokenizer, harmful_calib, benign_calib, config: Mon
     layer_index = [directions.index(layer) for layer in state.layers]
     state.meta = {
         **meta, "source": "calibrate_monitor",
-        "threshold_from": "benign and borderline calibration replies" if borderline else "benign calibration replies",
+        "threshold_from": ("benign and threshold-set calibration replies" if threshold_calib is not None
+                           else "benign and borderline calibration replies" if borderline
+                           else "benign calibration replies"),
         "calibration": {
             "benign_flag_rate": float((benign_peaks > threshold).float().mean()),
             "borderline_flag_rate": (float((borderline_peaks > threshold).float().mean())
@@ -743,11 +762,18 @@ def monitor_from_file(model, tokenizer, path: str | Path, check_model: bool = Tr
                 raise SsahError(f"monitor state {path} was calibrated on model {made_for}, not this one; "
                                 "recalibrate on this model")
         return state.config, state
+    config = MonitorConfig.load(path)
+    return config, calibrate_named(model, tokenizer, config)
+
+
+def calibrate_named(model, tokenizer, config: MonitorConfig) -> MonitorState:
+    """`calibrate_monitor` on the calibration sets `config` names (dataset specs)."""
     from ssah.data import load_dataset
 
-    config = MonitorConfig.load(path)
-    state = calibrate_monitor(model, tokenizer, load_dataset(config.harmful_calibration),
-                              load_dataset(config.benign_calibration), config,
-                              borderline_calib=load_dataset(config.borderline_calibration)
-                              if config.borderline_calibration else None)
-    return config, state
+    def named(spec):
+        return load_dataset(spec) if spec else None
+
+    return calibrate_monitor(model, tokenizer, load_dataset(config.harmful_calibration),
+                             load_dataset(config.benign_calibration), config,
+                             borderline_calib=named(config.borderline_calibration),
+                             threshold_calib=named(config.threshold_calibration))
