@@ -110,6 +110,11 @@ def test_full_run_writes_report_with_verdicts(full_run):
                                         "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal",
                                         "monitor_halves_prefill_asr", "monitor_overrefusal_cost"}
     assert all(v["verdict"] in ("held", "not held", "inconclusive") for v in results["verdicts"].values())
+    # the claims that compare two evaluations of the same prompts carry their paired test
+    for claim in ("ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility", "finetune_attack_raises_asr",
+                  "monitor_halves_prefill_asr"):
+        test = results["verdicts"][claim]["numbers"]["paired_test"]
+        assert test["n"] == results["config"]["eval"]["limit"] and 0.0 <= test["p_value"] <= 1.0, claim
     html = (tmp_path / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Llama-2-7B-Chat (paper)" in html
     assert summaries["finetune"]["freeze_ii"]["train"]["check"]["max_abs_change_frozen"] == 0.0

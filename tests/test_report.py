@@ -1,6 +1,8 @@
-"""Verdicts follow the claims' thresholds and say 'inconclusive' when the intervals overlap."""
+"""Verdicts follow the claims' thresholds and say 'inconclusive' when the effect could be chance."""
 
-from ssah.analysis.report import compute_verdicts
+import json
+
+from ssah.analysis.report import compute_verdicts, paired_outcomes
 
 
 def _eval(asr, task=0.2, ppl=10.0, prefill=0.9, over=0.1, ci=None):
@@ -61,3 +63,42 @@ def test_monitor_verdicts():
     summaries["probe"]["monitor"]["with"] = _eval(0.1, prefill=0.4, over=0.1)
     summaries["probe"]["monitor"]["with"]["ci"]["prefill_asr"]["prefix"] = [0.2, 0.85]
     assert compute_verdicts(summaries)["monitor_halves_prefill_asr"]["verdict"] == "inconclusive"
+
+
+def test_a_paired_test_decides_where_the_prompts_pair_up():
+    """12.5% -> 29.2% of 48 prompts: the Wilson intervals overlap, but 8 prompts rose and none fell."""
+    summaries = _summaries()
+    summaries["prune"]["none"] = _eval(0.125, ci=[0.059, 0.247])
+    summaries["finetune"] = {"plain": _eval(0.292, ci=[0.182, 0.433]), "freeze_ii": _eval(0.15)}
+    assert compute_verdicts(summaries)["finetune_attack_raises_asr"]["verdict"] == "inconclusive"
+    clear = {"n": 48, "rose": 8, "fell": 0, "p_value": 2 / 256}
+    verdict = compute_verdicts(summaries, {"finetune_attack_raises_asr": clear})["finetune_attack_raises_asr"]
+    assert verdict["verdict"] == "held" and verdict["numbers"]["paired_test"] == clear
+    # the same rates from prompts that changed both ways are chance
+    noisy = {"n": 48, "rose": 14, "fell": 6, "p_value": 0.115}
+    assert compute_verdicts(summaries, {"finetune_attack_raises_asr": noisy})[
+        "finetune_attack_raises_asr"]["verdict"] == "inconclusive"
+    # a clear paired test cannot rescue an effect in the wrong direction
+    summaries["finetune"]["plain"] = _eval(0.1)
+    assert compute_verdicts(summaries, {"finetune_attack_raises_asr": clear})[
+        "finetune_attack_raises_asr"]["verdict"] == "not held"
+
+
+def _replies(folder, outcomes, suite="safety"):
+    folder.mkdir()
+    rows = [{"suite": suite, "system_prompt": "none", "id": f"h{i}", "prompt": f"p{i}", "reply": "r",
+             "verdicts": {"prefix": "compliance" if hit else "refusal"}} for i, hit in enumerate(outcomes)]
+    rows.append({"suite": "overrefusal", "system_prompt": "none", "id": "s0", "prompt": "q", "reply": "r",
+                 "verdicts": {"prefix": "refusal"}})
+    (folder / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_paired_outcomes_match_prompts_across_two_evaluations(tmp_path):
+    before = _replies(tmp_path / "before", [False] * 6 + [True, False])
+    after = _replies(tmp_path / "after", [True] * 6 + [False, False])
+    test = paired_outcomes(before, after, "safety")
+    assert (test["n"], test["rose"], test["fell"]) == (8, 6, 1)
+    assert paired_outcomes(before, tmp_path / "missing", "safety") is None
+    other = _replies(tmp_path / "other", [True] * 5)  # other prompts: no pairing
+    assert paired_outcomes(before, other, "safety") is None

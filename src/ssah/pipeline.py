@@ -144,6 +144,10 @@ class Run:
             return self.stage_dir("baseline") / "eval"
         return self.stage_dir("align") / ("eval-budget" if align.study == "budget" else "eval-full")
 
+    def prune_eval_dir(self, expression: str) -> Path:
+        """Where the prune stage evaluates the studied model with `expression` pruned ("none": nothing)."""
+        return self.stage_dir("prune") / f"eval-{_slug(expression)}"
+
     def budget_sizes(self) -> dict[str, float]:
         """Group sizes of the unaligned model, from which the alignment budget is taken."""
         return self.config.align.group_sizes or self.config.groups.sizes
@@ -335,14 +339,14 @@ def stage_prune(run: Run) -> dict:
 
     loaded = run.load(run.studied_model_spec())
     groups = Groups.load(run.stage_dir("groups") / "groups")
-    none_dir = run.stage_dir("prune") / "eval-none"
+    none_dir = run.prune_eval_dir("none")
     _copy_finished_eval(run.studied_eval_dir(), none_dir, loaded.fingerprint)
     summary = {"none": _headline(run.evaluate(loaded, loaded.fingerprint, none_dir, "studied model, nothing pruned"))}
     for expression in run.config.prune.masks:
         mask = mask_from_expression(groups, expression, seed=run.config.seed)
         key = f"{loaded.fingerprint}-pruned-{_slug(expression)}-{mask.groups_digest}"
         with pruned(loaded.model, loaded.layout, mask):
-            report = run.evaluate(loaded, key, run.stage_dir("prune") / f"eval-{_slug(expression)}",
+            report = run.evaluate(loaded, key, run.prune_eval_dir(expression),
                                   f"pruned {expression}")
         summary[expression] = {**_headline(report), "units": mask.count(), "share": mask.share()}
     return summary

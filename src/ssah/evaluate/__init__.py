@@ -21,7 +21,7 @@ from ssah.evaluate.runner import (
 )
 from ssah.evaluate.safety import DEFAULT_SYSTEM_PROMPT, attack_success_rate, overrefusal_rate, run_prompts
 from ssah.evaluate.scoring import continuation_logprobs, shared_continuation_logprobs
-from ssah.evaluate.stats import Rate, wilson_interval
+from ssah.evaluate.stats import Rate, paired_exact_test, wilson_interval
 from ssah.evaluate.utility import MultipleChoiceItem, Perplexity, multiple_choice_accuracy, perplexity, task_accuracy
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "EvalSettings", "Generation", "GenerationCache", "JudgeVerdict", "MultipleChoiceItem", "Perplexity", "Rate",
     "RefusalScore", "apply_judge", "attack_success", "attack_success_rate", "continuation_logprobs",
     "evaluate_model", "generate_items", "generate_replies", "generate_texts", "is_refusal", "load_eval_data",
-    "load_judge", "multiple_choice_accuracy", "overrefusal_rate", "parse_guard_output", "perplexity",
+    "load_judge", "multiple_choice_accuracy", "overrefusal_rate", "paired_exact_test", "parse_guard_output", "perplexity",
     "read_replies", "read_report", "refusal_score", "register_judge", "run_lm_eval", "run_prompts",
     "shared_continuation_logprobs", "task_accuracy", "verdict", "wilson_interval",
 ]

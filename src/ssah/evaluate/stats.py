@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 Z_95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -50,3 +50,20 @@ class Rate:
     def to_dict(self) -> dict:
         lo, hi = self.ci
         return {"rate": self.rate, "k": self.k, "n": self.n, "ci95": [lo, hi]}
+
+
+def paired_exact_test(before: Sequence[bool], after: Sequence[bool]) -> dict:
+    """Exact two-sided McNemar test for one binary outcome on the same items under two conditions.
+
+    Only the discordant items carry evidence: `rose` went False -> True, `fell` True -> False.
+    Under no change each discordant item is a fair coin, so the p-value is the two-sided binomial
+    tail of min(rose, fell) in rose + fell tosses. Two rates whose Wilson intervals overlap can
+    still differ clearly when nearly every changed item moved the same way; this test sees that.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(before)} and {len(after)}")
+    rose = sum(1 for b, a in zip(before, after) if not b and a)
+    fell = sum(1 for b, a in zip(before, after) if b and not a)
+    n = rose + fell
+    tail = sum(math.comb(n, i) for i in range(min(rose, fell) + 1)) / 2 ** n if n else 1.0
+    return {"n": len(before), "rose": rose, "fell": fell, "p_value": min(1.0, 2 * tail)}
