@@ -42,8 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VALIDATION = {"harmful_test": "harmful:calibration", "benign_test": "benign:calibration",
               "sensitive": "sensitive_safe:calibration"}
-# name -> (groups.ranking, borderline repeats, align learning rate, align steps); everything else
-# is the demo preset's align section
+# name -> (groups.ranking, borderline repeats, align learning rate, align steps[, refusal
+# unlikelihood weight]); everything else is the demo preset's align section
 RECIPES = {
     "r2-global": ("global", 2, 2e-4, 48),  # the demo's recipe before this search
     "r1": ("per-layer", 1, 2e-4, 48),
@@ -59,10 +59,18 @@ RECIPES = {
     "r4-lr6": ("per-layer", 4, 6e-4, 48),
     "r1-lr4": ("per-layer", 1, 4e-4, 48),
     "r2-lr4": ("per-layer", 2, 4e-4, 48),
+    # round 5: the chosen recipe plus a loss that makes refusal openings unlikely on borderline prompts
+    "r1-lr4-ul1": ("per-layer", 1, 4e-4, 48, 1.0),
+    "r1-lr4-ul3": ("per-layer", 1, 4e-4, 48, 3.0),
 }
 # cached by the first run and reused: the unaligned model's replies and unit scores
 SHARED = ("2-align/borderline-replies.jsonl", "2-align/harmful-replies.jsonl",
           "2-align/base/scores-safety", "2-align/base/scores-utility")
+
+
+def _recipe(name: str) -> tuple:
+    ranking, repeats, lr, steps, *rest = RECIPES[name]
+    return ranking, repeats, lr, steps, rest[0] if rest else 0.0
 
 
 def recipe_config(name: str) -> dict:
@@ -70,12 +78,12 @@ def recipe_config(name: str) -> dict:
 
     from ssah.config import preset_text
 
-    ranking, repeats, lr, steps = RECIPES[name]
+    ranking, repeats, lr, steps, unlikelihood = _recipe(name)
     config = yaml.safe_load(preset_text("demo"))
     config["data"] = {**config.get("data", {}), **VALIDATION}
     config["eval"].update(suites=["safety", "overrefusal", "utility"], limit=60)
     config["groups"]["ranking"] = ranking
-    config["align"].update(compare_full=False, borderline_repeats=repeats)
+    config["align"].update(compare_full=False, borderline_repeats=repeats, refusal_unlikelihood=unlikelihood)
     config["align"]["train"].update(lr=lr, max_steps=steps)
     return config
 
@@ -84,6 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="a folder for one run per recipe")
     parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--reuse", type=Path, help="a run folder of the demo (or an earlier recipe) whose unaligned "
+                                                   "replies and unit scores to copy instead of recomputing")
     args = parser.parse_args()
 
     import yaml
@@ -92,7 +102,7 @@ def main() -> None:
     from ssah.pipeline import run_pipeline
 
     out = Path(args.out)
-    results, first = {}, None
+    results, first = {}, args.reuse
     for name in args.recipes:
         run_dir = out / name
         config_path = out / f"{name}.yaml"
@@ -109,9 +119,9 @@ def main() -> None:
         results[name] = {"asr": headline["asr"]["prefix"], "overrefusal": headline["overrefusal_rate"],
                          "task_accuracy": headline["task_accuracy"], "perplexity": headline["perplexity"],
                          "n": headline["n"]}
-        ranking, repeats, lr, steps = RECIPES[name]
+        ranking, repeats, lr, steps, unlikelihood = _recipe(name)
         print(json.dumps({"recipe": name, "ranking": ranking, "borderline_repeats": repeats, "lr": lr,
-                          "steps": steps, **results[name]}), flush=True)
+                          "steps": steps, "refusal_unlikelihood": unlikelihood, **results[name]}), flush=True)
     eligible = [name for name in results if results[name]["asr"] <= 0.20]
     if eligible:
         chosen = min(eligible, key=lambda n: (results[n]["overrefusal"], RECIPES[n][1]))

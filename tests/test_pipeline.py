@@ -16,6 +16,7 @@ import yaml
 from ssah.config import load_config
 from ssah.errors import SsahError
 from ssah.pipeline import run_pipeline
+from ssah.probe.monitor import MonitorState
 from tests.helpers import assert_one_line_error, run_cli
 
 CONFIG = Path(__file__).parent / "data" / "tiny_run.yaml"
@@ -92,6 +93,9 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
     bad.write_text("model: tiny:llama\nalign:\n  study: full\nfinetune:\n  settings: [freeze_budget]\n")
     assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
                           "needs align.enabled: true and align.study: budget")
+    bad.write_text("model: tiny:llama\nalign:\n  refusal_unlikelihood: -1\n")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
+                          "align.refusal_unlikelihood is a loss weight and must be >= 0")
     bad.write_text("model: tiny:llama\ngroups:\n  ranking: per_layer\n")
     assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
                           "unknown groups.ranking 'per_layer'; use global, per-layer")
@@ -110,6 +114,15 @@ def test_full_run_writes_report_with_verdicts(full_run):
                                         "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal",
                                         "monitor_halves_prefill_asr", "monitor_overrefusal_cost"}
     assert all(v["verdict"] in ("held", "not held", "inconclusive") for v in results["verdicts"].values())
+    # borderline prompts join the alignment data with their refusal openings made unlikely, and the
+    # monitor's threshold comes from a calibration set no stage trained on
+    assert summaries["align"]["borderline"] == 300
+    train = json.loads((tmp_path / "2-align" / "model-budget" / "train.json").read_text())
+    assert train["config"]["avoid_weight"] == 1.0
+    assert summaries["probe"]["monitor"]["calibration"] is not None
+    monitor = MonitorState.load(tmp_path / "6-probe" / "monitor.safetensors")
+    assert monitor.meta["threshold_from"] == "benign and threshold-set calibration replies"
+    assert monitor.meta["threshold_set"]["name"] == "sensitive_safe:calibration"
     # the claims that compare two evaluations of the same prompts carry their paired test
     for claim in ("ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility", "finetune_attack_raises_asr",
                   "monitor_halves_prefill_asr"):

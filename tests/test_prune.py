@@ -175,3 +175,23 @@ def test_recovery_examples_cut_compliant_replies_and_train(capsys, tmp_path, tin
     assert record["identity"]["recovery"] == [2, 4] and record["result"]["check"]["max_abs_change_frozen"] == 0.0
     assert_one_line_error(run_cli(capsys, "align", *common, "--budget", f"{tiny_groups}:RU", "--recovery", "0,x",
                                   "--out", str(tmp_path / "r2")), "--recovery takes")
+
+
+def test_align_cli_trains_on_borderline_answers_with_refusal_openings_avoided(capsys, tmp_path, tiny_groups):
+    import json
+
+    from tests.helpers import assert_one_line_error, run_cli
+
+    common = ["--model", "tiny:llama", "--max-steps", "2", "--batch-size", "4", "--limit", "8", "--lr", "1e-3",
+              "--budget", f"{tiny_groups}:RU"]
+    result = run_cli(capsys, "align", *common, "--borderline", "sensitive_safe:train", "--borderline-tokens", "4",
+                     "--avoid-refusals", "1", "--out", str(tmp_path / "b"))
+    assert result.code == 0, result.err
+    assert "8 borderline prompts answered by the model itself" in result.out
+    record = json.loads((tmp_path / "b" / "train.json").read_text())
+    assert record["identity"]["borderline"] and record["identity"]["config"]["avoid_weight"] == 1.0
+    assert record["result"]["check"]["max_abs_change_frozen"] == 0.0
+    assert_one_line_error(run_cli(capsys, "align", *common, "--avoid-refusals", "1", "--out", str(tmp_path / "c")),
+                          "--avoid-refusals needs --borderline")
+    assert_one_line_error(run_cli(capsys, "align", *common, "--borderline", "sensitive_safe:train",
+                                  "--avoid-refusals", "-2", "--out", str(tmp_path / "d")), "must be >= 0")

@@ -88,6 +88,9 @@ class AlignConfig:
     benign_limit: int | None = None
     borderline_reply_tokens: int = 48  # length of the model's own replies to borderline prompts
     borderline_repeats: int = 1  # how often each borderline pair appears in the alignment data
+    # weight of a loss that makes the opening token of every built-in refusal unlikely at the start of
+    # the reply to each borderline prompt (ssah.train.sft.avoided_opening_loss); 0: off
+    refusal_unlikelihood: float = 0.0
     # deeper alignment: a refusal after the first k tokens of the model's own compliant reply to each
     # harmful training prompt (k cycles over these; empty: none)
     recovery_lengths: list[int] = field(default_factory=list)
@@ -238,6 +241,9 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Ru
                               ("ranking", config.groups.ranking, RANKINGS)):
         if value not in known:
             raise SsahError(f"{where}: unknown groups.{key} {value!r}; use {', '.join(known)}")
+    if config.align.refusal_unlikelihood < 0:
+        raise SsahError(f"{where}: align.refusal_unlikelihood is a loss weight and must be >= 0 (0: off), "
+                        f"got {config.align.refusal_unlikelihood}")
     if "freeze_budget" in config.finetune.settings and not (config.align.enabled and config.align.study == "budget"):
         raise SsahError(f"{where}: finetune setting freeze_budget freezes the alignment budget, so it needs "
                         "align.enabled: true and align.study: budget")

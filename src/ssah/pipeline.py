@@ -181,8 +181,10 @@ class Run:
         return groups
 
     def train(self, loaded, pairs, section, out: Path, freezer=None, lora: bool = False,
-              steps_multiplier: float = 1.0) -> dict:
-        """Train a copy's worth of weights in place and save them to `out` (reused when finished)."""
+              steps_multiplier: float = 1.0, avoid: dict[str, list[str]] | None = None,
+              avoid_weight: float = 0.0) -> dict:
+        """Train a copy's worth of weights in place and save them to `out` (reused when finished).
+        `avoid`: prompt -> replies not to open with, weighted by `avoid_weight` (see `train_sft`)."""
         from ssah.io import atomic_dir
         from ssah.train.lora import apply_lora, merge_lora
         from ssah.train.sft import TrainConfig, train_sft
@@ -194,9 +196,11 @@ class Run:
                              max_steps=section.max_steps and round(section.max_steps * steps_multiplier),
                              batch_size=section.batch_size, grad_accum=section.grad_accum,
                              max_length=section.max_length, weight_decay=section.weight_decay,
-                             warmup=section.warmup, seed=self.config.seed, bf16=section.bf16)
+                             warmup=section.warmup, seed=self.config.seed, bf16=section.bf16,
+                             avoid_weight=avoid_weight)
         model = apply_lora(loaded.model) if lora else loaded.model
-        result = train_sft(model, loaded.tokenizer, pairs, config, freezer=freezer)
+        result = train_sft(model, loaded.tokenizer, pairs, config, freezer=freezer,
+                           avoid=avoid if avoid_weight else None)
         if lora:
             model = merge_lora(model)
         record = {"config": config.to_dict(), "result": result.to_dict()}
@@ -249,14 +253,17 @@ def stage_align(run: Run) -> dict:
         benign = benign.sample(min(c.align.benign_limit, len(benign)), c.seed)
     loaded = run.load()
     borderline = _borderline_pairs(run, loaded, out / "borderline-replies.jsonl")
-    pairs = alignment_pairs(harmful, benign, load_dataset(d.refusals), seed=c.seed,
-                            borderline=borderline * c.align.borderline_repeats)
+    refusals = load_dataset(d.refusals)
+    pairs = alignment_pairs(harmful, benign, refusals, seed=c.seed, borderline=borderline * c.align.borderline_repeats)
     recovery = _recovery_examples(run, loaded, harmful, out / "harmful-replies.jsonl")
     if recovery:
         pairs = pairs + recovery
         random.Random(c.seed).shuffle(pairs)
     summary: dict = {"pairs": len(pairs), "harmful": len(harmful), "benign": len(benign),
                      "borderline": len(borderline), "recovery": len(recovery)}
+    # A refusal's opening made unlikely at the start of each borderline reply (align.refusal_unlikelihood)
+    avoid = {prompt: [r.response or r.prompt for r in refusals] for prompt, _ in borderline}
+    weight = c.align.refusal_unlikelihood
 
     # The budget: groups of the unaligned model from a score on the harmful prompts (paired with
     # refusals) and a utility score; RU units matter least for both.
@@ -264,7 +271,8 @@ def stage_align(run: Run) -> dict:
     mask = mask_from_expression(groups, c.align.budget, seed=c.seed)
     freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=True)
     click.echo(f"  aligning inside the {c.align.budget} budget ({mask.count()} units, {mask.share():.1%})")
-    record = run.train(loaded, pairs, c.align.train, out / "model-budget", freezer=freezer)
+    record = run.train(loaded, pairs, c.align.train, out / "model-budget", freezer=freezer, avoid=avoid,
+                       avoid_weight=weight)
     summary["budget"] = {"mask": c.align.budget, "units": mask.count(), "share": mask.share(),
                          "train": _train_summary(record)}
     del loaded, freezer
@@ -277,7 +285,7 @@ def stage_align(run: Run) -> dict:
     if c.align.compare_full:
         loaded = run.load()
         click.echo("  aligning all parameters (comparison)")
-        record = run.train(loaded, pairs, c.align.train, out / "model-full")
+        record = run.train(loaded, pairs, c.align.train, out / "model-full", avoid=avoid, avoid_weight=weight)
         del loaded
         release()
         aligned = run.load(str(out / "model-full"))

@@ -194,21 +194,39 @@ def recovery_examples(tokenizer, prompts: list[str], replies: list[str], refusal
 @click.option("--recovery", "recovery_lengths", default=None, metavar="K1,K2,...",
               help="deeper alignment: also train a refusal after the first K tokens of the model's own compliant "
               "reply to each harmful prompt (K cycles over the list, e.g. 2,4,6,8,10)")
+@click.option("--borderline", "borderline_spec", default=None, metavar="DATA",
+              help="safe prompts that sound unsafe (e.g. sensitive_safe:train), trained on the model's own answers "
+              "so it learns where refusing stops")
+@click.option("--borderline-tokens", type=int, default=48, show_default=True,
+              help="length of the model's own answers to --borderline prompts")
+@click.option("--avoid-refusals", type=float, default=0.0, show_default=True, metavar="WEIGHT",
+              help="with --borderline: weight of a loss that makes a refusal's opening unlikely at the start of "
+              "each borderline reply (0: off)")
 @train_options
 def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, refusals_spec: str,
-          recovery_lengths: str | None, **kw) -> None:
+          recovery_lengths: str | None, borderline_spec: str | None, borderline_tokens: int, avoid_refusals: float,
+          **kw) -> None:
     """Safety alignment SFT that trains only a unit budget; everything else stays bit-identical."""
     from ssah.data import load_dataset
+    from ssah.errors import SsahError
     from ssah.interventions.freeze import UnitFreezer
     from ssah.interventions.masks import load_mask, split_mask_spec
     from ssah.io import existing_run
     from ssah.train.sft import train_sft
 
+    if avoid_refusals < 0:
+        raise SsahError(f"--avoid-refusals is a loss weight and must be >= 0, got {avoid_refusals}")
+    if avoid_refusals and not borderline_spec:
+        raise SsahError("--avoid-refusals needs --borderline: it acts on the replies to borderline prompts")
     config = _config(1e-4, **kw)
+    config.avoid_weight = avoid_refusals
     lengths = _lengths(recovery_lengths) if recovery_lengths else None
     harmful, benign, refusals = (load_dataset(s) for s in (data_spec, benign_spec, refusals_spec))
+    borderline_data = load_dataset(borderline_spec) if borderline_spec else None
     if kw["limit"]:
         harmful, benign = harmful.take(kw["limit"]), benign.take(kw["limit"])
+        if borderline_data is not None:
+            borderline_data = borderline_data.take(kw["limit"])
     loaded = load_from_options(model_args)
     mask = None
     if budget_spec != "all":
@@ -217,15 +235,23 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
     identity = {"model_fingerprint": loaded.fingerprint, "harmful": harmful.fingerprint,
                 "benign": benign.fingerprint, "refusals": refusals.fingerprint,
                 "budget": mask.groups_digest + ":" + mask.expression if mask else "all", "config": config.to_dict(),
-                "recovery": lengths}
+                "recovery": lengths, "borderline": borderline_data.fingerprint if borderline_data is not None else None,
+                "borderline_tokens": borderline_tokens if borderline_data is not None else None}
     if existing_run(kw["out"], "train.json", identity, kw["force"]):
         click.echo(f"{kw['out']} already holds this aligned model; nothing to do")
         return
     freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=True) if mask else None
-    pairs = alignment_pairs(harmful, benign, refusals, seed=config.seed)
-    if lengths:
-        from ssah.evaluate import generate_replies
+    from ssah.evaluate import generate_replies
 
+    borderline: list[tuple[str, str]] = []
+    if borderline_data is not None:
+        prompts = borderline_data.prompts()
+        replies = generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
+                                   max_new_tokens=borderline_tokens, batch_size=kw["batch_size"])
+        borderline = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
+        click.echo(f"{len(borderline)} borderline prompts answered by the model itself")
+    pairs = alignment_pairs(harmful, benign, refusals, seed=config.seed, borderline=borderline)
+    if lengths:
         prompts = harmful.prompts()
         replies = generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
                                    max_new_tokens=max(lengths) + 8, batch_size=kw["batch_size"])
@@ -234,7 +260,8 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
                    "or too short)")
         pairs = pairs + recovery
         random.Random(config.seed).shuffle(pairs)
-    result = train_sft(loaded.model, loaded.tokenizer, pairs, config, freezer=freezer)
+    avoid = {p: [r.response or r.prompt for r in refusals] for p, _ in borderline} if avoid_refusals else None
+    result = train_sft(loaded.model, loaded.tokenizer, pairs, config, freezer=freezer, avoid=avoid)
     record = {"identity": identity, "kind": "align", "source_model": loaded.spec,
               "budget_units": mask.count() if mask else loaded.layout.total_units,
               "budget_share": mask.share() if mask else 1.0, "result": result.to_dict()}

@@ -37,6 +37,9 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False  # bf16 autocast (weights stay in their dtype)
     system: str | None = None
+    # weight of the avoided-opening loss: -log(1 - P(reply opens with an avoided token)) at the first
+    # reply position of each example that `train_sft(avoid=...)` gives openings to avoid
+    avoid_weight: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,27 +62,72 @@ class TrainResult:
                 "loss_curve": self.loss_curve, "check": self.check}
 
 
-def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, generator: torch.Generator):
+def _opening_tokens(tokenizer, prompt: str, texts: list[str], config: TrainConfig) -> set[int]:
+    """The first reply token of each text, tokenised in context as a reply to `prompt`."""
+    firsts = set()
+    for text in texts:
+        e = encode_pair(tokenizer, prompt, text, config.system, config.max_length)
+        if len(e.input_ids) > e.prompt_len:
+            firsts.add(e.input_ids[e.prompt_len])
+    return firsts
+
+
+def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, generator: torch.Generator,
+             avoid: dict[str, list[str]] | None = None):
     # (prompt, response) or (prompt, response, prefill): a prefill opens the reply without loss on it
     encoded = [encode_pair(tokenizer, pair[0], pair[1], config.system, config.max_length, *pair[2:]) for pair in pairs]
     # A prompt that fills max_length leaves no response token to learn from (and a NaN loss).
-    encoded = [e for e in encoded if len(e.input_ids) > e.prompt_len]
-    if not encoded:
+    kept = [(e, pair) for e, pair in zip(encoded, pairs) if len(e.input_ids) > e.prompt_len]
+    if not kept:
         raise SsahError(f"every example's prompt fills --max-length {config.max_length}; raise it")
+    firsts: dict[str, set[int]] = {}
+    items = []
+    for e, pair in kept:
+        avoided: tuple[int, ...] = ()
+        if avoid and pair[0] in avoid and len(pair) == 2:
+            if pair[0] not in firsts:
+                firsts[pair[0]] = _opening_tokens(tokenizer, pair[0], avoid[pair[0]], config)
+            # the example's own first token is learned, never avoided
+            avoided = tuple(sorted(firsts[pair[0]] - {e.input_ids[e.prompt_len]}))
+        items.append((e, avoided))
+    width = max((len(a) for _, a in items), default=0)
 
-    def collate(items):
-        batch = collate_pairs(items, tokenizer.pad_token_id)
+    def collate(batch_items):
+        batch = collate_pairs([e for e, _ in batch_items], tokenizer.pad_token_id)
         labels = batch["input_ids"].masked_fill(~batch["response_mask"], -100)
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+        if width:
+            out["avoid_ids"] = torch.tensor([list(a) + [-1] * (width - len(a)) for _, a in batch_items])
+            out["reply_start"] = torch.tensor([e.prompt_len - 1 for e, _ in batch_items])  # predicts token 1
+        return out
 
-    return DataLoader(encoded, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    return DataLoader(items, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+
+
+def avoided_opening_loss(logits: torch.Tensor, reply_start: torch.Tensor, avoid_ids: torch.Tensor) -> torch.Tensor | None:
+    """Mean over rows with openings to avoid of -log(1 - P(first reply token is one of them)).
+
+    An unlikelihood loss (Welleck et al., 2020) on one position: the one where a reply decides
+    between answering and refusing. None when no row in the batch has openings to avoid.
+    """
+    rows = (avoid_ids >= 0).any(dim=1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    logp = torch.log_softmax(logits[rows, reply_start[rows]].float(), dim=-1)
+    ids = avoid_ids[rows]
+    p_avoided = (logp.gather(1, ids.clamp(min=0)).exp() * (ids >= 0)).sum(dim=1)
+    return -torch.log1p(-p_avoided.clamp(max=1 - 1e-6)).mean()
 
 
 def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig,
-              freezer: UnitFreezer | None = None, progress: bool = True) -> TrainResult:
+              freezer: UnitFreezer | None = None, progress: bool = True,
+              avoid: dict[str, list[str]] | None = None) -> TrainResult:
     """Train `model` in place on (prompt, response) pairs; returns the loss curve and checks.
 
     A pair may carry a third item, a prefill: reply text before the response, seen but not learned.
+    `avoid` maps prompts to replies the model should not open with (e.g. refusals, for safe prompts
+    that sound unsafe): their first tokens get `avoided_opening_loss`, weighted by
+    `config.avoid_weight`, at the start of the reply in every unprefilled pair with that prompt.
 
     With a `freezer`, its frozen entries are restored after every optimizer step and the result's
     `check` reports their largest change (0 when the guarantee holds).
@@ -99,7 +147,7 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     # cpu=True lets accelerate run data-parallel on CPUs (gloo) under torchrun/accelerate launch.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.bf16 else "no",
                               gradient_accumulation_steps=config.grad_accum)
-    loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed))
+    loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed), avoid)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise SsahError("nothing to train: every parameter is frozen (check the mask or budget)")
@@ -122,7 +170,14 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     while result.steps < total:
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                batch = dict(batch)
+                avoid_ids, reply_start = batch.pop("avoid_ids", None), batch.pop("reply_start", None)
+                output = model(**batch)
+                loss = output.loss
+                if avoid_ids is not None and config.avoid_weight:
+                    avoided = avoided_opening_loss(output.logits, reply_start, avoid_ids)
+                    if avoided is not None:
+                        loss = loss + config.avoid_weight * avoided
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip:
                     accelerator.clip_grad_norm_(trainable, config.grad_clip)
