@@ -30,6 +30,24 @@ after 150 more were written (ids /33-/47 of sensitive_safe:train), with all 300:
 
 None reaches the issue's targets (ASR <= 25%, over-refusal <= 15%) on validation: at this size and
 step count, fewer over-refusals cost refusals of harmful prompts, as the repeats sweep shows.
+
+Rounds 5-7 add the avoided-opening loss (align.refusal_unlikelihood: -log(1 - P(the reply to a
+borderline prompt opens with a refusal's first token)), weight W) to r1-lr4. Their rule, set once
+round 5 and the first recipe of round 6 (lr 6e-4, W 0.1) had run, before the others: a recipe that
+meets both of the issue's targets on validation (ASR <= 25%, over-refusal <= 15%), the lowest ASR
+among several; if none, r1-lr4 stays.
+
+    round 5 (lr 4e-4): W 1.0 81.7 / 5.0   W 0.3 55.0 / 5.0   W 0.1 43.3 / 10.0
+    round 6: lr 6e-4 W 0.1 33.3 / 10.0   72 steps W 0.1 35.0 / 8.3   W 0.05 35.0 / 13.3
+    round 7: lr 6e-4 W 0.05 30.0 / 10.0   lr 8e-4 W 0.1 30.0 / 8.3
+    round 8: lr 1e-3 W 0.1 26.7 / 8.3   lr 8e-4 W 0.05 26.7 / 11.7   lr 1.2e-3 W 0.1 25.0 / 8.3
+    round 9: lr 1.5e-3 W 0.1 25.0 / 10.0   lr 1.2e-3 W 0.05 20.0 / 13.3   <- chosen (r1-lr12-ul005)
+
+r1-lr12-ul005 is also what the rounds 1-4 rule picks over all nine rounds (ASR <= 20%, then the
+lowest over-refusal). The learning rate is 3x the earlier choice: the avoided-opening loss lets a
+stronger step lower ASR without the over-refusal that lr 6e-4 cost alone (r3-lr6: 13.3 / 31.7).
+Its task accuracy on benign:calibration is 13.3% (6.7-15.0% across rounds 5-9); perplexity 12.1
+(11.3 at lr 4e-4).
 """
 
 import argparse
@@ -62,6 +80,23 @@ RECIPES = {
     # round 5: the chosen recipe plus a loss that makes refusal openings unlikely on borderline prompts
     "r1-lr4-ul1": ("per-layer", 1, 4e-4, 48, 1.0),
     "r1-lr4-ul3": ("per-layer", 1, 4e-4, 48, 3.0),
+    "r1-lr4-ul03": ("per-layer", 1, 4e-4, 48, 0.3),
+    "r1-lr4-ul01": ("per-layer", 1, 4e-4, 48, 0.1),
+    # round 6: the weight trades ASR for over-refusal much as borderline repeats do; more
+    # optimisation (lr or steps) lowered ASR at little over-refusal cost in rounds 2-3
+    "r1-lr6-ul01": ("per-layer", 1, 6e-4, 48, 0.1),
+    "r1-s72-ul01": ("per-layer", 1, 4e-4, 72, 0.1),
+    "r1-lr4-ul005": ("per-layer", 1, 4e-4, 48, 0.05),
+    # round 7: a higher lr with the weight, or a smaller weight with the higher lr
+    "r1-lr6-ul005": ("per-layer", 1, 6e-4, 48, 0.05),
+    "r1-lr8-ul01": ("per-layer", 1, 8e-4, 48, 0.1),
+    # round 8: further along the learning rate
+    "r1-lr10-ul01": ("per-layer", 1, 1e-3, 48, 0.1),
+    "r1-lr8-ul005": ("per-layer", 1, 8e-4, 48, 0.05),
+    "r1-lr12-ul01": ("per-layer", 1, 1.2e-3, 48, 0.1),
+    # round 9: is there margin beyond the first recipe to meet both targets?
+    "r1-lr15-ul01": ("per-layer", 1, 1.5e-3, 48, 0.1),
+    "r1-lr12-ul005": ("per-layer", 1, 1.2e-3, 48, 0.05),
 }
 # cached by the first run and reused: the unaligned model's replies and unit scores
 SHARED = ("2-align/borderline-replies.jsonl", "2-align/harmful-replies.jsonl",

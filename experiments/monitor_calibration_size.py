@@ -22,23 +22,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="the aligned model (a folder or any model SPEC)")
     parser.add_argument("--limits", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--threshold-sets", nargs="+", default=["preset"],
+                        help="threshold_calibration values to try: a dataset spec, 'none' (half of the borderline "
+                        "prompts set the threshold) or 'preset' (the demo preset's)")
     args = parser.parse_args()
 
     from ssah.config import load_config
-    from ssah.data import load_dataset
     from ssah.models.loading import load_model
-    from ssah.probe.monitor import calibrate_monitor
+    from ssah.probe.monitor import calibrate_named
 
     run_config = load_config("demo")
     loaded = load_model(args.model, device="cpu", dtype="fp32")
-    for limit in args.limits:
-        run_config.probe.monitor_settings["calibration_limit"] = limit
-        config = run_config.probe.monitor_config(run_config.data)
-        state = calibrate_monitor(loaded.model, loaded.tokenizer, load_dataset(config.harmful_calibration),
-                                  load_dataset(config.benign_calibration), config,
-                                  borderline_calib=load_dataset(config.borderline_calibration))
-        print(json.dumps({"calibration_limit": limit, "layers": state.layers, "threshold": float(state.threshold),
-                          **state.meta.get("calibration", {})}), flush=True)
+    for threshold_set in args.threshold_sets:
+        for limit in args.limits:
+            settings = run_config.probe.monitor_settings
+            settings["calibration_limit"] = limit
+            if threshold_set != "preset":
+                settings["threshold_calibration"] = None if threshold_set == "none" else threshold_set
+            config = run_config.probe.monitor_config(run_config.data)
+            state = calibrate_named(loaded.model, loaded.tokenizer, config)
+            print(json.dumps({"calibration_limit": limit, "threshold_calibration": config.threshold_calibration,
+                              "layers": state.layers, "threshold": float(state.threshold),
+                              **state.meta.get("calibration", {})}), flush=True)
 
 
 if __name__ == "__main__":
