@@ -1,10 +1,13 @@
 """How many calibration prompts the runtime monitor needs, judged on calibration prompts only.
 
     python experiments/monitor_calibration_size.py --model runs/demo/2-align/model-budget --limits 64 128
+    python experiments/monitor_calibration_size.py --model runs/demo/2-align/model-budget --limits 128 \
+        --threshold-sets none sensitive_safe:calibration
 
 Calibrates the demo's monitor on the given model with each `calibration_limit` (prompts per set:
-harmful, benign, borderline) and prints the layer, the threshold and the share of each calibration
-set flagged at it. No test prompt is read.
+harmful, benign, borderline) and each threshold set, and prints the layer, the threshold and the
+share of each calibration set flagged at it ("borderline_flag_rate" is the threshold set's when
+there is one). No test prompt is read.
 
 Measured on 2026-11-28 on the demo's final aligned model: 64 prompts flag 42% of the harmful set
 (benign 0%, borderline 3.1%; layer 27); 128 flag 73% (benign 0%, borderline 4.7%; layer 28).
