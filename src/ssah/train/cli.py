@@ -209,6 +209,7 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
     """Safety alignment SFT that trains only a unit budget; everything else stays bit-identical."""
     from ssah.data import load_dataset
     from ssah.errors import SsahError
+    from ssah.evaluate import generate_replies
     from ssah.interventions.freeze import UnitFreezer
     from ssah.interventions.masks import load_mask, split_mask_spec
     from ssah.io import existing_run
@@ -241,8 +242,6 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
         click.echo(f"{kw['out']} already holds this aligned model; nothing to do")
         return
     freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=True) if mask else None
-    from ssah.evaluate import generate_replies
-
     borderline: list[tuple[str, str]] = []
     if borderline_data is not None:
         prompts = borderline_data.prompts()
