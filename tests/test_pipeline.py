@@ -61,6 +61,18 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     assert _numbers(killed) == _numbers(tmp_path / "straight")
 
 
+# (config after the model line, the one-line error it must give)
+BAD_CONFIGS = [
+    ("scores:\n  scorer: variance\n  colour: red\n", "unknown config key 'scores.colour'"),
+    ("probe:\n  monitor_settings: {action: shout}\n", "monitor action 'shout' unknown"),
+    ("finetune:\n  settings: [plain, freeze_iii]\n", "unknown finetune setting 'freeze_iii'"),
+    ("align:\n  study: full\nfinetune:\n  settings: [freeze_budget]\n",
+     "needs align.enabled: true and align.study: budget"),
+    ("align:\n  refusal_unlikelihood: -1\n", "align.refusal_unlikelihood is a loss weight and must be >= 0"),
+    ("groups:\n  ranking: per_layer\n", "unknown groups.ranking 'per_layer'; use global, per-layer"),
+]
+
+
 def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsys):
     config = load_config(path=CONFIG)
     run_pipeline(config, tmp_path, only=("baseline",))
@@ -78,27 +90,12 @@ def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsy
     del stored["align"]["group_sizes"]
     (tmp_path / "older" / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=True))
     run_pipeline(older, tmp_path / "older", only=("baseline",))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model: tiny:llama\nscores:\n  scorer: variance\n  colour: red\n")
-    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
-                          "unknown config key 'scores.colour'")
     assert_one_line_error(run_cli(capsys, "run", "--preset", "demo", "--out", str(tmp_path), "--force", "nope"),
                           "unknown stage")
-    bad.write_text("model: tiny:llama\nprobe:\n  monitor_settings: {action: shout}\n")
-    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
-                          "monitor action 'shout' unknown")
-    bad.write_text("model: tiny:llama\nfinetune:\n  settings: [plain, freeze_iii]\n")
-    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
-                          "unknown finetune setting 'freeze_iii'")
-    bad.write_text("model: tiny:llama\nalign:\n  study: full\nfinetune:\n  settings: [freeze_budget]\n")
-    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
-                          "needs align.enabled: true and align.study: budget")
-    bad.write_text("model: tiny:llama\nalign:\n  refusal_unlikelihood: -1\n")
-    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
-                          "align.refusal_unlikelihood is a loss weight and must be >= 0")
-    bad.write_text("model: tiny:llama\ngroups:\n  ranking: per_layer\n")
-    assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")),
-                          "unknown groups.ranking 'per_layer'; use global, per-layer")
+    bad = tmp_path / "bad.yaml"
+    for body, message in BAD_CONFIGS:
+        bad.write_text("model: tiny:llama\n" + body)
+        assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")), message)
 
 
 @pytest.fixture(scope="module")
