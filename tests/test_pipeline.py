@@ -125,6 +125,20 @@ def test_full_run_writes_report_with_verdicts(full_run):
                   "monitor_halves_prefill_asr"):
         test = results["verdicts"][claim]["numbers"]["paired_test"]
         assert test["n"] == results["config"]["eval"]["limit"] and 0.0 <= test["p_value"] <= 1.0, claim
+    # paired before -> after: the change in the rate is (rose - fell) / n
+    numbers = {claim: results["verdicts"][claim]["numbers"] for claim in results["verdicts"]}
+    changes = {
+        "ru_alignment_lowers_asr": numbers["ru_alignment_lowers_asr"]["asr_aligned_ru"]
+        - numbers["ru_alignment_lowers_asr"]["asr_base"],
+        "prune_scu_breaks_safety_spares_utility": numbers["prune_scu_breaks_safety_spares_utility"]["asr_rise_scu"],
+        "finetune_attack_raises_asr": numbers["finetune_attack_raises_asr"]["asr_plain_finetune"]
+        - numbers["finetune_attack_raises_asr"]["asr_before"],
+        "monitor_halves_prefill_asr": numbers["monitor_halves_prefill_asr"]["prefill_asr_with"]
+        - numbers["monitor_halves_prefill_asr"]["prefill_asr_without"],
+    }
+    for claim, change in changes.items():
+        test = numbers[claim]["paired_test"]
+        assert math.isclose(change, (test["rose"] - test["fell"]) / test["n"], abs_tol=1e-9), claim
     html = (tmp_path / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Llama-2-7B-Chat (paper)" in html
     assert summaries["finetune"]["freeze_ii"]["train"]["check"]["max_abs_change_frozen"] == 0.0

@@ -108,16 +108,16 @@ def paired_tests(run) -> dict:
     """{claim: paired test} for the claims that compare two evaluations of the same prompts."""
     finetune = run.stage_dir("finetune") / "eval-plain"
     unpruned = run.prune_eval_dir("none")
+    # (before, after): "rose" counts prompts the change made succeed, "fell" those it made fail
     pairs = {
-        "ru_alignment_lowers_asr": (run.stage_dir("align") / "eval-budget", run.stage_dir("baseline") / "eval",
+        "ru_alignment_lowers_asr": (run.stage_dir("baseline") / "eval", run.stage_dir("align") / "eval-budget",
                                     "safety"),
         "prune_scu_breaks_safety_spares_utility": (unpruned, run.prune_eval_dir("SCU"), "safety"),
         "finetune_attack_raises_asr": (unpruned, finetune, "safety"),
-        "monitor_halves_prefill_asr": (run.stage_dir("probe") / "eval-monitor", run.studied_eval_dir(), "prefill"),
+        "monitor_halves_prefill_asr": (run.studied_eval_dir(), run.stage_dir("probe") / "eval-monitor", "prefill"),
     }
-    # each pair is (lower, higher) in the direction the claim predicts: the test is two-sided anyway
-    return {claim: test for claim, (low, high, suite) in pairs.items()
-            if (test := paired_outcomes(low, high, suite)) is not None}
+    return {claim: test for claim, (before, after, suite) in pairs.items()
+            if (test := paired_outcomes(before, after, suite)) is not None}
 
 
 def compute_verdicts(s: dict, paired: dict | None = None) -> dict:
@@ -291,7 +291,8 @@ def write_report(run) -> dict:
 def _paired_text(test: dict | None) -> str:
     if not test:
         return ""
-    return f"p = {test['p_value']:.2g} ({test['rose']} prompts rose, {test['fell']} fell, of {test['n']})"
+    return (f"p = {test['p_value']:.2g} (of {test['n']} prompts, {test['rose']} attacks began to succeed and "
+            f"{test['fell']} stopped)")
 
 
 def _html(run, s: dict, verdicts: dict) -> str:
