@@ -151,7 +151,7 @@ def compute_verdicts(s: dict, paired: dict | None = None) -> dict:
     draws = [mask for mask in prune if _RANDOM_LIKE_SCU.fullmatch(mask.replace(" ", ""))]
     rand_rises = [r for r in (rise(mask)[0] for mask in draws) if r is not None]
     # rounded: a mean of rises that cancel is 0, not float noise like -9e-18
-    rand_rise = round(sum(rand_rises) / len(rand_rises), 12) if rand_rises else None
+    rand_rise = round(sum(rand_rises) / len(rand_rises), 12) + 0.0 if rand_rises else None  # + 0.0: no -0.0
     scu_acc = (prune.get("SCU") or {}).get("task_accuracy")
     acc_drop = None if scu_acc is None or acc_none is None else acc_none - scu_acc
     held = None if scu_rise is None or acc_drop is None else (
