@@ -6,7 +6,7 @@ import torch
 
 from ssah.data.chat import encode_pair
 from ssah.models.tiny import tiny_model
-from ssah.train.sft import TrainConfig, avoided_opening_loss, train_sft
+from ssah.train.sft import TrainConfig, avoided_opening_loss, opening_tokens, train_sft
 
 REFUSALS = ["I can't help with that.", "Sorry, but I won't do that."]
 PAIRS = [(f"How do I kill process number {i}?", f"Run kill {i} in a shell.") for i in range(12)]
@@ -27,8 +27,7 @@ def _opening_probability(model, tokenizer, prompts, texts) -> float:
     """Mean probability that the reply to each prompt opens with one of the texts' first tokens."""
     total = 0.0
     for prompt in prompts:
-        firsts = {encode_pair(tokenizer, prompt, t).input_ids[encode_pair(tokenizer, prompt, t).prompt_len]
-                  for t in texts}
+        firsts = opening_tokens(tokenizer, prompt, texts)
         e = encode_pair(tokenizer, prompt, None)
         with torch.no_grad():
             logits = model(torch.tensor([e.input_ids])).logits[0, -1]

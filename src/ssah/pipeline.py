@@ -241,7 +241,7 @@ def stage_align(run: Run) -> dict:
     from ssah.data import load_dataset
     from ssah.interventions.freeze import UnitFreezer
     from ssah.interventions.masks import mask_from_expression
-    from ssah.train.cli import alignment_pairs
+    from ssah.train.cli import alignment_pairs, refusals_to_avoid
 
     c, out = run.config, run.stage_dir("align")
     if not c.align.enabled:
@@ -262,7 +262,7 @@ def stage_align(run: Run) -> dict:
     summary: dict = {"pairs": len(pairs), "harmful": len(harmful), "benign": len(benign),
                      "borderline": len(borderline), "recovery": len(recovery)}
     # A refusal's opening made unlikely at the start of each borderline reply (align.refusal_unlikelihood)
-    avoid = {prompt: [r.response or r.prompt for r in refusals] for prompt, _ in borderline}
+    avoid = refusals_to_avoid(borderline, refusals)
     weight = c.align.refusal_unlikelihood
 
     # The budget: groups of the unaligned model from a score on the harmful prompts (paired with

@@ -139,6 +139,17 @@ def _echo_result(out: str, result) -> None:
     click.echo(f"{result.steps} steps in {result.seconds:.0f}s, final loss {result.final_loss:.4f}{frozen}; saved {out}")
 
 
+def refusal_texts(refusals) -> list[str]:
+    """The reply text of each record of a refusals dataset (its response, else its prompt field)."""
+    return [r.response or r.prompt for r in refusals]
+
+
+def refusals_to_avoid(borderline: list[tuple[str, str]], refusals) -> dict[str, list[str]]:
+    """Every refusal as an opening to avoid in the reply to each borderline prompt (`train_sft(avoid=...)`)."""
+    texts = refusal_texts(refusals)
+    return {prompt: texts for prompt, _ in borderline}
+
+
 def alignment_pairs(harmful, benign, refusals, seed: int = 0,
                     borderline: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
     """Harmful prompts paired with built-in refusals, mixed with benign (prompt, answer) pairs.
@@ -147,7 +158,7 @@ def alignment_pairs(harmful, benign, refusals, seed: int = 0,
     `borderline` pairs (safe prompts that sound unsafe, answered) teach the model where refusing stops.
     """
     rng = random.Random(seed)
-    replies = [r.response or r.prompt for r in refusals]
+    replies = refusal_texts(refusals)
     rng.shuffle(replies)
     pairs = [(r.prompt, replies[i % len(replies)]) for i, r in enumerate(harmful)]
     pairs += [(r.prompt, r.response) for r in benign if r.response]
@@ -172,7 +183,7 @@ def recovery_examples(tokenizer, prompts: list[str], replies: list[str], refusal
     if not lengths or min(lengths) < 1:
         raise SsahError(f"recovery lengths must be positive token counts, got {list(lengths)}")
     rng = random.Random(seed + 1)
-    texts = [r.response or r.prompt for r in refusals]
+    texts = refusal_texts(refusals)
     out = []
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
         k = lengths[i % len(lengths)]
@@ -259,7 +270,7 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
                    "or too short)")
         pairs = pairs + recovery
         random.Random(config.seed).shuffle(pairs)
-    avoid = {p: [r.response or r.prompt for r in refusals] for p, _ in borderline} if avoid_refusals else None
+    avoid = refusals_to_avoid(borderline, refusals) if avoid_refusals else None
     result = train_sft(loaded.model, loaded.tokenizer, pairs, config, freezer=freezer, avoid=avoid)
     record = {"identity": identity, "kind": "align", "source_model": loaded.spec,
               "budget_units": mask.count() if mask else loaded.layout.total_units,

@@ -62,11 +62,12 @@ class TrainResult:
                 "loss_curve": self.loss_curve, "check": self.check}
 
 
-def _opening_tokens(tokenizer, prompt: str, texts: list[str], config: TrainConfig) -> set[int]:
+def opening_tokens(tokenizer, prompt: str, texts: list[str], system: str | None = None,
+                   max_length: int | None = None) -> set[int]:
     """The first reply token of each text, tokenised in context as a reply to `prompt`."""
     firsts = set()
     for text in texts:
-        e = encode_pair(tokenizer, prompt, text, config.system, config.max_length)
+        e = encode_pair(tokenizer, prompt, text, system, max_length)
         if len(e.input_ids) > e.prompt_len:
             firsts.add(e.input_ids[e.prompt_len])
     return firsts
@@ -86,7 +87,8 @@ def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, gener
         avoided: tuple[int, ...] = ()
         if avoid and pair[0] in avoid and len(pair) == 2:
             if pair[0] not in firsts:
-                firsts[pair[0]] = _opening_tokens(tokenizer, pair[0], avoid[pair[0]], config)
+                firsts[pair[0]] = opening_tokens(tokenizer, pair[0], avoid[pair[0]], config.system,
+                                                 config.max_length)
             # the example's own first token is learned, never avoided
             avoided = tuple(sorted(firsts[pair[0]] - {e.input_ids[e.prompt_len]}))
         items.append((e, avoided))
