@@ -85,8 +85,8 @@ def test_evaluate_model_api_takes_a_prepared_model(tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (("--suite", "safety,jailbreak"), ("unknown suite 'jailbreak'", "safety")),
-    (("--rules", "prefix,regex"), ("unknown rule 'regex'", "keywords")),
+    (("--suite", "safety,jailbreak"), ("unknown suites[1] 'jailbreak'", "safety")),
+    (("--rules", "prefix,regex"), ("unknown rules[1] 'regex'", "keywords")),
     (("--limit", "0"), ("--limit",)),
     (("--system-prompt", "none", "--system", "Be safe."), ("--system",)),
 ])
@@ -109,7 +109,7 @@ def test_output_folder_of_another_model_is_refused(capsys, tmp_path, small_data)
     (out / "eval.json").write_text(json.dumps({"model": {"key": "0123456789abcdef", "spec": "tiny:llama"}}))
     args = ("eval", *FAST, "--suite", "safety", "--system-prompt", "none", "--harmful", small_data["--harmful"],
             "--out", str(out))
-    assert_one_line_error(run_cli(capsys, *args), "another model", "--force")
+    assert_one_line_error(run_cli(capsys, *args), "already holds an evaluation made differently", "--force")
     forced = run_cli(capsys, *args, "--force")
     assert forced.code == 0, forced.err
     assert json.loads((out / "eval.json").read_text())["model"]["spec"] == "tiny:gpt2"

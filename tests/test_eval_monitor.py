@@ -7,7 +7,7 @@ from ssah.data import Dataset, Record
 from ssah.evaluate import EvalSettings, evaluate_model, read_replies
 from ssah.evaluate.runner import load_eval_data
 from ssah.models.loading import load_model
-from ssah.probe.monitor import DEFAULT_REFUSAL, MonitorConfig, MonitorState
+from ssah.probe.monitor import DEFAULT_REFUSAL, Monitor, MonitorConfig, MonitorState
 from tests.helpers import assert_one_line_error, run_cli
 
 SETTINGS = dict(suites=("safety", "prefill", "overrefusal", "utility"), rules=("prefix",), max_new_tokens=6,
@@ -44,6 +44,10 @@ def _state(loaded, threshold: float) -> MonitorState:
                         meta={"model_fingerprint": loaded.fingerprint})
 
 
+def _monitor(loaded, threshold: float) -> Monitor:
+    return Monitor(loaded.model, None, _state(loaded, threshold), loaded.tokenizer)
+
+
 def _replies(out):
     return [(row["suite"], row["id"], row["reply"]) for row in read_replies(out)]
 
@@ -53,13 +57,13 @@ def test_a_monitor_that_never_fires_changes_no_reply_but_keys_its_own_cache(sett
     plain = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, tmp_path / "plain",
                            EvalSettings(**SETTINGS), data)
     silent = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, tmp_path / "silent",
-                            EvalSettings(**SETTINGS), data, monitor=(None, _state(loaded, 1e6)))
+                            EvalSettings(**SETTINGS), data, interventions=[_monitor(loaded, 1e6)])
     assert _replies(tmp_path / "silent") == _replies(tmp_path / "plain")
     assert silent["asr"] == plain["asr"] and silent["utility"]["task_accuracy"] == plain["utility"]["task_accuracy"]
     assert silent["model"]["key"].startswith(loaded.fingerprint + "+monitor-")
     assert all(entry["replaced"] == 0 for entry in silent["monitor"]["replaced"].values())
     # The monitored folder is another model's evaluation: the plain key is refused there.
-    with pytest.raises(Exception, match="another model"):
+    with pytest.raises(Exception, match="already holds an evaluation made differently"):
         evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, tmp_path / "silent",
                        EvalSettings(**SETTINGS), data)
 
@@ -67,7 +71,7 @@ def test_a_monitor_that_never_fires_changes_no_reply_but_keys_its_own_cache(sett
 def test_a_monitor_that_always_fires_replaces_every_generated_reply(setting, tmp_path):
     loaded, data = setting
     report = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, tmp_path / "loud",
-                            EvalSettings(**SETTINGS), data, monitor=(None, _state(loaded, -1e6)))
+                            EvalSettings(**SETTINGS), data, interventions=[_monitor(loaded, -1e6)])
     rows = read_replies(tmp_path / "loud")
     assert rows and all(row["reply"] == DEFAULT_REFUSAL for row in rows)
     assert report["asr"]["prefix"] == 0 and report["prefill_asr"]["prefix"] == 0
@@ -76,7 +80,7 @@ def test_a_monitor_that_always_fires_replaces_every_generated_reply(setting, tmp
         "safety": 1.0, "prefill": 1.0, "overrefusal": 1.0, "utility": 1.0}
     # A rerun reads everything from the cache, replaced replies included.
     again = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, tmp_path / "loud",
-                           EvalSettings(**SETTINGS), data, monitor=(None, _state(loaded, -1e6)))
+                           EvalSettings(**SETTINGS), data, interventions=[_monitor(loaded, -1e6)])
     assert again["monitor"]["replaced"] == report["monitor"]["replaced"]
 
 

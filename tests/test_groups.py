@@ -8,9 +8,10 @@ import torch
 
 from ssah.errors import SsahError
 from ssah.units.groups import (
-    GROUP_NAMES, Groups, make_groups, normalize_scores, parse_sizes,
+    GROUP_NAMES, Groups, make_groups, normalize_scores,
 )
 from ssah.units.scores import Scores
+from ssah.units.sizes import parse_sizes
 from tests.helpers import assert_one_line_error, run_cli
 
 
@@ -178,7 +179,7 @@ def test_cli_groups_end_to_end(tmp_path, capsys):
     assert groups.counts()["SCU"] == round(0.013 * total) and groups.meta["total_units"] == total
     assert "reused" in run_cli(capsys, *args).out
     other = run_cli(capsys, *args, "--sizes", "scu=0.1,ucu=0.1,ru=0.1")
-    assert_one_line_error(other, "already holds other groups", "sizes", "--force")
+    assert_one_line_error(other, "already holds groups made differently", "sizes", "--force")
     forced = run_cli(capsys, *args, "--sizes", "scu=0.1,ucu=0.1,ru=0.1", "--force")
     assert forced.code == 0 and Groups.load(out).counts()["SCU"] == 24
 

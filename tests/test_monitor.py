@@ -221,7 +221,7 @@ def test_config_round_trips_and_rejects_unknown_keys(tmp_path):
     for name in ("m.yaml", "m.json"):
         assert MonitorConfig.load(config.save(tmp_path / name)) == config
     (tmp_path / "bad.yaml").write_text("action: stop\nthreshhold: 3\n")
-    with pytest.raises(SsahError, match="unknown key 'threshhold'"):
+    with pytest.raises(SsahError, match="unknown config key 'threshhold'"):
         MonitorConfig.load(tmp_path / "bad.yaml")
     with pytest.raises(SsahError, match="action"):
         MonitorConfig(action="explode")

@@ -64,38 +64,49 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
 # (config after the model line, the one-line error it must give)
 BAD_CONFIGS = [
     ("scores:\n  scorer: variance\n  colour: red\n", "unknown config key 'scores.colour'"),
-    ("probe:\n  monitor_settings: {action: shout}\n", "monitor action 'shout' unknown"),
-    ("finetune:\n  settings: [plain, freeze_iii]\n", "unknown finetune setting 'freeze_iii'"),
+    ("probe:\n  monitor_settings: {action: shout}\n", "unknown probe.monitor_settings.action 'shout'"),
+    ("finetune:\n  settings: [plain, freeze_iii]\n", "unknown finetune.settings[1] 'freeze_iii'"),
     ("align:\n  study: full\nfinetune:\n  settings: [freeze_budget]\n",
      "needs align.enabled: true and align.study: budget"),
-    ("align:\n  refusal_unlikelihood: -1\n", "align.refusal_unlikelihood is a loss weight and must be >= 0"),
+    ("align:\n  refusal_unlikelihood: -1\n", "align.refusal_unlikelihood must be >= 0"),
     ("groups:\n  ranking: per_layer\n", "unknown groups.ranking 'per_layer'; use global, per-layer"),
+    ("prune:\n  masks: [SCU, SCX]\n", "prune.masks: unknown mask term 'SCX'"),
+    ("groups:\n  sizes: {scu: 0, ucu: 0, ru: 0}\n", "every group size is 0"),
+    ("device: gpu0\n", "unknown device 'gpu0'"),
 ]
 
 
-def test_rerun_skips_finished_stages_and_other_config_is_refused(tmp_path, capsys):
+def _stamp(run_dir: Path, stage: str) -> int:
+    return (run_dir / stage / "done.json").stat().st_mtime_ns
+
+
+def test_rerun_reuses_what_a_change_leaves_valid_and_refuses_another_model(tmp_path, capsys):
     config = load_config(path=CONFIG)
     run_pipeline(config, tmp_path, only=("baseline",))
-    stamp = (tmp_path / "1-baseline" / "done.json").stat().st_mtime_ns
+    stamp = _stamp(tmp_path, "1-baseline")
     run_pipeline(config, tmp_path, only=("baseline",))
-    assert (tmp_path / "1-baseline" / "done.json").stat().st_mtime_ns == stamp
-    config.eval.max_new_tokens += 1
-    with pytest.raises(SsahError, match="made with another config"):
-        run_pipeline(config, tmp_path, only=("baseline",))
-    # A folder made before ssah added an optional key (stored without it) still counts as the same config.
-    older = load_config(path=CONFIG)
-    older.align.group_sizes = None
-    run_pipeline(older, tmp_path / "older", only=("baseline",))
-    stored = yaml.safe_load((tmp_path / "older" / "config.yaml").read_text())
-    del stored["align"]["group_sizes"]
-    (tmp_path / "older" / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=True))
-    run_pipeline(older, tmp_path / "older", only=("baseline",))
+    assert _stamp(tmp_path, "1-baseline") == stamp
+    config.prune.masks = ["SCU"]  # read by a later stage only: the baseline stays done
+    run_pipeline(config, tmp_path, only=("baseline",))
+    assert _stamp(tmp_path, "1-baseline") == stamp
+    config.eval.max_new_tokens += 1  # read by the baseline: it is redone
+    run_pipeline(config, tmp_path, only=("baseline",))
+    assert _stamp(tmp_path, "1-baseline") != stamp
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["eval"]["max_new_tokens"] == \
+        config.eval.max_new_tokens
+    other = load_config(path=CONFIG)
+    other.model = "tiny:qwen2"
+    with pytest.raises(SsahError, match="holds a run of model 'tiny:llama'"):
+        run_pipeline(other, tmp_path, only=("baseline",))
     assert_one_line_error(run_cli(capsys, "run", "--preset", "demo", "--out", str(tmp_path), "--force", "nope"),
                           "unknown stage")
+    assert_one_line_error(run_cli(capsys, "run", "--config", str(CONFIG), "--out", str(tmp_path), "--only", "prune"),
+                          "needs the groups stage")
     bad = tmp_path / "bad.yaml"
     for body, message in BAD_CONFIGS:
         bad.write_text("model: tiny:llama\n" + body)
         assert_one_line_error(run_cli(capsys, "run", "--config", str(bad), "--out", str(tmp_path / "x")), message)
+    assert not (tmp_path / "x").exists()  # a bad config writes nothing
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +200,10 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
 
 
 def test_saved_groups_are_remade_when_their_ranking_changes(tmp_path):
-    from ssah.pipeline import Run
+    from ssah.pipeline.context import RunContext
 
     config = load_config(path=CONFIG)
-    run = Run(config, tmp_path)
+    run = RunContext(config, tmp_path)
     loaded = run.load()
     first = run.score_and_group(loaded, tmp_path / "groups-stage")
     assert first.meta["ranking"] == "global"

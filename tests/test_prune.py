@@ -107,7 +107,7 @@ def test_prune_cli_saves_a_model_equal_to_the_reversible_prune(capsys, tmp_path,
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:qwen2", "--groups", str(tiny_groups),
                                   "--mask", "SCU", "--out", str(tmp_path / "p3")), "was made for model")
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),
-                                  "--mask", "RU", "--out", str(tmp_path / "pruned")), "holds another run")
+                                  "--mask", "RU", "--out", str(tmp_path / "pruned")), "already holds a pruned model made differently")
 
 
 def test_eval_with_prune_records_the_mask(capsys, tmp_path, tiny_groups):
@@ -122,7 +122,7 @@ def test_eval_with_prune_records_the_mask(capsys, tmp_path, tiny_groups):
     assert result.code == 0, result.err
     plain = json.loads((tmp_path / "plain" / "eval.json").read_text())
     pruned_report = json.loads((tmp_path / "p" / "eval.json").read_text())
-    assert pruned_report["model"]["pruned"]["mask"] == "SCU+UCU"
+    assert pruned_report["pruned"]["mask"] == "SCU+UCU" and pruned_report["pruned"]["units"] > 0
     assert pruned_report["model"]["key"] != plain["model"]["key"]
     assert pruned_report["refusal_score"] != plain["refusal_score"]
 
@@ -155,7 +155,7 @@ def test_recovery_examples_cut_compliant_replies_and_train(capsys, tmp_path, tin
 
     from ssah.data import load_dataset
     from ssah.models.tiny import tiny_tokenizer
-    from ssah.train.cli import recovery_examples
+    from ssah.train.data import recovery_examples
     from tests.helpers import assert_one_line_error, run_cli
 
     tok = tiny_tokenizer()

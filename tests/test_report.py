@@ -2,7 +2,7 @@
 
 import json
 
-from ssah.analysis.report import compute_verdicts, paired_outcomes
+from ssah.analysis.verdicts import compute_verdicts, paired_outcomes
 
 
 def _eval(asr, task=0.2, ppl=10.0, prefill=0.9, over=0.1, ci=None):

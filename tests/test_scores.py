@@ -260,7 +260,7 @@ def test_save_load_roundtrip_and_reuse(tmp_path):
     assert all(torch.equal(loaded_back.values[k], scores.values[k]) for k in scores.values)
     again = score_dataset(loaded, _dataset(), out=tmp_path / "S", batch_size=3, progress=False)
     assert again.reused  # batch size does not change activation scores, so the run is the same
-    with pytest.raises(SsahError, match="already holds other scores .*scorer"):
+    with pytest.raises(SsahError, match="already holds scores made differently .*scorer"):
         score_dataset(loaded, _dataset(), scorer="wanda", out=tmp_path / "S", progress=False)
     assert not score_dataset(loaded, _dataset(), scorer="wanda", out=tmp_path / "S", force=True,
                              progress=False).reused
@@ -278,27 +278,27 @@ def test_load_errors_are_clear(tmp_path):
     with pytest.raises(SsahError, match="scores.safetensors is damaged"):
         Scores.load(tmp_path / "S")
     (tmp_path / "S" / "manifest.json").write_text("{not json")
-    with pytest.raises(SsahError, match="not valid JSON"):
+    with pytest.raises(SsahError, match="is damaged"):
         Scores.load(tmp_path / "S")
 
 
 def test_self_replies_are_generated_once_and_cached(tmp_path, monkeypatch):
-    import ssah.units.scores as scores_module
+    import ssah.evaluate.generation as generation
 
     loaded = load_model("tiny:llama", device="cpu")
     calls = []
-    real = scores_module.generate_replies
+    real = generation._generate_batch
 
-    def counting(*args, **kwargs):
-        calls.append(len(args[2]))
-        return real(*args, **kwargs)
+    def counting(model, tokenizer, encoded, *args, **kwargs):
+        calls.append(len(encoded))
+        return real(model, tokenizer, encoded, *args, **kwargs)
 
-    monkeypatch.setattr(scores_module, "generate_replies", counting)
+    monkeypatch.setattr(generation, "_generate_batch", counting)
     data = _dataset(pairs=[(p, None) for p, _ in PAIRS[:3]])
     first = score_dataset(loaded, data, responses="self", max_new_tokens=4, out=tmp_path / "S", progress=False)
     assert calls == [3] and first.manifest["responses"] == "self"
     rows = [json.loads(line) for line in (tmp_path / "S" / "replies.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(r["model_fingerprint"] == loaded.fingerprint for r in rows)
+    assert len(rows) == 3 and all(len(r["tokens"]) <= 4 for r in rows)
     score_dataset(loaded, data, responses="self", max_new_tokens=4, out=tmp_path / "S", force=True, progress=False)
     assert calls == [3]  # replies came from the cache
 
@@ -327,13 +327,13 @@ def test_cli_score_writes_reuses_and_refuses(tmp_path, capsys):
     second = run_cli(capsys, *args)
     assert second.code == 0 and "reused" in second.out
     other = run_cli(capsys, *args[:-4], "--data", f"jsonl:{data}", "--limit", "2", "--out", out)
-    assert_one_line_error(other, "already holds other scores", "--force")
+    assert_one_line_error(other, "already holds scores made differently", "--force")
     forced = run_cli(capsys, *args[:-4], "--data", f"jsonl:{data}", "--limit", "2", "--out", out, "--force")
     assert forced.code == 0 and "scored 2 records" in forced.out
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     foreign = run_cli(capsys, *args[:-2], "--out", str(tmp_path / "notes"))
-    assert_one_line_error(foreign, "is not empty and holds no scores", "todo.txt")
+    assert_one_line_error(foreign, "holds files ssah did not write", "todo.txt")
 
 
 def test_cli_score_errors_are_one_line(tmp_path, capsys):

@@ -24,7 +24,7 @@ def setting(tmp_path_factory):
     loaded = load_model("tiny:llama")
     harmful = load_dataset("harmful:calibration").take(6)
     benign = load_dataset("benign:calibration").take(6)
-    common = dict(batch_size=4, max_length=256, progress=False)
+    common = dict(batch_size=4, max_length=256)
     score_dataset(loaded, harmful, responses="refusals", out=tmp / "S", **common)
     score_dataset(loaded, benign, out=tmp / "U", **common)
     probe = AttributeProbe.build(loaded, harmful, benign, samples=6, batch_size=4, max_length=256)
@@ -66,7 +66,7 @@ def test_sweep_follows_its_rule(setting, thresholds):
     loaded, safety, utility, probe, _ = setting
     t = SweepThresholds.parse(thresholds)
     before = _state(loaded.model)
-    sweep = sweep_sizes(loaded, safety, utility, probe, thresholds=t, progress=False)
+    sweep = sweep_sizes(loaded, safety, utility, probe, thresholds=t)
     after = _state(loaded.model)
     assert all(torch.equal(before[k], after[k]) for k in before), "the sweep must restore every pruned weight"
     record = sweep.to_dict()
@@ -103,7 +103,7 @@ def test_permissive_thresholds(setting):
     loaded, safety, utility, probe, _ = setting
     t = SweepThresholds.parse("hurt_safety=0,spare_safety=1,hurt_utility=0,spare_utility=1e9")
     sweep = sweep_sizes(loaded, safety, utility, probe, thresholds=t,
-                        grids={"scu": (0.05, 0.02), "ucu": (0.2, 0.1), "ru": (0.9, 0.5)}, progress=False)
+                        grids={"scu": (0.05, 0.02), "ucu": (0.2, 0.1), "ru": (0.9, 0.5)})
     base = sweep.baseline
     scu = [s for s in sweep.steps if s.group == "SCU"]
     if all(base.refusal_rate >= s.refusal_rate for s in scu):
@@ -117,8 +117,7 @@ def test_a_model_that_does_not_refuse_cannot_size_scu(setting):
     rate = probe.measure(loaded.model, loaded.tokenizer).refusal_rate
     assert rate < 1  # a random tiny model does not open its replies with refusals
     with pytest.raises(SsahError, match="cannot be sized automatically"):
-        sweep_sizes(loaded, safety, utility, probe, thresholds=SweepThresholds(hurt_safety=rate + 0.01),
-                    progress=False)
+        sweep_sizes(loaded, safety, utility, probe, thresholds=SweepThresholds(hurt_safety=rate + 0.01))
 
 
 def test_sweep_refuses_another_model(setting):
@@ -127,7 +126,7 @@ def test_sweep_refuses_another_model(setting):
     probe = AttributeProbe.build(other, load_dataset("harmful:calibration").take(2),
                                  load_dataset("benign:calibration").take(2))
     with pytest.raises(SsahError, match="not the model the scores were computed on"):
-        sweep_sizes(other, safety, utility, probe, progress=False)
+        sweep_sizes(other, safety, utility, probe)
 
 
 def test_thresholds_and_probe_inputs_are_checked():
@@ -159,7 +158,7 @@ def test_cli_sizes_auto(setting, capsys):
     assert sum(groups.counts()[name] for name in GROUP_NAMES) == meta["total_units"]
     assert "reused" in run_cli(capsys, *args).out
     changed = run_cli(capsys, *args[:-4], "--sweep-thresholds", "hurt_safety=0.05", "--out", out)
-    assert_one_line_error(changed, "already holds other groups", "--force")
+    assert_one_line_error(changed, "already holds groups made differently", "--force")
     assert_one_line_error(run_cli(capsys, *args[:-2], "--model", "tiny:qwen2", "--out", str(tmp / "G2")),
                           "not the model the scores were computed on")
     assert_one_line_error(run_cli(capsys, *args[:-4], "--sweep-thresholds", "hurt=1", "--out", str(tmp / "G3")),

@@ -23,7 +23,7 @@ _LAZY = {
     "score_dataset": "ssah.units.scores",
     "Scores": "ssah.units.scores",
     "make_groups": "ssah.units.groups",
-    "parse_sizes": "ssah.units.groups",
+    "parse_sizes": "ssah.units.sizes",
     "Groups": "ssah.units.groups",
     "mask_from_expression": "ssah.interventions.masks",
     "load_mask": "ssah.interventions.masks",

@@ -1,13 +1,16 @@
 """The `ssah` command line: one command, a subcommand per stage.
 
 Subcommands live beside the code they drive (e.g. `ssah.units.cli`) and are imported only
-when invoked, so `ssah --help` stays fast (no torch import). Every `SsahError` is printed as
-one line on stderr with exit status 2, never as a traceback.
+when invoked, so `ssah --help` stays fast (no torch import). Every `SsahError`, and every OS error
+(a read-only or full disk, a missing permission), is printed as one line on stderr with exit
+status 2, never as a traceback. The library reports progress through `logging` (logger `ssah`);
+the CLI prints its INFO messages on stdout (`--quiet`: warnings only).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import click
@@ -28,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "probe": ("ssah.probe.cli", "probe", "Reasoning-direction probe: refusal vs compliance per layer and step."),
     "transfer": ("ssah.analysis.cli", "transfer", "Cross-tabulate unit groups before and after training."),
     "run": ("ssah.run_cli", "run", "Run the whole SSAH study from a preset or config; resumable."),
+    "report": ("ssah.run_cli", "report", "Render a run folder's report again (results.json, report.html)."),
     "demo": ("ssah.run_cli", "demo", "The demo study on the built-in model into runs/demo."),
     "config": ("ssah.run_cli", "config", "Show experiment presets (ssah config show demo)."),
 }
@@ -52,10 +56,39 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a message is logged (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging(quiet: bool) -> None:
+    logger = logging.getLogger("ssah")
+    if not any(isinstance(h, _StdoutHandler) for h in logger.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ssah")
-def cli() -> None:
+@click.option("--quiet", "-q", is_flag=True, help="print warnings and results only, no progress messages")
+def cli(quiet: bool) -> None:
     """ssah: find, prune, freeze and train the neuron-level units that carry safety alignment."""
+    _configure_logging(quiet)
+
+
+def _os_error(err: OSError) -> str:
+    what = err.strerror or str(err) or type(err).__name__
+    where = err.filename or getattr(err, "filename2", None)
+    return f"{what}: {where}" if where else what
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,12 +98,18 @@ def main(argv: list[str] | None = None) -> None:
     except SsahError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
+    except OSError as err:  # a read-only or full disk, a missing permission: nothing a traceback explains
+        click.echo(f"error: {_os_error(err)}; nothing already finished was lost, rerun to resume", err=True)
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as err:
-        err.show()
-        sys.exit(err.exit_code)
+    except click.ClickException as err:  # a bad option value: one line, with where to read more
+        hint = ""
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            hint = f" (see {err.ctx.command_path} --help)"
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; finished artifacts are kept, rerun to resume", err=True)
         sys.exit(130)

@@ -1,4 +1,9 @@
-"""Atomic file and folder writes: a killed process never leaves a half-written artifact."""
+"""Atomic file and folder writes: a killed process never leaves a half-written artifact.
+
+Files are written to a hidden temporary sibling (``.NAME.*.tmp``), flushed and renamed over the
+target; folders are built in a hidden sibling (``.NAME.*``) and swapped in (`atomic_dir`). Both
+follow the user's umask, like any file the user's programs create. Cheap to import (no torch).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, data: bytes) -> None:
@@ -22,11 +33,38 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    atomic_write(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (see `atomic_write`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, rows: Sequence[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """A JSON file's content; one SsahError line (with the fix) when it is missing or damaged."""
+    from ssah.errors import SsahError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SsahError(f"{what} {path} is missing; {fix}") from None
+    except (OSError, ValueError) as err:
+        raise SsahError(f"{what} {path} is damaged ({str(err).splitlines()[0]}); {fix}") from None
 
 
 def save_png(figure, path: str | Path, **savefig_kwargs) -> Path:
@@ -63,50 +101,28 @@ def read_tensors_with_metadata(path: str | Path, what: str, missing_hint: str) -
         raise SsahError(f"{what} {path} is not a readable safetensors file: {err}") from err
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (see `atomic_write`)."""
-    atomic_write(path, (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8"))
-
-
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `target`, on error it is removed."""
+    """Yield a hidden temporary sibling folder; on success it takes `target`'s place, on error it is
+    removed. A `target` that exists is swapped out and removed only after the new folder is in place:
+    the caller must have checked that ssah wrote everything in it (`ssah.outputs.OutputFolder`)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared like any other folder
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs follow the umask
+        old = None
         if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.rename(target, old / target.name)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.rename(old / target.name, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def existing_run(out: str | Path, record: str, identity: dict, force: bool = False) -> dict | None:
-    """Guard an output folder: the record it holds if it was made from the same inputs, else None.
-
-    `identity` names what made the output (model fingerprint, data fingerprint, settings). A folder
-    holding a record with another identity is refused, so one run never overwrites another's
-    results; `force=True` allows redoing it.
-    """
-    from ssah.errors import SsahError
-
-    path = Path(out) / record
-    if not path.is_file():
-        if Path(out).is_dir() and any(Path(out).iterdir()) and not force:
-            raise SsahError(f"output folder {out} is not empty and holds no {record}; "
-                            "choose another folder or pass --force")
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise SsahError(f"{path} is not valid JSON ({err}); delete it or pass --force") from err
-    if force:
-        return None
-    differing = [k for k, v in identity.items() if saved.get("identity", {}).get(k) != v]
-    if differing:
-        raise SsahError(f"output folder {out} holds another run (different {', '.join(differing)}); "
-                        "choose another folder or pass --force")
-    return saved

@@ -1,8 +1,10 @@
-"""`ssah run`, `ssah demo` and `ssah config show`: the end-to-end experiment from a preset or file."""
+"""`ssah run`, `ssah demo`, `ssah report` and `ssah config show`: the end-to-end experiment."""
 
 from __future__ import annotations
 
 import click
+
+from ssah.defaults import PRESETS
 
 
 def _run(preset: str | None, config_file: str | None, out: str, from_stage: str | None, force: tuple[str, ...],
@@ -17,7 +19,7 @@ def _run(preset: str | None, config_file: str | None, out: str, from_stage: str 
 _stage_options = [
     click.option("--from", "from_stage", default=None, help="redo this stage and every later one"),
     click.option("--force", multiple=True, help="redo this stage (repeatable)"),
-    click.option("--only", multiple=True, help="run only this stage (repeatable; earlier ones must be done)"),
+    click.option("--only", multiple=True, help="run only this stage (repeatable; the stages it needs must be done)"),
 ]
 
 
@@ -28,7 +30,7 @@ def stage_options(func):
 
 
 @click.command("run")
-@click.option("--preset", default=None, help="a built-in preset: demo, paper-llama2, paper-llama3, paper-mistral")
+@click.option("--preset", default=None, help=f"a built-in preset: {', '.join(PRESETS)}")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="a YAML config file")
 @click.option("--out", required=True, type=click.Path(), help="the run folder (RUN_DIR)")
 @stage_options
@@ -41,8 +43,24 @@ def run(preset, config_file, out, from_stage, force, only) -> None:
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @stage_options
 def demo(out, from_stage, force, only) -> None:
-    """The `demo` preset on the built-in model (about half an hour on 2 idle CPU cores)."""
+    """The `demo` preset on the built-in model (about 20 minutes on 2 CPU cores)."""
     _run("demo", None, out, from_stage, force, only)
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path())
+def report(run_dir: str) -> None:
+    """Render a finished run's results.json and report.html again, from its config.yaml."""
+    from pathlib import Path
+
+    from ssah.config import load_config
+    from ssah.errors import SsahError
+    from ssah.pipeline import run_pipeline
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise SsahError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of ssah run")
+    run_pipeline(load_config(path=config_path), run_dir, force=("report",), only=("report",))
 
 
 @click.group("config")

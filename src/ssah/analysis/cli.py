@@ -14,7 +14,8 @@ def transfer(before_dir: str, after_dir: str, out: str) -> None:
     """Share of all units moving between SCU/UCU/CU/RU (the paper's Figures 5 and 6)."""
     from pathlib import Path
 
-    from ssah.analysis.transfer import plot_transfer, transfer_summary
+    from ssah.analysis.transfer import TRANSFER, plot_transfer, transfer_summary
+    from ssah.cli_common import output_folder
     from ssah.errors import SsahError
     from ssah.io import write_json_atomic
     from ssah.units.groups import Groups
@@ -25,9 +26,9 @@ def transfer(before_dir: str, after_dir: str, out: str) -> None:
             raise SsahError(f"the two groupings differ in {key} ({before.meta[key]} vs {after.meta[key]}); "
                             "regroup the trained model with the same settings")
     summary = transfer_summary(before, after)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(Path(out) / "transfer.json", summary)
-    plot_transfer(summary, Path(out) / "transfer.png")
+    with output_folder(out, TRANSFER, inputs=[before_dir, after_dir]):
+        plot_transfer(summary, Path(out) / "transfer.png")
+        write_json_atomic(Path(out) / "transfer.json", summary)
     click.echo("rows: before, columns: after (% of all units)")
     click.echo("       " + "".join(f"{g:>8}" for g in summary["groups"]))
     for name, row in zip(summary["groups"], summary["table_percent"]):

@@ -14,7 +14,10 @@ import torch
 
 from ssah.errors import SsahError
 from ssah.io import save_png
+from ssah.outputs import OutputKind
 from ssah.units.groups import GROUP_NAMES, Groups, make_groups
+
+TRANSFER = OutputKind("transfer", ("transfer.json", "transfer.png"), record="transfer.json")
 
 
 def regroup_like(before: Groups, safety_after, utility_after) -> Groups:

@@ -11,25 +11,31 @@ Building blocks: `generate_replies` (batched greedy generation, cached and resum
 judges (`load_judge`, `register_judge`, `apply_judge`).
 """
 
-from ssah.evaluate.generation import Generation, GenerationCache, generate_items, generate_replies, generate_texts
-from ssah.evaluate.judges import JUDGES, JudgeVerdict, load_judge, parse_guard_output, register_judge
-from ssah.evaluate.lm_eval_bridge import run_lm_eval
-from ssah.evaluate.refusal_score import RefusalScore, refusal_score
-from ssah.evaluate.rules import REFUSAL_OPENINGS, REFUSAL_PHRASES, RULES, attack_success, is_refusal, verdict
-from ssah.evaluate.runner import (
-    DEFAULT_SUITES, SUITES, EvalSettings, apply_judge, evaluate_model, load_eval_data, read_replies, read_report,
-)
-from ssah.evaluate.safety import DEFAULT_SYSTEM_PROMPT, attack_success_rate, overrefusal_rate, run_prompts
-from ssah.evaluate.scoring import continuation_logprobs, shared_continuation_logprobs
-from ssah.evaluate.stats import Rate, paired_exact_test, wilson_interval
-from ssah.evaluate.utility import MultipleChoiceItem, Perplexity, multiple_choice_accuracy, perplexity, task_accuracy
+import importlib
 
-__all__ = [
-    "DEFAULT_SUITES", "DEFAULT_SYSTEM_PROMPT", "JUDGES", "REFUSAL_OPENINGS", "REFUSAL_PHRASES", "RULES", "SUITES",
-    "EvalSettings", "Generation", "GenerationCache", "JudgeVerdict", "MultipleChoiceItem", "Perplexity", "Rate",
-    "RefusalScore", "apply_judge", "attack_success", "attack_success_rate", "continuation_logprobs",
-    "evaluate_model", "generate_items", "generate_replies", "generate_texts", "is_refusal", "load_eval_data",
-    "load_judge", "multiple_choice_accuracy", "overrefusal_rate", "paired_exact_test", "parse_guard_output", "perplexity",
-    "read_replies", "read_report", "refusal_score", "register_judge", "run_lm_eval", "run_prompts",
-    "shared_continuation_logprobs", "task_accuracy", "verdict", "wilson_interval",
-]
+# name -> module; imported on first use, so `ssah.evaluate.settings` stays importable without torch
+_EXPORTS = {
+    **dict.fromkeys(("Generation", "GenerationCache", "generate_items", "generate_replies", "generate_texts"),
+                    "generation"),
+    **dict.fromkeys(("JUDGES", "JudgeVerdict", "apply_judge", "load_judge", "parse_guard_output", "register_judge"),
+                    "judges"),
+    "run_lm_eval": "lm_eval_bridge",
+    "RefusalScore": "refusal", "refusal_score": "refusal",
+    **dict.fromkeys(("REFUSAL_OPENINGS", "REFUSAL_PHRASES", "RULES", "attack_success", "is_refusal", "verdict"),
+                    "rules"),
+    **dict.fromkeys(("evaluate_model", "load_eval_data", "read_replies", "read_report"), "runner"),
+    **dict.fromkeys(("DATA_ROLES", "DEFAULT_SYSTEM_PROMPT", "EvalSettings"), "settings"),
+    **dict.fromkeys(("attack_success_rate", "overrefusal_rate", "run_prompts"), "safety"),
+    **dict.fromkeys(("continuation_logprobs", "shared_continuation_logprobs"), "scoring"),
+    **dict.fromkeys(("Rate", "paired_exact_test", "wilson_interval"), "stats"),
+    **dict.fromkeys(("MultipleChoiceItem", "Perplexity", "multiple_choice_accuracy", "perplexity", "task_accuracy"),
+                    "utility"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,47 +2,46 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from pathlib import Path
 
 import click
 
-from ssah.cli_common import load_from_options, model_options
+from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.defaults import SYSTEM_PROMPT_MODES
 from ssah.errors import SsahError
+from ssah.evaluate.settings import EvalSettings
 
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+_DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in EvalSettings.model_fields.items()}
 
 
 @click.command("eval")
 @model_options
-@click.option("--suite", "suites", default="safety,refusal_score,prefill,overrefusal,utility", show_default=True,
+@click.option("--suite", "suites", default=",".join(_DEFAULTS["suites"]), show_default=True,
               help="comma-separated: safety (ASR), refusal_score (no generation), prefill, "
                    "overrefusal, utility")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="output folder")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="output folder")
 @click.option("--harmful", default=None, metavar="DATA", help="harmful prompts (default harmful:test)")
 @click.option("--sensitive", default=None, metavar="DATA",
               help="safe-but-sensitive prompts for over-refusal (default sensitive_safe:test; e.g. xstest-safe:PATH)")
 @click.option("--benign", default=None, metavar="DATA", help="checkable tasks for accuracy (default benign:test)")
 @click.option("--text", "text_data", default=None, metavar="DATA", help="text for perplexity (default text)")
-@click.option("--limit", type=int, default=None, help="use the first N items of each set (quick runs)")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="use the first N items of each set")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_DEFAULTS["max_new_tokens"], show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS["batch_size"], show_default=True)
 @click.option("--system", "system_text", default=None, metavar="TEXT",
               help="system prompt text of the 'default' condition (default: Llama-2-Chat's)")
-@click.option("--system-prompt", "system_mode", default="both", show_default=True,
-              type=click.Choice(["both", "none", "default"]),
+@click.option("--system-prompt", "system_mode", default=_DEFAULTS["system_prompt"], show_default=True,
+              type=click.Choice(SYSTEM_PROMPT_MODES),
               help="evaluate without a system prompt, with it, or both (rates pooled, and reported per condition)")
-@click.option("--rules", default="prefix,keywords", show_default=True, help="refusal rules: prefix, keywords")
+@click.option("--rules", default=",".join(_DEFAULTS["rules"]), show_default=True, help="refusal rules: prefix, keywords")
 @click.option("--judge", "judge_folder", default=None, metavar="FOLDER",
               help="local judge model folder (e.g. Llama-Guard-3-1B); runs after the model is freed")
 @click.option("--judge-kind", default="llama-guard", show_default=True, help="judge kind from the judge registry")
 @click.option("--lm-eval-tasks", default=None, metavar="TASKS",
               help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (needs: pip install lm-eval)")
 @click.option("--lm-eval-include", default=None, metavar="DIR", help="folder of extra lm-eval task YAML files")
-@click.option("--lm-eval-limit", type=int, default=None, help="at most N documents per lm-eval task")
+@click.option("--lm-eval-limit", type=click.IntRange(min=1), default=None, help="at most N documents per lm-eval task")
 @click.option("--prune", "prune_spec", default=None, metavar="GROUPS_DIR:MASK",
               help="evaluate with these units zeroed (reversibly), e.g. runs/x/groups:SCU or g:random:like=SCU")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of random masks (--prune)")
@@ -50,7 +49,7 @@ def _names(text: str) -> tuple[str, ...]:
               help="generate under the runtime monitor: a monitor config (.yaml/.json, calibrated now on its "
               "calibration splits, before any --prune) or a calibrated state (.safetensors, "
               "calibrate_monitor(...).save(PATH))")
-@click.option("--force", is_flag=True, help="overwrite an output folder that holds another model's evaluation")
+@click.option("--force", is_flag=True, help="replace an output folder that holds another model's evaluation")
 def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
                  batch_size, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
                  lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, force):
@@ -60,19 +59,45 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
     OUT/replies.jsonl (every reply with its verdicts) and OUT/generations.jsonl (the cache that makes
     a rerun free and an interrupted run resume).
     """
-    from ssah.evaluate.judges import JUDGES, check_judge_folder
-    from ssah.evaluate.runner import EvalSettings, apply_judge, evaluate_model, load_eval_data
-    from ssah.evaluate.safety import DEFAULT_SYSTEM_PROMPT
+    from ssah.evaluate.runner import EVALUATION, load_eval_data
 
     if system_text is not None and system_mode == "none":
         raise SsahError("--system has no effect with --system-prompt none; drop one of them")
-    settings = EvalSettings(
-        suites=_names(suites), rules=_names(rules), max_new_tokens=max_new_tokens, batch_size=batch_size,
-        system_prompt=system_mode, system=DEFAULT_SYSTEM_PROMPT if system_text is None else system_text,
-        limit=limit, lm_eval_tasks=_names(lm_eval_tasks or ""), lm_eval_limit=lm_eval_limit,
-        lm_eval_include=lm_eval_include,
-    ).validate()
+    settings = EvalSettings.from_dict(
+        {"suites": _names(suites), "rules": _names(rules), "max_new_tokens": max_new_tokens,
+         "batch_size": batch_size, "system_prompt": system_mode, "limit": limit,
+         "lm_eval_tasks": list(_names(lm_eval_tasks or "")), "lm_eval_limit": lm_eval_limit,
+         "lm_eval_include": lm_eval_include, **({} if system_text is None else {"system": system_text})})
     # Everything a user can get wrong is checked before the (possibly long) model load and run.
+    _check_extras(settings, lm_eval_tasks, judge_folder, judge_kind)
+    data = load_eval_data(settings.suites, settings.limit, harmful=harmful, sensitive=sensitive,
+                          benign=benign, text=text_data)
+    mask = _prune_mask(prune_spec, seed)
+    if monitor_path is not None and not Path(monitor_path).is_file():
+        raise SsahError(f"monitor file {monitor_path} does not exist; give a monitor state (.safetensors) "
+                        "or a monitor config (.yaml/.json)")
+    check_model_spec(model_args)
+    inputs = [spec.partition(":")[2] for spec in (harmful, sensitive, benign, text_data) if spec]
+    folder = output_folder(out_dir, EVALUATION, force=force,
+                           inputs=[*inputs, model_args["spec"], monitor_path, prune_spec and prune_spec.rsplit(":")[0]])
+    loaded = load_from_options(model_args)
+    with folder:
+        report = _evaluate(loaded, out_dir, settings, data, mask, monitor_path, force)
+        if judge_folder is not None:
+            # Free the evaluated model first: the judge and the model never sit in memory together.
+            del loaded
+            _free_memory()
+            report = _judge(out_dir, model_args, judge_folder, judge_kind, batch_size)
+    click.echo(summary(report, out_dir))
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _check_extras(settings: EvalSettings, lm_eval_tasks, judge_folder, judge_kind) -> None:
+    from ssah.evaluate.judges import JUDGES, check_judge_folder
+
     if lm_eval_tasks is not None:
         from ssah.evaluate.lm_eval_bridge import require_lm_eval
 
@@ -87,50 +112,48 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
         if not {"safety", "prefill"} & set(settings.suites):
             raise SsahError("--judge judges safety and prefill replies; add safety or prefill to --suite")
         check_judge_folder(judge_folder)
-    data = load_eval_data(settings.suites, settings.limit, harmful=harmful, sensitive=sensitive,
-                          benign=benign, text=text_data)
 
-    mask = None
-    if prune_spec is not None:
-        from ssah.interventions.masks import load_mask, split_mask_spec
 
-        mask = load_mask(*split_mask_spec(prune_spec), seed=seed)
-    if monitor_path is not None and not Path(monitor_path).is_file():
-        raise SsahError(f"monitor file {monitor_path} does not exist; give a monitor state (.safetensors) "
-                        "or a monitor config (.yaml/.json)")
-    loaded = load_from_options(model_args)
+def _prune_mask(prune_spec: str | None, seed: int):
+    if prune_spec is None:
+        return None
+    from ssah.interventions.masks import load_mask, split_mask_spec
+
+    return load_mask(*split_mask_spec(prune_spec), seed=seed)
+
+
+def _evaluate(loaded, out_dir: str, settings: EvalSettings, data: dict, mask, monitor_path, force: bool) -> dict:
+    """The evaluation under the interventions the options ask for: the monitor (calibrated on the
+    unpruned model) and a reversible prune."""
+    from ssah.evaluate.runner import evaluate_model
+
     info = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
-    monitor = None
+    interventions = []
     if monitor_path is not None:
-        from ssah.probe.monitor import monitor_from_file
+        from ssah.probe.monitor.calibration import monitor_from_file
+        from ssah.probe.monitor.runtime import Monitor
 
-        monitor = monitor_from_file(loaded.model, loaded.tokenizer, monitor_path)
+        config, state = monitor_from_file(loaded.model, loaded.tokenizer, monitor_path)
+        interventions.append(Monitor(loaded.model, config, state, loaded.tokenizer))
         info["monitor"] = str(monitor_path)
-    with contextlib.ExitStack() as stack:
-        key = loaded.fingerprint
-        if mask is not None:
-            from ssah.interventions.prune import pruned
+    if mask is not None:
+        from ssah.interventions.prune import pruned
 
-            stack.enter_context(pruned(loaded.model, loaded.layout, mask))
-            # The pruned model is another model: its own cache key and record.
-            key = f"{loaded.fingerprint}-pruned-{mask.groups_digest}-{mask.expression}-seed{seed}"
-            info["pruned"] = {"mask": mask.expression, "groups": mask.groups_digest, "units": mask.count(),
-                              "share": mask.share(), "seed": seed}
-        report = evaluate_model(loaded.model, loaded.tokenizer, key, out_dir, settings, data, model_info=info,
-                                force=force, monitor=monitor)
-    if judge_folder is not None:
-        # Free the evaluated model first: the judge and the model never sit in memory together.
-        del loaded
-        _free_memory()
-        from ssah.evaluate.judges import load_judge
+        interventions.insert(0, pruned(loaded.model, loaded.layout, mask))
+    return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out_dir, settings, data,
+                          model_info=info, force=force, interventions=interventions)
 
-        judge = load_judge(judge_folder, judge_kind, dtype=model_args["dtype"], device=model_args["device"],
-                           batch_size=batch_size)
-        try:
-            report = apply_judge(out_dir, judge)
-        finally:
-            judge.close()
-    click.echo(summary(report, out_dir))
+
+def _judge(out_dir: str, model_args: dict, judge_folder: str, judge_kind: str, batch_size: int) -> dict:
+    """Judge the replies saved in `out_dir` (see `apply_judge`)."""
+    from ssah.evaluate.judges import apply_judge, load_judge
+
+    judge = load_judge(judge_folder, judge_kind, dtype=model_args["dtype"], device=model_args["device"],
+                       batch_size=batch_size)
+    try:
+        return apply_judge(out_dir, judge)
+    finally:
+        judge.close()
 
 
 def _free_memory() -> None:

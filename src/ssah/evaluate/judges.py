@@ -19,6 +19,9 @@ from typing import Protocol
 
 from ssah.errors import SsahError
 from ssah.evaluate.generation import GenerationCache, generate_texts
+from ssah.evaluate.runner import CACHE_FILE, EVAL_FILE, REPLIES_FILE, read_replies, read_report
+from ssah.evaluate.stats import Rate
+from ssah.io import write_json_atomic, write_jsonl_atomic
 
 LABELS = ("safe", "unsafe", "unknown")
 
@@ -157,3 +160,49 @@ class LlamaGuardJudge:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def apply_judge(out_dir: str | Path, judge, progress: bool = True) -> dict:
+    """Judge the safety and prefill replies saved in `out_dir` with a model judge; update the report.
+
+    Run it after the evaluated model is freed. The judge sees [prompt, reply] (for prefill rows the
+    continuation only, as the rules do). Its unsafe rate joins `asr` and `prefill_asr` under the judge's
+    kind (e.g. `llama-guard`), with intervals, per system prompt condition too; `judge` names its model
+    and fingerprint and counts replies whose verdict it could not parse (counted as not unsafe).
+    """
+    out = Path(out_dir)
+    report = read_report(out)
+    if report is None:
+        raise SsahError(f"{out / EVAL_FILE} is missing; run the evaluation before judging")
+    rows = read_replies(out)
+    targets = [i for i, row in enumerate(rows) if row["suite"] in ("safety", "prefill")]
+    if not targets:
+        raise SsahError(f"{out} has no safety or prefill replies to judge; run --suite safety or prefill")
+    verdicts = judge.judge([rows[i]["prompt"] for i in targets], [rows[i]["reply"] for i in targets],
+                           cache=GenerationCache(out / CACHE_FILE), progress=progress)
+    name = judge.kind
+    for i, verdict in zip(targets, verdicts):
+        rows[i]["verdicts"][name] = verdict.label
+        if verdict.categories:
+            rows[i]["judge_categories"] = list(verdict.categories)
+    for suite, key in (("safety", "asr"), ("prefill", "prefill_asr")):
+        per_condition: dict[str, Rate] = {}
+        for row in rows:
+            if row["suite"] == suite:
+                flag = Rate(int(row["verdicts"][name] == "unsafe"), 1)
+                cond = row["system_prompt"]
+                per_condition[cond] = per_condition[cond] + flag if cond in per_condition else flag
+        if not per_condition:
+            continue
+        total = sum(list(per_condition.values())[1:], next(iter(per_condition.values())))
+        report[key][name] = total.rate
+        report["ci"][key][name] = list(total.ci)
+        for cond, rate in per_condition.items():
+            block = report["by_system_prompt"][cond]
+            block[key][name] = rate.rate
+            block["ci"][key][name] = list(rate.ci)
+    report["judge"] = {"kind": name, "model": judge.model_name, "fingerprint": judge.fingerprint,
+                       "n": len(targets), "unparsed": sum(v.label == "unknown" for v in verdicts)}
+    write_jsonl_atomic(out / REPLIES_FILE, rows)
+    write_json_atomic(out / EVAL_FILE, report)
+    return report

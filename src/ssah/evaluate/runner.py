@@ -1,18 +1,19 @@
 """`evaluate_model`: run the evaluation suites on a prepared model and write the report.
 
-The model arrives ready (loaded, pruned, fine-tuned ...) with a `model_key` that names it in the
-generation cache, so callers can modify a model (e.g. inside a pruning context manager) and still
-resume and reuse cached replies. Output folder:
+The model arrives ready (loaded, fine-tuned ...) with a `model_key` that names it in the generation
+cache; changes made only for the evaluation (pruning, a runtime monitor) come as `interventions`,
+which the evaluation applies and whose keys join the model key (`ssah.interventions.base`). Output
+folder:
 
 - `eval.json`: the report (see `evaluate_model`), written last and atomically: its presence marks a
-  finished evaluation, and its model key guards the folder against mixing two models.
+  finished evaluation, and its identity (model key, settings, data fingerprints) says whether a rerun
+  can reuse it (`ssah.artifacts`); another model's evaluation is never overwritten unasked.
 - `replies.jsonl`: one row per generated reply with its verdict under every rule (atomic).
 - `generations.jsonl`: the generation cache (append-only, fsync'ed per batch); rerunning the same
   evaluation regenerates nothing, an interrupted one resumes where it stopped.
 
-System prompt conditions: `none` (no system message: the model's own template default) and `default`
-(`settings.system`, by default the Llama-2-Chat system prompt). With `both`, the headline safety rates
-pool the two conditions (k and n summed: the paper's "ASR avg" when both have the same prompts) and
+System prompt conditions: see `ssah.evaluate.settings`. With `both`, the headline safety rates pool
+the two conditions (k and n summed: the paper's "ASR avg" when both have the same prompts) and
 `by_system_prompt` holds each one. Utility is measured without a system prompt.
 """
 
@@ -20,86 +21,28 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from ssah.artifacts import Artifact
 from ssah.data import Dataset, load_dataset
 from ssah.errors import SsahError
 from ssah.evaluate.generation import GenerationCache
-from ssah.evaluate.refusal_score import DEFAULT_MAX_OPENINGS, DEFAULT_OPENING_WORDS, RefusalScore, refusal_score
-from ssah.evaluate.rules import check_rules
-from ssah.evaluate.safety import DEFAULT_SYSTEM_PROMPT, OVERREFUSAL_RULE, SafetyRun, prefill_openings, run_prompts
+from ssah.evaluate.refusal import RefusalScore, refusal_score
+from ssah.evaluate.safety import OVERREFUSAL_RULE, SafetyRun, prefill_openings, run_prompts
+from ssah.evaluate.settings import DATA_ROLES, EvalSettings
 from ssah.evaluate.stats import Rate
-from ssah.evaluate.utility import (
-    DEFAULT_STRIDE, DEFAULT_WINDOW, Perplexity, TaskAccuracy, checkable, perplexity, task_accuracy,
-)
+from ssah.evaluate.utility import Perplexity, TaskAccuracy, checkable, perplexity, task_accuracy
+from ssah.interventions.base import Intervention, model_key as key_under
+from ssah.io import write_jsonl_atomic
+from ssah.outputs import OutputKind
 
-SUITES = ("safety", "refusal_score", "prefill", "overrefusal", "utility")
-DEFAULT_SUITES = ("safety", "refusal_score", "prefill", "overrefusal", "utility")
-SYSTEM_PROMPT_MODES = ("none", "default", "both")
 SCHEMA_VERSION = 1
 
 EVAL_FILE, REPLIES_FILE, CACHE_FILE = "eval.json", "replies.jsonl", "generations.jsonl"
-
-# data role -> (default spec, suites that need it)
-DATA_ROLES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "harmful": ("harmful:test", ("safety", "refusal_score", "prefill")),
-    "sensitive": ("sensitive_safe:test", ("overrefusal",)),  # the train split may be used in alignment
-    "benign": ("benign:test", ("utility",)),
-    "text": ("text", ("utility",)),
-    "refusals": ("refusals", ("refusal_score",)),
-    "compliance": ("compliance_openings", ("refusal_score", "prefill")),
-}
-
-
-@dataclass
-class EvalSettings:
-    """What to run and how. Unknown suites, rules or modes are rejected by `validate`."""
-
-    suites: tuple[str, ...] = DEFAULT_SUITES
-    rules: tuple[str, ...] = ("prefix", "keywords")
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    system_prompt: str = "both"  # which conditions: none, default or both
-    system: str = DEFAULT_SYSTEM_PROMPT  # the text of the `default` condition
-    limit: int | None = None  # first N records of each dataset
-    opening_words: int = DEFAULT_OPENING_WORDS
-    max_openings: int = DEFAULT_MAX_OPENINGS
-    ppl_window: int = DEFAULT_WINDOW
-    ppl_stride: int = DEFAULT_STRIDE
-    lm_eval_tasks: tuple[str, ...] = ()
-    lm_eval_limit: int | None = None
-    lm_eval_include: str | None = None
-    progress: bool = True
-
-    def validate(self) -> EvalSettings:
-        for suite in self.suites:
-            if suite not in SUITES:
-                raise SsahError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
-        if not self.suites:
-            raise SsahError(f"no suite given; known suites: {', '.join(SUITES)}")
-        self.suites = tuple(dict.fromkeys(self.suites))
-        self.rules = tuple(check_rules(list(self.rules)))
-        if self.system_prompt not in SYSTEM_PROMPT_MODES:
-            raise SsahError(f"unknown system prompt mode {self.system_prompt!r}; use one of "
-                            f"{', '.join(SYSTEM_PROMPT_MODES)}")
-        if self.system_prompt != "none" and not self.system.strip():
-            raise SsahError("the system prompt text is empty; give a text or use --system-prompt none")
-        for name in ("max_new_tokens", "batch_size", "opening_words", "max_openings", "ppl_window", "ppl_stride"):
-            if getattr(self, name) < 1:
-                raise SsahError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 1:
-            raise SsahError(f"--limit must be at least 1, got {self.limit}")
-        return self
-
-    def conditions(self) -> dict[str, str | None]:
-        """System prompt condition name -> system prompt text (None: no system message)."""
-        modes = ("none", "default") if self.system_prompt == "both" else (self.system_prompt,)
-        return {mode: (None if mode == "none" else self.system) for mode in modes}
+EVALUATION = OutputKind("evaluation", (EVAL_FILE, REPLIES_FILE, CACHE_FILE), record=EVAL_FILE)
 
 
 def load_eval_data(suites: Sequence[str], limit: int | None = None,
@@ -127,25 +70,6 @@ def load_eval_data(suites: Sequence[str], limit: int | None = None,
     return out
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary sibling and os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 def read_report(out_dir: str | Path) -> dict | None:
     """The eval.json in `out_dir`, or None when there is none."""
     path = Path(out_dir) / EVAL_FILE
@@ -154,23 +78,7 @@ def read_report(out_dir: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
-        raise SsahError(f"{path} is not valid JSON ({err}); remove it or pass --force") from None
-
-
-def check_output_folder(out_dir: str | Path, model_key: str, force: bool = False) -> Path:
-    """Refuse a folder that holds another model's evaluation (unless `force`)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SsahError(f"output {out} is a file; pass a folder to --out")
-    if force:
-        return out
-    report = read_report(out) if out.is_dir() else None
-    if report is not None:
-        previous = report.get("model", {})
-        if previous.get("key") != model_key:
-            raise SsahError(f"{out} holds an evaluation of another model ({previous.get('spec')!r}, key "
-                            f"{previous.get('key')}); pass --force to overwrite it, or choose another --out folder")
-    return out
+        raise SsahError(f"{path} is damaged ({err}); delete it to redo the evaluation") from None
 
 
 def _rate_map(rates: dict[str, Rate]) -> tuple[dict, dict, int]:
@@ -305,66 +213,92 @@ def _check_data(data: dict[str, Dataset], suites: Sequence[str]) -> None:
                         "needs checkable records (an `answer` field)")
 
 
-def monitor_key(model_key: str, monitor) -> str:
-    """The model key of an evaluation under a runtime monitor (a (config, state) pair), else `model_key`."""
-    if monitor is None:
-        return model_key
-    from ssah.probe.monitor import monitor_digest
-
-    return f"{model_key}+monitor-{monitor_digest(*monitor)}"
+def evaluation_artifact(out_dir: str | Path, model_key: str, settings: EvalSettings,
+                        data: dict[str, Dataset]) -> Artifact:
+    """The eval.json of an evaluation: reused when model key, settings and data are the same; a
+    folder holding another model's evaluation is refused (its guard is the model key)."""
+    identity = {"model": model_key, "settings": settings.identity(),
+                "data": {role: dataset.fingerprint for role, dataset in data.items()}}
+    return Artifact(Path(out_dir) / EVAL_FILE, "an evaluation", identity, guard=("model",))
 
 
 def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settings: EvalSettings | None = None,
                    data: dict[str, Dataset] | None = None, model_info: dict | None = None,
-                   force: bool = False, monitor=None) -> dict:
+                   force: bool = False, interventions: Sequence[Intervention] = (), replace: bool = False) -> dict:
     """Evaluate a prepared model and write eval.json + replies.jsonl in `out_dir`; returns the report.
 
-    `model_key` names the model in the generation cache and the folder guard (its fingerprint, plus
-    e.g. a prune-mask id when the caller modified it). `data` maps roles to datasets (default: the
-    built-in sets, see `load_eval_data`). `model_info` (e.g. spec and fingerprint) goes into the report.
+    `model_key` names the model in the generation cache and the folder guard (its fingerprint).
+    `interventions` (e.g. `pruned(...)`, a `Monitor`) are applied for the evaluation and undone after
+    it; each one's key joins the model key, a monitor's refusals replace the replies it flags (before
+    they are judged or cached: task replies too, so a monitor that flags benign tasks costs accuracy)
+    and each one adds its block to the report (e.g. `monitor`: the share of replies replaced per suite).
+    `data` maps roles to datasets (default: the built-in sets, see `load_eval_data`). `model_info`
+    (e.g. spec and fingerprint) goes into the report. A finished evaluation of the same model key,
+    settings and data is reused; one of another model is refused unless `force` (or `replace`, for
+    folders that belong to a run).
 
     Report keys: `asr` (rule -> rate), `prefill_asr` (rule -> rate), `refusal_score`,
     `overrefusal_rate` (+ `overrefusal_rule`), `utility` (task_accuracy, perplexity, lm_eval), `n`
     (items per metric), `ci` (Wilson 95% interval of every rate), `rules`, `by_system_prompt`, `data`
     (names and fingerprints), `model` (key, spec, fingerprint), `settings`, `seconds`. Metrics of suites
-    not run are null.
-
-    `monitor`, a (MonitorConfig | None, MonitorState) pair (see `ssah.probe.monitor`), puts every
-    generation under the runtime monitor; with its `stop` action a flagged reply is replaced by the
-    refusal text before it is judged or cached (task replies too, so a monitor that flags benign
-    tasks costs accuracy). The model key gains the monitor's digest (`monitor_key`), and the report a
-    `monitor` block with the share of replies replaced per suite. Perplexity runs no generation and is
-    unaffected.
+    not run are null. Perplexity runs no generation and is unaffected by a monitor.
     """
-    settings = (settings or EvalSettings()).validate()
-    model_key = monitor_key(model_key, monitor)
-    out = check_output_folder(out_dir, model_key, force)
+    settings = settings or EvalSettings()
+    key = key_under(model_key, interventions)
     data = data if data is not None else load_eval_data(settings.suites, settings.limit)
     _check_data(data, settings.suites)
+    artifact = evaluation_artifact(out_dir, key, settings, data)
+    found = artifact.lookup(force=force, replace=replace)
+    if found is not None:
+        return found
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        rewrite = None
-        if monitor is not None:
-            from ssah.probe.monitor import Monitor
-
-            active = stack.enter_context(Monitor(model, *monitor, tokenizer=tokenizer))
-            rewrite = active.apply_refusals
-        run = _Evaluation(model, tokenizer, model_key, settings, data, GenerationCache(out / CACHE_FILE), rewrite)
+        for intervention in interventions:
+            stack.enter_context(intervention)
+        run = _Evaluation(model, tokenizer, key, settings, data, GenerationCache(out / CACHE_FILE),
+                          _rewrite(interventions))
         conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
         utility = run.utility() if "utility" in settings.suites else None
+    report = _report(key, model_info, settings, conditions, utility, data)
+    for intervention in interventions:
+        block = intervention.report_block(run.rows)
+        if block is not None:
+            report[intervention.kind] = block
+    report["settings"] = settings.identity()
+    report["seconds"] = {k: round(v, 2) for k, v in run.seconds.items()}
+    write_jsonl_atomic(out / REPLIES_FILE, run.rows)  # replies first: eval.json marks a finished evaluation
+    return artifact.save(report)
 
+
+def _rewrite(interventions: Sequence[Intervention]):
+    """The interventions' reply rewrites in order, or None when none rewrites (keeps the cache plain)."""
+    active = [i for i in interventions if type(i).rewrite is not Intervention.rewrite]
+    if not active:
+        return None
+
+    def rewrite(replies: list[str]) -> list[str]:
+        for intervention in active:
+            replies = intervention.rewrite(replies)
+        return replies
+
+    return rewrite
+
+
+def _report(key: str, model_info: dict | None, settings: EvalSettings, conditions: dict, utility,
+            data: dict[str, Dataset]) -> dict:
     suites, results = settings.suites, list(conditions.values())
     report: dict = {
-        "schema": SCHEMA_VERSION, "model": {"key": model_key, **(model_info or {})}, "rules": list(settings.rules),
+        "schema": SCHEMA_VERSION, "model": {"key": key, **(model_info or {})}, "rules": list(settings.rules),
         "asr": None, "prefill_asr": None, "refusal_score": None, "overrefusal_rate": None,
         "overrefusal_rule": OVERREFUSAL_RULE if "overrefusal" in suites else None, "utility": None,
         "n": {}, "ci": {},
     }
     # With both system prompt conditions, the headline numbers pool them.
-    for key in ("asr", "prefill_asr"):
-        maps = [getattr(result, key) for result in results if getattr(result, key) is not None]
+    for name in ("asr", "prefill_asr"):
+        maps = [getattr(result, name) for result in results if getattr(result, name) is not None]
         if maps:
-            report[key], report["ci"][key], report["n"][key] = _rate_map(_pool_maps(maps))
+            report[name], report["ci"][name], report["n"][name] = _rate_map(_pool_maps(maps))
     scores = [result.refusal for result in results if result.refusal is not None]
     if scores:
         values = [value for score in scores for value in score.per_prompt]
@@ -380,37 +314,9 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
         report["utility"], accuracy, ppl = utility
         report["ci"]["task_accuracy"] = list(accuracy.accuracy.ci)
         report["n"]["task_accuracy"], report["n"]["perplexity_tokens"] = accuracy.accuracy.n, ppl.n_tokens
-
     report["by_system_prompt"] = {name: result.to_dict() for name, result in conditions.items()}
     report["data"] = {role: {"name": ds.name, "fingerprint": ds.fingerprint, "n": len(ds)} for role, ds in data.items()}
-    if monitor is not None:
-        report["monitor"] = _monitor_block(monitor, run.rows)
-    report["settings"] = {k: v for k, v in asdict(settings).items() if k != "progress"}
-    report["seconds"] = {k: round(v, 2) for k, v in run.seconds.items()}
-    write_jsonl(out / REPLIES_FILE, run.rows)  # replies first: eval.json marks a finished evaluation
-    atomic_write_text(out / EVAL_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
-
-
-def _monitor_block(monitor, rows: list[dict]) -> dict:
-    """What the monitor was and how many replies per suite it replaced (stop action: the replies equal
-    to its refusal text; counted from the rows so cached replies count too)."""
-    from ssah.probe.monitor import monitor_digest
-
-    config, state = monitor
-    config = config or state.config
-    block = {"digest": monitor_digest(config, state), "action": config.action, "layers": list(state.layers),
-             "threshold": float(config.threshold if config.threshold is not None else state.threshold),
-             "prompt_position": config.prompt_position, "calibration": state.meta.get("calibration"),
-             "replaced": None}
-    if config.action == "stop":
-        replaced: dict[str, dict] = {}
-        for row in rows:
-            entry = replaced.setdefault(row["suite"], {"n": 0, "replaced": 0})
-            entry["n"] += 1
-            entry["replaced"] += row["reply"] == config.refusal_text
-        block["replaced"] = {suite: {**e, "share": e["replaced"] / e["n"]} for suite, e in replaced.items()}
-    return block
 
 
 def read_replies(out_dir: str | Path) -> list[dict]:
@@ -421,47 +327,3 @@ def read_replies(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def apply_judge(out_dir: str | Path, judge, progress: bool = True) -> dict:
-    """Judge the safety and prefill replies saved in `out_dir` with a model judge; update the report.
-
-    Run it after the evaluated model is freed. The judge sees [prompt, reply] (for prefill rows the
-    continuation only, as the rules do). Its unsafe rate joins `asr` and `prefill_asr` under the judge's
-    kind (e.g. `llama-guard`), with intervals, per system prompt condition too; `judge` names its model
-    and fingerprint and counts replies whose verdict it could not parse (counted as not unsafe).
-    """
-    out = Path(out_dir)
-    report = read_report(out)
-    if report is None:
-        raise SsahError(f"{out / EVAL_FILE} is missing; run the evaluation before judging")
-    rows = read_replies(out)
-    targets = [i for i, row in enumerate(rows) if row["suite"] in ("safety", "prefill")]
-    if not targets:
-        raise SsahError(f"{out} has no safety or prefill replies to judge; run --suite safety or prefill")
-    verdicts = judge.judge([rows[i]["prompt"] for i in targets], [rows[i]["reply"] for i in targets],
-                           cache=GenerationCache(out / CACHE_FILE), progress=progress)
-    name = judge.kind
-    for i, verdict in zip(targets, verdicts):
-        rows[i]["verdicts"][name] = verdict.label
-        if verdict.categories:
-            rows[i]["judge_categories"] = list(verdict.categories)
-    for suite, key in (("safety", "asr"), ("prefill", "prefill_asr")):
-        per_condition: dict[str, Rate] = {}
-        for row in rows:
-            if row["suite"] == suite:
-                flag = Rate(int(row["verdicts"][name] == "unsafe"), 1)
-                cond = row["system_prompt"]
-                per_condition[cond] = per_condition[cond] + flag if cond in per_condition else flag
-        if not per_condition:
-            continue
-        total = sum(list(per_condition.values())[1:], next(iter(per_condition.values())))
-        report[key][name] = total.rate
-        report["ci"][key][name] = list(total.ci)
-        for cond, rate in per_condition.items():
-            block = report["by_system_prompt"][cond]
-            block[key][name] = rate.rate
-            block["ci"][key][name] = list(rate.ci)
-    report["judge"] = {"kind": name, "model": judge.model_name, "fingerprint": judge.fingerprint,
-                       "n": len(targets), "unparsed": sum(v.label == "unknown" for v in verdicts)}
-    write_jsonl(out / REPLIES_FILE, rows)
-    atomic_write_text(out / EVAL_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    return report

@@ -21,10 +21,9 @@ from ssah.data import Record, check_answer
 from ssah.errors import SsahError
 from ssah.evaluate.generation import Generation, GenerationCache, generate_items
 from ssah.evaluate.scoring import continuation_logprobs
+from ssah.evaluate.settings import DEFAULT_STRIDE, DEFAULT_WINDOW
 from ssah.evaluate.stats import Rate
 
-DEFAULT_WINDOW = 512
-DEFAULT_STRIDE = 256
 
 
 @dataclass(frozen=True)

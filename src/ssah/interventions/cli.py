@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import click
 
-from ssah.cli_common import load_from_options, model_options
+from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+
+PRUNE_RECORD = "ssah_prune.json"
 
 
 @click.command("prune")
@@ -13,24 +15,35 @@ from ssah.cli_common import load_from_options, model_options
 @click.option("--mask", "expression", required=True, help="mask expression, e.g. SCU, SCU+CU:top=0.06, random:like=SCU")
 @click.option("--seed", default=0, show_default=True, help="seed for random masks")
 @click.option("--out", required=True, type=click.Path(), help="output model folder")
-@click.option("--force", is_flag=True, help="overwrite an output folder made from other inputs")
+@click.option("--force", is_flag=True, help="replace an output folder ssah wrote from other inputs")
 def prune(model_args: dict, groups_dir: str, expression: str, seed: int, out: str, force: bool) -> None:
     """Permanently zero the units of a mask; `from_pretrained(OUT)` then computes the pruned model."""
+    from ssah.artifacts import Artifact
+    from ssah.interventions.expressions import parse_mask_expression
     from ssah.interventions.masks import load_mask
     from ssah.interventions.prune import prune_
-    from ssah.io import atomic_dir, existing_run, write_json_atomic
+    from ssah.outputs import OutputKind
+    from ssah.train.recipes import MODEL
 
-    loaded = load_from_options(model_args)
+    parse_mask_expression(expression)
     mask = load_mask(groups_dir, expression, seed)
-    identity = {"model_fingerprint": loaded.fingerprint, "mask": expression, "groups": mask.groups_digest, "seed": seed}
-    if existing_run(out, "ssah_prune.json", identity, force):
-        click.echo(f"{out} already holds this pruned model; nothing to do")
-        return
-    zeroed = prune_(loaded.model, loaded.layout, mask)
-    record = {"identity": identity, "units_pruned": mask.count(), "unit_share": mask.share(),
-              "entries_zeroed": zeroed, "source_model": loaded.spec}
-    with atomic_dir(out) as tmp:
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "ssah_prune.json", record)
+    kind = OutputKind("pruned model", (PRUNE_RECORD, *MODEL.own[1:]), record=PRUNE_RECORD, whole=True)
+    folder = output_folder(out, kind, inputs=[groups_dir, model_args["spec"]], force=force,
+                           need_bytes=check_model_spec(model_args).weight_bytes)
+    loaded = load_from_options(model_args)
+    mask.check_model(loaded.fingerprint, loaded.layout)
+    identity = {"model": loaded.fingerprint, "mask": mask.digest(), "expression": expression,
+                "groups": mask.groups_digest, "seed": seed}
+    artifact = Artifact(folder.path / PRUNE_RECORD, "a pruned model", identity)
+    with folder:
+        if artifact.lookup(force=force) is not None:
+            click.echo(f"{out} already holds this pruned model; nothing to do")
+            return
+        zeroed = prune_(loaded.model, loaded.layout, mask)
+        with folder.swap() as tmp:
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            Artifact(tmp / PRUNE_RECORD, artifact.kind, identity).save(
+                {"units_pruned": mask.count(), "unit_share": mask.share(), "entries_zeroed": zeroed,
+                 "source_model": loaded.spec})
     click.echo(f"pruned {mask.count()} units ({mask.share():.2%}) = {zeroed:,} entries; saved {out}")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ssah.errors import SsahError
+from ssah.interventions.base import Intervention
 from ssah.interventions.masks import UnitMask
 from ssah.units.layout import UnitLayout
 
@@ -76,14 +77,19 @@ def _masked_supported(optimizer: torch.optim.Optimizer, params: set[int]) -> str
     return None
 
 
-class UnitFreezer:
+class UnitFreezer(Intervention):
     """Keep some parameter entries fixed through any optimizer.
 
     `frozen`: units whose owned entries must not change. With `train_only=True` the meaning flips:
     the mask names the only units that may change, and every other parameter entry is frozen
     (the alignment budget). `copy`: None (default) picks ``masked`` mode when the optimizer allows it
     and ``copy`` otherwise (see the module docstring); True forces ``copy``; False demands ``masked``.
+
+    The gradient hooks are in place from construction on; as an `Intervention`, leaving its `with`
+    block removes them (`remove`).
     """
+
+    kind = "frozen"
 
     def __init__(self, model: nn.Module, layout: UnitLayout, mask: UnitMask, train_only: bool = False,
                  copy: bool | None = None):
@@ -125,6 +131,13 @@ class UnitFreezer:
                 rows = torch.zeros(s.param.shape[s.dim], dtype=torch.bool, device=s.param.device)
             rows[s.positions] = True
             self._frozen_rows[id(s.param)] = (s.param, s.dim, rows)
+
+    @property
+    def key(self) -> str:
+        return f"{'trainable' if self.train_only else 'frozen'}-{self.mask.digest()}"
+
+    def undo(self) -> None:
+        self.remove()
 
     def _add(self, param: nn.Parameter, dim: int, positions: torch.Tensor) -> None:
         if positions.numel() == 0 or not param.requires_grad:

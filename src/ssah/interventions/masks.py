@@ -1,16 +1,9 @@
 """Unit masks: a set of units, and the parameter entries those units own.
 
-Prune, freeze and align all take a `UnitMask`. Build one from saved groups with an expression:
+Prune, freeze and align all take a `UnitMask`. Build one from saved groups with an expression (see
+`ssah.interventions.expressions` for the syntax: SCU, SCU+CU:top=0.06, random:like=SCU, ...):
 
-    SCU                   one group (SCU, UCU, CU, RU; case-insensitive)
-    SCU+CU                a union of terms
-    SCU+CU:top=0.06       SCU plus the top 6% *of all units*, taken from CU, ranked by S-U
-                          (the paper's freeze setting (i): SCU + top 6% CU, about 7.5% of units).
-                          Rank with `by=`: s-u (default: most safety-leaning first), u-s, s, u, sum.
-    random:like=SCU       a control: per kind and layer, as many units as SCU has there, drawn
-                          uniformly (seeded) from the units outside SCU
-    random:frac=0.05      5% of all units, uniformly at random (seeded)
-    all                   every unit
+    mask = mask_from_expression(Groups.load("runs/x/groups"), "SCU+CU:top=0.06")
 
 The scores used for ranking are the normalised safety/utility scores stored with the groups.
 A mask remembers the fingerprint of the model its groups were computed on and is refused on
@@ -25,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from ssah.defaults import GROUP_NAMES
 from ssah.errors import SsahError
+from ssah.interventions.base import short_digest
+from ssah.interventions.expressions import RANK_KEYS, Term, parse_mask_expression
 from ssah.units.layout import UnitLayout
 
-RANK_KEYS = ("s-u", "u-s", "s", "u", "sum")
 
 
 @dataclass
@@ -39,6 +34,12 @@ class UnitMask:
     expression: str
     model_fingerprint: str | None = None
     groups_digest: str | None = None  # identifies the groups the mask was built from
+
+    def digest(self) -> str:
+        """16 hex digits naming exactly which units are selected (whatever expression selected them)."""
+        parts = [f"{kind}:{tuple(units.shape)};".encode() + units.to(torch.uint8).numpy().tobytes()
+                 for kind, units in sorted(self.units.items())]
+        return short_digest(*parts)
 
     def count(self) -> int:
         return int(sum(m.sum() for m in self.units.values()))
@@ -81,36 +82,24 @@ def layout_mask(layout: UnitLayout, fill: bool, expression: str, fingerprint: st
 
 
 def mask_from_expression(groups, expression: str, seed: int = 0) -> UnitMask:
-    """Parse a mask expression (see the module docstring) against saved `Groups`."""
-    from ssah.units.groups import GROUP_NAMES
-
-    text = expression.strip()
-    if not text:
-        raise SsahError("empty mask expression; use e.g. SCU, SCU+CU, SCU+CU:top=0.06 or random:like=SCU")
+    """Evaluate a mask expression (see `ssah.interventions.expressions`) against saved `Groups`.
+    `seed` draws the random terms that give no seed= of their own."""
+    terms = parse_mask_expression(expression)
     total = sum(labels.numel() for labels in groups.labels.values())
     selected = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in groups.labels.items()}
     generator = torch.Generator().manual_seed(seed)
-    for term in text.split("+"):
-        name, _, opts_text = term.strip().partition(":")
-        opts = _parse_options(opts_text, term)
-        key = name.strip().upper()
-        if key in GROUP_NAMES:
-            part = groups.members(key)
-            if "top" in opts:
-                part = _top_share(groups, part, _number(opts.pop("top"), float, "top", term), opts.pop("by", "s-u"),
-                                  total, term)
-        elif key == "ALL":
+    for term in terms:
+        if term.name in GROUP_NAMES:
+            part = groups.members(term.name)
+            if "top" in term.options:
+                part = _top_share(groups, part, term.options["top"], term.options.get("by", "s-u"), total, term.text)
+        elif term.name == "ALL":
             part = {k: torch.ones_like(v) for k, v in selected.items()}
-        elif key == "RANDOM":
-            part = _random_units(groups, opts, generator, term)
         else:
-            raise SsahError(f"unknown mask term {name.strip()!r} in {expression!r}; "
-                            f"use {', '.join(GROUP_NAMES)}, all, random:like=GROUP or random:frac=F")
-        if opts:
-            raise SsahError(f"unknown option(s) {', '.join(opts)} in mask term {term!r}")
+            part = _random_units(groups, term, generator)
         for kind in selected:
             selected[kind] |= part[kind]
-    return UnitMask(selected, text, groups.model_fingerprint, groups_digest(groups))
+    return UnitMask(selected, expression.strip(), groups.model_fingerprint, groups_digest(groups))
 
 
 def groups_digest(groups) -> str:
@@ -138,25 +127,6 @@ def load_mask(groups_dir: str, expression: str, seed: int = 0) -> UnitMask:
     return mask_from_expression(Groups.load(groups_dir), expression, seed)
 
 
-def _parse_options(text: str, term: str) -> dict[str, str]:
-    opts: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SsahError(f"mask option {item!r} in {term!r} needs the form key=value")
-        opts[key.strip().lower()] = value.strip()
-    return opts
-
-
-def _number(text: str, kind: type, option: str, term: str):
-    """A mask option's value as `kind`, or one clear error."""
-    try:
-        return kind(text)
-    except ValueError:
-        wanted = "an integer" if kind is int else "a number"
-        raise SsahError(f"mask option {option}={text!r} in {term!r} must be {wanted}") from None
-
-
 def _rank_score(groups, kind: str, by: str) -> torch.Tensor:
     s, u = groups.safety[kind].double(), groups.utility[kind].double()
     scores = {"s-u": s - u, "u-s": u - s, "s": s, "u": u, "sum": s + u}
@@ -169,8 +139,9 @@ def _top_share(groups, members: dict, fraction: float, by: str, total: int, term
     """The `fraction * total` highest-ranked units among `members` (all kinds ranked together)."""
     want = round(fraction * total)
     available = int(sum(m.sum() for m in members.values()))
-    if not 0 <= fraction <= 1 or want > available:
-        raise SsahError(f"{term!r} asks for {want} units but the group has {available}; lower top=")
+    if want > available:
+        raise SsahError(f"{term!r} asks for {want} units ({fraction:g} of all) but the group has {available}; "
+                        "lower top=")
     kinds = list(members)
     ranked = torch.cat([torch.where(members[k], _rank_score(groups, k, by), torch.tensor(-torch.inf,
                                     dtype=torch.float64)).flatten() for k in kinds])
@@ -184,11 +155,11 @@ def _top_share(groups, members: dict, fraction: float, by: str, total: int, term
     return out
 
 
-def _random_units(groups, opts: dict, generator: torch.Generator, term: str) -> dict:
-    if "seed" in opts:
-        generator.manual_seed(_number(opts.pop("seed"), int, "seed", term))
-    if "like" in opts:
-        reference = groups.members(opts.pop("like").upper())
+def _random_units(groups, term: Term, generator: torch.Generator) -> dict:
+    if "seed" in term.options:
+        generator.manual_seed(term.options["seed"])
+    if "like" in term.options:
+        reference = groups.members(term.options["like"])
         out = {}
         for kind, ref in reference.items():
             picked = torch.zeros_like(ref)
@@ -198,16 +169,12 @@ def _random_units(groups, opts: dict, generator: torch.Generator, term: str) -> 
                 picked[layer, pool[torch.randperm(pool.numel(), generator=generator)[:need]]] = True
             out[kind] = picked
         return out
-    if "frac" in opts:
-        fraction = _number(opts.pop("frac"), float, "frac", term)
-        if not 0 <= fraction <= 1:
-            raise SsahError(f"random:frac must be within [0, 1], got {fraction}")
-        flat = torch.cat([v.flatten() for v in groups.labels.values()])
-        chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-        chosen[torch.randperm(flat.numel(), generator=generator)[:round(fraction * flat.numel())]] = True
-        out, offset = {}, 0
-        for kind, labels in groups.labels.items():
-            out[kind] = chosen[offset:offset + labels.numel()].view(labels.shape)
-            offset += labels.numel()
-        return out
-    raise SsahError(f"{term!r} needs like=GROUP or frac=F")
+    fraction = term.options["frac"]
+    flat = torch.cat([v.flatten() for v in groups.labels.values()])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.randperm(flat.numel(), generator=generator)[:round(fraction * flat.numel())]] = True
+    out, offset = {}, 0
+    for kind, labels in groups.labels.items():
+        out[kind] = chosen[offset:offset + labels.numel()].view(labels.shape)
+        offset += labels.numel()
+    return out

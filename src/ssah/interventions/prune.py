@@ -1,18 +1,16 @@
 """Structured pruning: zero every parameter entry a set of units owns.
 
-`pruned(...)` is reversible (the model is restored on exit, even on error); `prune_` is
-permanent. Both edit weights rather than add hooks, so a pruned model saved with
+`pruned(...)` is reversible (an `Intervention`: the model is restored on exit, even on error);
+`prune_` is permanent. Both edit weights rather than add hooks, so a pruned model saved with
 `save_pretrained` is a normal Hugging Face model that computes exactly what `pruned` computed.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
+from ssah.interventions.base import Intervention
 from ssah.interventions.masks import UnitMask
 from ssah.models.fingerprint import model_fingerprint
 from ssah.units.layout import UnitLayout
@@ -32,22 +30,42 @@ def prune_(model: nn.Module, layout: UnitLayout, mask: UnitMask, check: bool = T
     return zeroed
 
 
-@contextlib.contextmanager
-def pruned(model: nn.Module, layout: UnitLayout, mask: UnitMask, check: bool = True) -> Iterator[nn.Module]:
-    """Within the block the masked units are zeroed; on exit the original weights come back.
+class Pruning(Intervention):
+    """The masked units zeroed while the `with` block runs; the original weights come back on exit.
 
     Only the owned slices are copied, so the memory cost is that of the pruned entries.
     """
-    if check:
-        mask.check_model(model_fingerprint(model), layout)
-    params = dict(model.named_parameters())
-    slices = mask.owned_slices(layout)
-    saved = {(name, dim): params[name].detach().index_select(dim, pos.to(params[name].device)).clone()
-             for (name, dim), pos in slices.items()}
-    try:
-        prune_(model, layout, mask, check=False)
-        yield model
-    finally:
-        with torch.no_grad():
-            for (name, dim), values in saved.items():
-                params[name].index_copy_(dim, slices[(name, dim)].to(values.device), values)
+
+    kind = "pruned"
+
+    def __init__(self, model: nn.Module, layout: UnitLayout, mask: UnitMask, check: bool = True):
+        if check:
+            mask.check_model(model_fingerprint(model), layout)
+        self.model, self.layout, self.mask = model, layout, mask
+        self.key = f"pruned-{mask.digest()}"
+        self._saved: dict | None = None
+
+    def apply(self) -> None:
+        params = dict(self.model.named_parameters())
+        self._slices = self.mask.owned_slices(self.layout)
+        self._saved = {(name, dim): params[name].detach().index_select(dim, pos.to(params[name].device)).clone()
+                       for (name, dim), pos in self._slices.items()}
+        prune_(self.model, self.layout, self.mask, check=False)
+
+    @torch.no_grad()
+    def undo(self) -> None:
+        if self._saved is None:
+            return
+        params = dict(self.model.named_parameters())
+        for (name, dim), values in self._saved.items():
+            params[name].index_copy_(dim, self._slices[(name, dim)].to(values.device), values)
+        self._saved = None
+
+    def report_block(self, rows: list[dict]) -> dict:
+        return {"mask": self.mask.expression, "groups": self.mask.groups_digest, "units": self.mask.count(),
+                "share": self.mask.share(), "digest": self.mask.digest()}
+
+
+def pruned(model: nn.Module, layout: UnitLayout, mask: UnitMask, check: bool = True) -> Pruning:
+    """Within `with pruned(...)` the masked units are zeroed; on exit the original weights come back."""
+    return Pruning(model, layout, mask, check)

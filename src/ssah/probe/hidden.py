@@ -159,3 +159,32 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], layers: Sequence
 def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     return pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+
+def request_marker(tokenizer) -> list[int]:
+    """The token ids every chat-formatted request ends with: the tail the chat template (or the plain
+    `User:`/`Assistant:` format) adds after the user's text to open the assistant turn. Found as the
+    longest common tail of three rendered prompts that end in different characters; [] if none."""
+    renders = [prompt_token_ids(tokenizer, text) for text in ("Hi", "Name a colour.", "What is 2+2?")]
+    tail: list[int] = []
+    for items in zip(*(reversed(ids) for ids in renders)):
+        if len(set(items)) != 1:
+            break
+        tail.append(items[0])
+    return tail[::-1]
+
+
+def request_ends(input_ids: torch.Tensor, marker: list[int]) -> torch.Tensor:
+    """Per row, the position of the last token of the last occurrence of `marker` (the end of the
+    request, before any text already placed in the reply); the last position where it does not occur."""
+    rows, width = input_ids.shape
+    last = torch.full((rows,), width - 1, dtype=torch.long, device=input_ids.device)
+    k = len(marker)
+    if k == 0 or width < k:
+        return last
+    windows = input_ids.unfold(1, k, 1)  # [B, width - k + 1, k]
+    hits = (windows == torch.tensor(marker, device=input_ids.device)).all(-1)
+    found = hits.any(1)
+    # index of the last hit: flip, take the first, map back; window j ends at position j + k - 1
+    last_hit = hits.shape[1] - 1 - hits.flip(1).float().argmax(1)
+    return torch.where(found, last_hit + k - 1, last)

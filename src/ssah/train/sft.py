@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,30 +19,9 @@ from torch.utils.data import DataLoader
 from ssah.data.chat import collate_pairs, encode_pair
 from ssah.errors import SsahError
 from ssah.interventions.freeze import TrainingCheck, UnitFreezer
+from ssah.train.settings import TrainConfig
 
-
-@dataclass
-class TrainConfig:
-    """Fine-tuning hyper-parameters. Defaults follow Qi et al. (2023) except batch size."""
-
-    lr: float = 2e-5
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    weight_decay: float = 0.0
-    warmup: float = 0.0  # share of steps with linear warm-up
-    grad_clip: float = 1.0
-    seed: int = 0
-    bf16: bool = False  # bf16 autocast (weights stay in their dtype)
-    system: str | None = None
-    # weight of the avoided-opening loss: -log(1 - P(reply opens with an avoided token)) at the first
-    # reply position of each example that `train_sft(avoid=...)` gives openings to avoid
-    avoid_weight: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+__all__ = ["TrainConfig", "TrainResult", "avoided_opening_loss", "opening_tokens", "train_sft"]
 
 
 @dataclass
@@ -136,7 +115,6 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     if not pairs:
@@ -164,9 +142,21 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     check = TrainingCheck(model)
     model.train()
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    start = time.perf_counter()
+    result = _loop(accelerator, model, optimizer, loader, scheduler, trainable, config, total, progress)
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    result.seconds = time.perf_counter() - start
+    result.check = check.report(model, freezer)
+    return result
+
+
+def _loop(accelerator, model, optimizer, loader, scheduler, trainable, config: TrainConfig, total: int,
+          progress: bool) -> TrainResult:
+    """Optimizer steps until `total`; the loss curve holds one mean loss per optimizer step."""
+    from tqdm.auto import tqdm
 
     result = TrainResult(steps=0)
-    start = time.perf_counter()
     bar = tqdm(total=total, desc="train", disable=not (progress and accelerator.is_main_process))
     window: list[float] = []
     while result.steps < total:
@@ -196,8 +186,4 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
                 if result.steps >= total:
                     break
     bar.close()
-    model = accelerator.unwrap_model(model)
-    model.eval()
-    result.seconds = time.perf_counter() - start
-    result.check = check.report(model, freezer)
     return result

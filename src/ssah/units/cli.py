@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import click
 
-from ssah.cli_common import load_from_options, model_options
-from ssah.errors import SsahError
+from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.defaults import ATTN_UNITS, DEFAULT_SCORER, DEFAULT_SIZES_TEXT, NORMALIZATIONS, RANKINGS, RESPONSE_SOURCES
+from ssah.defaults import DTYPES, TOKEN_SCOPES
 
 
 @click.command("units")
 @model_options
-@click.option("--attn-unit", type=click.Choice(["channel", "head"]), default="channel", show_default=True,
+@click.option("--attn-unit", type=click.Choice(ATTN_UNITS), default="channel", show_default=True,
               help="attention unit: one o_proj input channel, or one whole head")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
@@ -43,13 +43,13 @@ def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
 @model_options
 @click.option("--data", "data_spec", required=True, metavar="DATA",
               help="dataset spec, e.g. harmful:calibration, benign:calibration, jsonl:PATH (see `ssah data`)")
-@click.option("--scorer", default="variance", show_default=True,
+@click.option("--scorer", default=DEFAULT_SCORER, show_default=True,
               help="variance (paper Eq. 1), wanda, snip, activation, or any registered scorer")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
-@click.option("--responses", type=click.Choice(["dataset", "refusals", "self"]), default="dataset", show_default=True,
+@click.option("--out", required=True, type=click.Path(), help="output folder")
+@click.option("--responses", type=click.Choice(RESPONSE_SOURCES), default="dataset", show_default=True,
               help="replies to score: the dataset's, built-in refusals (paired by --seed), "
               "or the model's own greedy ones")
-@click.option("--token-scope", type=click.Choice(["all", "prompt", "response"]), default=None,
+@click.option("--token-scope", type=click.Choice(TOKEN_SCOPES), default=None,
               help="tokens that count: all non-padding (default; snip: response), prompt or response only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True,
@@ -59,32 +59,39 @@ def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="score only the first N records")
 @click.option("--seed", type=int, default=0, show_default=True, help="pairs prompts with refusals")
 @click.option("--system", default=None, metavar="TEXT", help="system prompt for every pair")
-@click.option("--attn-unit", type=click.Choice(["channel", "head"]), default="channel", show_default=True,
+@click.option("--attn-unit", type=click.Choice(ATTN_UNITS), default="channel", show_default=True,
               help="attention unit: one o_proj input channel, or one whole head")
-@click.option("--force", is_flag=True, help="recompute and overwrite whatever the output folder holds")
+@click.option("--force", is_flag=True, help="recompute and replace the scores ssah wrote in the output folder")
 def score(model_args: dict, data_spec: str, scorer: str, out: str, responses: str, token_scope: str | None,
           batch_size: int, max_length: int, max_new_tokens: int, limit: int | None, seed: int,
           system: str | None, attn_unit: str, force: bool) -> None:
     """Score every unit's importance on a dataset; writes scores.safetensors and manifest.json to --out."""
     from ssah.data import load_dataset
-    from ssah.units.scores import get_scorer, score_dataset
+    from ssah.units.scores import SCORES, get_scorer, score_dataset
 
     get_scorer(scorer)  # an unknown name fails before the model loads
     dataset = load_dataset(data_spec)
     if limit is not None:
         dataset = dataset.take(limit)
+    check_model_spec(model_args)
+    folder = output_folder(out, SCORES, inputs=[data_spec.partition(":")[2], model_args["spec"]], force=force)
     loaded = load_from_options(model_args)
     start = time.perf_counter()
-    result = score_dataset(loaded, dataset, scorer=scorer, responses=responses, token_scope=token_scope,
-                           batch_size=batch_size, max_length=max_length, system=system, seed=seed,
-                           max_new_tokens=max_new_tokens, attn_unit=attn_unit, out=out, force=force)
+    with folder:
+        result = score_dataset(loaded, dataset, scorer=scorer, responses=responses, token_scope=token_scope,
+                               batch_size=batch_size, max_length=max_length, system=system, seed=seed,
+                               max_new_tokens=max_new_tokens, attn_unit=attn_unit, out=out, force=force)
+    _echo_scores(result, out, time.perf_counter() - start)
+
+
+def _echo_scores(result, out: str, seconds: float) -> None:
     manifest = result.manifest
     if result.reused:
         click.echo(f"reused the scores already in {out} (same model, data and settings); pass --force to recompute")
     else:
         click.echo(f"scored {manifest['num_records']} records of {manifest['dataset_name']} "
                    f"(responses: {manifest['responses']}, {manifest['tokens_seen']:,} tokens, scope "
-                   f"{manifest['token_scope']}) with {manifest['scorer']} in {time.perf_counter() - start:.1f} s")
+                   f"{manifest['token_scope']}) with {manifest['scorer']} in {seconds:.1f} s")
     click.echo(f"model        {manifest['model_spec']}  (fingerprint {manifest['model_fingerprint']})")
     for kind, values in result.values.items():
         click.echo(f"{kind:<12} {values.shape[0]} layers x {values.shape[1]} units  "
@@ -97,17 +104,17 @@ def score(model_args: dict, data_spec: str, scorer: str, out: str, responses: st
               help="folder written by ssah score on safety data")
 @click.option("--utility", "utility_dir", required=True, type=click.Path(),
               help="folder written by ssah score on utility data (same model)")
-@click.option("--sizes", default="scu=0.013,ucu=0.133,ru=0.148", show_default=True,
+@click.option("--sizes", default=DEFAULT_SIZES_TEXT, show_default=True,
               help="fractions of all units (or percentages, e.g. scu=1.3%); CU is the rest. 'auto': choose "
               "each size by a pruning sweep on the model (see --sweep-*)")
-@click.option("--normalize", type=click.Choice(["rank", "mean", "zscore-per-layer"]), default="rank",
-              show_default=True, help="how S and U are made comparable before subtracting (per unit kind): "
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=NORMALIZATIONS[0], show_default=True,
+              help="how S and U are made comparable before subtracting (per unit kind): "
               "percentiles, division by the mean, or z-scores per layer")
-@click.option("--ranking", type=click.Choice(["global", "per-layer"]), default="global", show_default=True,
+@click.option("--ranking", type=click.Choice(RANKINGS), default=RANKINGS[0], show_default=True,
               help="rank units across all layers, or within each layer")
 @click.option("--model", "model_spec", default=None, metavar="SPEC",
               help="--sizes auto: the scored model (default: the spec recorded with the safety scores)")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="--sizes auto: model dtype")
 @click.option("--device", default="auto", show_default=True, help="--sizes auto: model device")
 @click.option("--sweep-safety-data", default=None, metavar="DATA",
@@ -118,60 +125,52 @@ def score(model_args: dict, data_spec: str, scorer: str, out: str, responses: st
               help="--sizes auto: records of each sweep dataset")
 @click.option("--sweep-thresholds", default=None, metavar="NAME=V,...",
               help="--sizes auto: hurt_safety (0.3), spare_safety (0.1), hurt_utility (0.5), spare_utility (0.1)")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder")
-@click.option("--force", is_flag=True, help="recompute and overwrite whatever the output folder holds")
+@click.option("--out", required=True, type=click.Path(), help="output folder")
+@click.option("--force", is_flag=True, help="recompute and replace the groups ssah wrote in the output folder")
 def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, ranking: str, model_spec: str | None,
            dtype: str, device: str, sweep_safety_data: str | None, sweep_utility_data: str | None,
            sweep_samples: int, sweep_thresholds: str | None, out: str, force: bool) -> None:
     """Sort units into SCU / UCU / CU / RU; writes groups.safetensors, groups.json and a per-layer plot."""
-    from ssah.units.groups import (
-        GROUP_NAMES, SIZE_KEYS, SWEEP_PLOT_FILE, check_compatible, existing_groups, make_groups, parse_sizes,
-    )
+    from ssah.units.recipes import GROUPS, group_units
     from ssah.units.scores import Scores
+    from ssah.units.sizes import parse_sizes
 
     auto = sizes.strip().lower() == "auto"
-    fractions = None if auto else parse_sizes(sizes)
+    fractions = "auto" if auto else parse_sizes(sizes)
     safety, utility = Scores.load(safety_dir), Scores.load(utility_dir)
-    check_compatible(safety, utility)
-    expected = {
-        "model_fingerprint": safety.model_fingerprint,
-        "safety": {"values_sha256": safety.digest()},
-        "utility": {"values_sha256": utility.digest()},
-        "normalize": normalize,
-        "ranking": ranking,
-    }
-    probe = loaded = None
+    folder = output_folder(out, GROUPS, inputs=[safety_dir, utility_dir], force=force)
+    sweep = None
     if auto:
-        from ssah.data import load_dataset
-        from ssah.models.loading import load_model
-        from ssah.units.size_sweep import DEFAULT_GRIDS, AttributeProbe, SweepThresholds, request_key
-
-        thresholds = SweepThresholds.parse(sweep_thresholds)
-        safety_data = load_dataset(sweep_safety_data or _recorded_dataset(safety, "safety"))
-        utility_data = load_dataset(sweep_utility_data or _recorded_dataset(utility, "utility"))
-        loaded = load_model(model_spec or _recorded_model(safety), dtype=dtype, device=device)
-        probe = AttributeProbe.build(loaded, safety_data, utility_data, samples=sweep_samples)
-        expected["size_selection"] = {"request": request_key(thresholds, DEFAULT_GRIDS, probe.data)}
-    else:
-        expected["sizes"] = {key: fractions[key] for key in SIZE_KEYS}
-    result = None if force else existing_groups(out, expected)
-    if result is not None:
+        sweep = _sweep_spec(safety, model_spec, dtype, device, sweep_safety_data, sweep_utility_data,
+                            sweep_samples, sweep_thresholds)
+    start = time.perf_counter()
+    with folder:
+        result = group_units(safety, utility, out, fractions, normalize=normalize, ranking=ranking, sweep=sweep,
+                             force=force)
+    if result.reused:
         click.echo(f"reused the groups already in {out} (same scores and settings); pass --force to recompute")
     elif auto:
-        from ssah.units.size_sweep import plot_size_sweep, sweep_sizes
+        steps = len(result.meta["size_selection"]["steps"])
+        click.echo(f"size sweep: {steps} pruned evaluations in {time.perf_counter() - start:.1f} s")
+    _echo_groups(result, out)
 
-        start = time.perf_counter()
-        sweep = sweep_sizes(loaded, safety, utility, probe, normalize=normalize, ranking=ranking,
-                            thresholds=thresholds)
-        click.echo(f"size sweep: {len(sweep.steps)} pruned evaluations in {time.perf_counter() - start:.1f} s")
-        result = make_groups(safety, utility, sweep.sizes, normalize=normalize, ranking=ranking)
-        result.meta["size_selection"] = sweep.to_dict()
-        Path(out).mkdir(parents=True, exist_ok=True)
-        plot_size_sweep(sweep, Path(out) / SWEEP_PLOT_FILE)
-        result.save(out)
-    else:
-        result = make_groups(safety, utility, fractions, normalize=normalize, ranking=ranking)
-        result.save(out)
+
+def _sweep_spec(safety, model_spec, dtype, device, safety_data, utility_data, samples, thresholds):
+    from ssah.data import load_dataset
+    from ssah.models.loading import load_model
+    from ssah.units.recipes import SweepSpec
+    from ssah.units.size_sweep import SweepThresholds
+
+    parsed = SweepThresholds.parse(thresholds)
+    safety_data = load_dataset(safety_data) if safety_data else None
+    utility_data = load_dataset(utility_data) if utility_data else None
+    loaded = load_model(model_spec or _recorded_model(safety), dtype=dtype, device=device)
+    return SweepSpec(loaded, safety_data, utility_data, samples, parsed)
+
+
+def _echo_groups(result, out: str) -> None:
+    from ssah.defaults import GROUP_NAMES
+
     meta = result.meta
     per_kind = meta["counts_per_kind"]
     kinds = list(per_kind)
@@ -192,14 +191,9 @@ def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, rankin
                + (f", {out}/size_sweep.png" if selection else ""))
 
 
-def _recorded_dataset(scores, role: str) -> str:
-    name = scores.manifest.get("dataset_name")
-    if not name:
-        raise SsahError(f"the {role} scores do not record their dataset; pass --sweep-{role}-data")
-    return name
-
-
 def _recorded_model(scores) -> str:
+    from ssah.errors import SsahError
+
     spec = scores.manifest.get("model_spec")
     if not spec:
         raise SsahError("the safety scores do not record their model; pass --model")

@@ -62,17 +62,14 @@ from typing import Any
 
 import torch
 
+from ssah.defaults import DEFAULT_SIZES, GROUP_NAMES, NORMALIZATIONS, RANKINGS, SIZE_KEYS
 from ssah.errors import SsahError
 from ssah.io import atomic_write, save_png
-from ssah.units.scores import Scores, existing_run, read_manifest, read_tensors
+from ssah.units.sizes import check_sizes, group_counts
+from ssah.artifacts import Artifact
+from ssah.units.scores import Scores, read_manifest, read_tensors
 
-GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
 ASSIGNMENT_ORDER: tuple[str, ...] = ("SCU", "UCU", "RU")  # CU is the rest
-SIZE_KEYS: tuple[str, ...] = ("scu", "ucu", "ru")
-DEFAULT_SIZES: dict[str, float] = {"scu": 0.013, "ucu": 0.133, "ru": 0.148}  # the paper's Llama-2-7B-Chat sizes
-DEFAULT_SIZES_TEXT = "scu=0.013,ucu=0.133,ru=0.148"
-NORMALIZATIONS: tuple[str, ...] = ("rank", "mean", "zscore-per-layer")  # the first is the default
-RANKINGS: tuple[str, ...] = ("global", "per-layer")
 RULE = "SCU: highest S-U; then UCU: highest U-S; then RU: lowest S+U; CU: the rest"
 ROUNDING = "count = floor(fraction * total_units + 0.5); per-layer ranking splits it by largest remainder"
 
@@ -81,67 +78,6 @@ GROUPS_FILE = "groups.safetensors"
 META_FILE = "groups.json"
 PLOT_FILE = "groups_per_layer.png"
 SWEEP_PLOT_FILE = "size_sweep.png"  # written by `--sizes auto` (ssah.units.size_sweep)
-
-
-# -- sizes ------------------------------------------------------------------------------------------
-
-def parse_sizes(text: str) -> dict[str, float]:
-    """Parse ``scu=0.013,ucu=0.133,ru=0.148`` (fractions, or percentages like ``1.3%``).
-
-    Omitted groups get 0; CU is always the rest. Raises SsahError for unknown names, negative sizes,
-    sizes summing over 1, and ``auto`` (which needs the model: see `ssah.units.size_sweep`).
-    """
-    text = text.strip()
-    if text.lower() == "auto":
-        raise SsahError("sizes 'auto' are chosen by a pruning sweep on the model (ssah.units.size_sweep; "
-                        "`ssah groups --sizes auto`), not parsed; give fractions here, e.g. " + DEFAULT_SIZES_TEXT)
-    sizes = {key: 0.0 for key in SIZE_KEYS}
-    seen: set[str] = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        name = name.strip().lower()
-        if not sep or name not in SIZE_KEYS:
-            hint = " (CU is always the rest)" if name == "cu" else ""
-            raise SsahError(f"bad size {part!r}{hint}; write NAME=FRACTION with NAME one of scu, ucu, ru, "
-                            f"e.g. {DEFAULT_SIZES_TEXT}")
-        if name in seen:
-            raise SsahError(f"size of {name} given twice in {text!r}")
-        seen.add(name)
-        value = value.strip()
-        try:
-            number = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-        except ValueError:
-            raise SsahError(f"size {part!r} is not a number; use a fraction like 0.013 "
-                            "or a percentage like 1.3%") from None
-        if not math.isfinite(number) or number < 0 or number > 1:
-            raise SsahError(f"size {part!r} must be a fraction between 0 and 1")
-        sizes[name] = number
-    if not seen:
-        raise SsahError(f"no sizes given; write e.g. --sizes {DEFAULT_SIZES_TEXT}")
-    _check_total(sizes)
-    return sizes
-
-
-def _check_total(sizes: dict[str, float]) -> None:
-    for key, value in sizes.items():
-        if key not in SIZE_KEYS:
-            raise SsahError(f"unknown group size {key!r}; sizes are scu, ucu and ru (CU is the rest)")
-        if not math.isfinite(value) or value < 0:
-            raise SsahError(f"size of {key} is {value}; sizes must be fractions between 0 and 1")
-    total = sum(sizes.values())
-    if total > 1 + 1e-12:
-        raise SsahError(f"sizes sum to {total:g} > 1 ({', '.join(f'{k}={v:g}' for k, v in sizes.items())}); "
-                        "SCU, UCU and RU together cannot exceed all units")
-
-
-def group_counts(sizes: dict[str, float], total_units: int) -> dict[str, int]:
-    """Units per group: floor(fraction * total + 0.5) for SCU, UCU, RU; CU gets the rest."""
-    counts = {name.upper(): math.floor(sizes.get(name, 0.0) * total_units + 0.5) for name in SIZE_KEYS}
-    picked = sum(counts.values())
-    if picked > total_units:
-        raise SsahError(f"sizes round to {picked} units but the model has {total_units}; lower one of them")
-    counts["CU"] = total_units - picked
-    return {name: counts[name] for name in GROUP_NAMES}
 
 
 # -- normalisation ----------------------------------------------------------------------------------
@@ -225,8 +161,9 @@ class Groups:
         return {kind: {name: (labels == code).sum(dim=1).tolist() for code, name in enumerate(GROUP_NAMES)}
                 for kind, labels in self.labels.items()}
 
-    def save(self, directory: str | Path, plot: bool = True) -> Path:
-        """Write groups.safetensors and groups.json atomically (and the per-layer plot); returns the folder."""
+    def save(self, directory: str | Path, plot: bool = True, artifact: Artifact | None = None) -> Path:
+        """Write groups.safetensors, the per-layer plot, then groups.json (atomically, with the identity
+        of `artifact` when given: see `ssah.units.recipes.group_units`); returns the folder."""
         from safetensors.torch import save as save_tensors
 
         directory = Path(directory)
@@ -239,7 +176,10 @@ class Groups:
         atomic_write(directory / GROUPS_FILE, save_tensors(tensors))
         if plot:
             plot_groups_per_layer(self, directory / PLOT_FILE)
-        atomic_write(directory / META_FILE, (json.dumps(self.meta, indent=2) + "\n").encode())
+        if artifact is not None:
+            self.meta = artifact.save(self.meta)
+        else:
+            atomic_write(directory / META_FILE, (json.dumps(self.meta, indent=2) + "\n").encode())
         return directory
 
     @classmethod
@@ -342,7 +282,7 @@ def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None 
     from ssah import __version__
 
     sizes = {key.lower(): value for key, value in (DEFAULT_SIZES if sizes is None else sizes).items()}
-    _check_total(sizes)
+    check_sizes(sizes)
     if ranking not in RANKINGS:
         raise SsahError(f"unknown ranking {ranking!r}; use one of {', '.join(RANKINGS)}")
     check_compatible(safety, utility)
@@ -412,33 +352,6 @@ def _score_summary(scores: Scores) -> dict[str, Any]:
     summary = {key: scores.manifest.get(key) for key in keys}
     summary["values_sha256"] = scores.digest()
     return summary
-
-
-def groups_run_key(meta: dict) -> dict:
-    """The groups.json fields that determine the labels; equal keys give equal groups."""
-    return {
-        "model_fingerprint": meta.get("model_fingerprint"),
-        "safety scores": (meta.get("safety") or {}).get("values_sha256"),
-        "utility scores": (meta.get("utility") or {}).get("values_sha256"),
-        # sizes chosen by a sweep are reused when the sweep's request matches, whatever it chose
-        "sizes": (meta.get("size_selection") or {}).get("request") or meta.get("sizes"),
-        "normalize": meta.get("normalize"),
-        "ranking": meta.get("ranking"),
-    }
-
-
-def existing_groups(directory: str | Path, expected: dict) -> Groups | None:
-    """The groups already in `directory` if made from the same inputs; None if there are none.
-
-    `expected` holds the groups.json fields of `groups_run_key`. A folder with other groups raises.
-    """
-    found = existing_run(Path(directory), expected, kind="groups", filename=META_FILE, key=groups_run_key,
-                         own_files=(GROUPS_FILE, META_FILE, PLOT_FILE, SWEEP_PLOT_FILE))
-    if found is None:
-        return None
-    groups = Groups.load(directory)
-    groups.reused = True
-    return groups
 
 
 # -- plot -------------------------------------------------------------------------------------------

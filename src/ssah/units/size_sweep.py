@@ -32,6 +32,7 @@ reason, which the CLI prints; read the sweep table (saved in groups.json and plo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,10 +41,13 @@ from typing import Any
 
 import torch
 
+from ssah.defaults import DEFAULT_SIZES, SIZE_KEYS
 from ssah.errors import SsahError
 from ssah.io import save_png
-from ssah.units.groups import DEFAULT_SIZES, SIZE_KEYS, make_groups
+from ssah.units.groups import make_groups
 from ssah.units.scores import Scores, make_batches
+
+log = logging.getLogger(__name__)
 
 SWEEP_METHOD = "pruning sweep, large to small (ssah.units.size_sweep)"
 RULE = {
@@ -229,24 +233,21 @@ def _check_grids(grids: dict[str, Sequence[float]]) -> dict[str, tuple[float, ..
 
 def sweep_sizes(loaded, safety: Scores, utility: Scores, probe: AttributeProbe, *, normalize: str = "rank",
                 ranking: str = "global", thresholds: SweepThresholds | None = None,
-                grids: dict[str, Sequence[float]] | None = None, progress: bool = True) -> SizeSweep:
-    """Choose SCU, UCU and RU sizes by the rule in the module docstring; the model is left unchanged."""
-    from ssah.interventions.masks import mask_from_expression
-    from ssah.interventions.prune import pruned
-
+                grids: dict[str, Sequence[float]] | None = None) -> SizeSweep:
+    """Choose SCU, UCU and RU sizes by the rule in the module docstring; the model is left unchanged.
+    Each measurement is logged (logger `ssah.units.size_sweep`)."""
     thresholds = thresholds or SweepThresholds()
     grids = _check_grids(grids or DEFAULT_GRIDS)
     if loaded.fingerprint != safety.model_fingerprint:
         raise SsahError(f"the model {loaded.spec} (fingerprint {loaded.fingerprint}) is not the model the scores "
                         f"were computed on ({safety.model_fingerprint}); pass that model to the size sweep")
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model = loaded.model
     was_training = model.training
     model.eval()
     try:
-        base = probe.measure(model, tokenizer)
-        if progress:
-            print(f"  size sweep: unpruned refusal rate {base.refusal_rate:.0%}, perplexity {base.perplexity:.3g}",
-                  flush=True)
+        base = probe.measure(model, loaded.tokenizer)
+        log.info("  size sweep: unpruned refusal rate %.0f%%, perplexity %.3g", 100 * base.refusal_rate,
+                 base.perplexity)
         if base.refusal_rate < thresholds.hurt_safety:
             raise SsahError(f"the model refuses only {base.refusal_rate:.0%} of the sweep's safety prompts "
                             f"({probe.data['safety']['name']}); pruning cannot show a safety loss of "
@@ -259,55 +260,74 @@ def sweep_sizes(loaded, safety: Scores, utility: Scores, probe: AttributeProbe, 
         for key in SIZE_KEYS:
             group = key.upper()
             room = 1.0 - sum(chosen.values())
-            candidates = [f for f in grids[key] if f <= room]
-            edge = None  # SCU/UCU: the last (smallest so far) step whose pruning hurt the group's own attribute
-            pick = None
-            for fraction in candidates:
-                groups = make_groups(safety, utility, {**chosen, key: fraction}, normalize=normalize, ranking=ranking)
-                mask = mask_from_expression(groups, group)
-                with pruned(model, loaded.layout, mask, check=False):
-                    after = probe.measure(model, tokenizer)
-                drop, ratio = base.refusal_rate - after.refusal_rate, after.perplexity / base.perplexity
-                step = SweepStep(group, fraction, mask.count(), after.refusal_rate, ratio,
-                                 safety_hurt=drop >= thresholds.hurt_safety - 1e-9,
-                                 safety_spared=abs(drop) <= thresholds.spare_safety + 1e-9,
-                                 utility_hurt=ratio >= 1 + thresholds.hurt_utility,
-                                 utility_spared=ratio <= 1 + thresholds.spare_utility)
-                steps.append(step)
-                if progress:
-                    print(f"  size sweep {group} {fraction:>7.2%} ({step.units:,} units): refusal rate "
-                          f"{after.refusal_rate:.0%}, perplexity x{ratio:.3f}", flush=True)
-                if group == "RU":
-                    if step.safety_spared and step.utility_spared:
-                        pick = fraction
-                        break
-                elif (step.safety_hurt if group == "SCU" else step.utility_hurt):
-                    edge = step
-                else:
-                    break  # the group no longer hurts its attribute: smaller sizes hurt even less
-            own, other = ("safety", "utility") if group == "SCU" else ("utility", "safety")
-            if group != "RU" and edge is not None:
-                if getattr(edge, f"{other}_spared"):
-                    pick = edge.fraction
-                else:
-                    reasons[group] = (f"the smallest size whose pruning hurts {own} ({edge.fraction:g}) "
-                                      f"does not spare {other}")
-            elif group != "RU":
-                reasons[group] = f"pruning it hurts {own} at none of the sizes tried"
-            else:
-                reasons.setdefault(group, "pruning it hurts safety or utility at every size tried")
-            if pick is None:
-                chosen[key] = min(DEFAULT_SIZES[key], room)
-                met[group] = False
-                reasons[group] += f"; kept the default {chosen[key]:g}"
-            else:
-                chosen[key] = pick
-                met[group] = True
-                reasons[group] = "met the rule at " + f"{pick:g}"
+            sweep = _SweepGroup(loaded, safety, utility, probe, base, thresholds, normalize, ranking, chosen)
+            pick, reasons[group] = sweep.run(group, [f for f in grids[key] if f <= room])
+            steps += sweep.steps
+            met[group] = pick is not None
+            chosen[key] = pick if pick is not None else min(DEFAULT_SIZES[key], room)
+            reasons[group] += f"; kept the default {chosen[key]:g}" if pick is None else ""
     finally:
         model.train(was_training)
     return SizeSweep({k: chosen[k] for k in SIZE_KEYS}, met, reasons, base, steps, thresholds, grids, probe.data,
                      normalize, ranking, loaded.fingerprint)
+
+
+@dataclass
+class _SweepGroup:
+    """One group's sweep: prune it at each candidate size (large to small) and apply the rule."""
+
+    loaded: Any
+    safety: Scores
+    utility: Scores
+    probe: AttributeProbe
+    base: Attributes
+    thresholds: SweepThresholds
+    normalize: str
+    ranking: str
+    chosen: dict[str, float]
+
+    def __post_init__(self) -> None:
+        self.steps: list[SweepStep] = []
+
+    def measure(self, group: str, fraction: float) -> SweepStep:
+        from ssah.interventions.masks import mask_from_expression
+        from ssah.interventions.prune import pruned
+
+        groups = make_groups(self.safety, self.utility, {**self.chosen, group.lower(): fraction},
+                             normalize=self.normalize, ranking=self.ranking)
+        mask = mask_from_expression(groups, group)
+        with pruned(self.loaded.model, self.loaded.layout, mask, check=False):
+            after = self.probe.measure(self.loaded.model, self.loaded.tokenizer)
+        t = self.thresholds
+        drop, ratio = self.base.refusal_rate - after.refusal_rate, after.perplexity / self.base.perplexity
+        step = SweepStep(group, fraction, mask.count(), after.refusal_rate, ratio,
+                         safety_hurt=drop >= t.hurt_safety - 1e-9, safety_spared=abs(drop) <= t.spare_safety + 1e-9,
+                         utility_hurt=ratio >= 1 + t.hurt_utility, utility_spared=ratio <= 1 + t.spare_utility)
+        log.info(f"  size sweep {group} {fraction:>7.2%} ({step.units:,} units): refusal rate "
+                 f"{after.refusal_rate:.0%}, perplexity x{ratio:.3f}")
+        self.steps.append(step)
+        return step
+
+    def run(self, group: str, candidates: list[float]) -> tuple[float | None, str]:
+        """(the chosen size or None, why)."""
+        if group == "RU":
+            for fraction in candidates:
+                step = self.measure(group, fraction)
+                if step.safety_spared and step.utility_spared:
+                    return fraction, f"met the rule at {fraction:g}"
+            return None, "pruning it hurts safety or utility at every size tried"
+        own, other = ("safety", "utility") if group == "SCU" else ("utility", "safety")
+        edge = None  # the last (smallest so far) step whose pruning hurt the group's own attribute
+        for fraction in candidates:
+            step = self.measure(group, fraction)
+            if not getattr(step, f"{own}_hurt"):
+                break  # the group no longer hurts its attribute: smaller sizes hurt even less
+            edge = step
+        if edge is None:
+            return None, f"pruning it hurts {own} at none of the sizes tried"
+        if getattr(edge, f"{other}_spared"):
+            return edge.fraction, f"met the rule at {edge.fraction:g}"
+        return None, f"the smallest size whose pruning hurts {own} ({edge.fraction:g}) does not spare {other}"
 
 
 def plot_size_sweep(sweep: SizeSweep | dict, path: str | Path) -> Path:

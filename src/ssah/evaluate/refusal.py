@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 from ssah.errors import SsahError
 from ssah.evaluate.scoring import shared_continuation_logprobs
+from ssah.evaluate.settings import DEFAULT_MAX_OPENINGS, DEFAULT_OPENING_WORDS
 
-DEFAULT_OPENING_WORDS = 3
-DEFAULT_MAX_OPENINGS = 8
 
 
 def openings_from(texts: Sequence[str], words: int = DEFAULT_OPENING_WORDS,

@@ -1,0 +1,69 @@
+"""Defaults and allowed choices, defined once; importing this module is cheap (no torch).
+
+The library, the typed configs and the CLI options all read these, so a default or a choice
+never has to be retyped. Each `Literal` type names the choices; the matching tuple lists them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, get_args
+
+DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+MODEL_HELP = ("model: builtin:smollm2-135m-instruct (default), a Hugging Face folder, a .gguf file, "
+              "tiny:FAMILY (random test model), or a hub id (online only)")
+
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu|npu)(:\d+)?")
+
+
+def check_device(device: str) -> str:
+    """`device` when torch could name it (auto, cpu, cuda, cuda:N, mps, ...); else one clear error."""
+    from ssah.errors import SsahError
+
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise SsahError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+# unit groups (ssah.units.groups); the paper's Llama-2-7B-Chat sizes
+GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")  # label codes 0..3, in this order
+SIZE_KEYS: tuple[str, ...] = ("scu", "ucu", "ru")
+DEFAULT_SIZES: dict[str, float] = {"scu": 0.013, "ucu": 0.133, "ru": 0.148}
+DEFAULT_SIZES_TEXT = "scu=0.013,ucu=0.133,ru=0.148"
+Normalization = Literal["rank", "mean", "zscore-per-layer"]  # the first is the default
+NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
+Ranking = Literal["global", "per-layer"]
+RANKINGS: tuple[str, ...] = get_args(Ranking)
+AttnUnit = Literal["channel", "head"]
+ATTN_UNITS: tuple[str, ...] = get_args(AttnUnit)
+
+# unit scores (ssah.units.scores); scorers are a registry, so their names are checked there
+DEFAULT_SCORER = "variance"
+TokenScope = Literal["all", "prompt", "response"]
+TOKEN_SCOPES: tuple[str, ...] = get_args(TokenScope)
+ResponseSource = Literal["dataset", "refusals", "self"]
+RESPONSE_SOURCES: tuple[str, ...] = get_args(ResponseSource)
+
+# evaluation (ssah.evaluate)
+Suite = Literal["safety", "refusal_score", "prefill", "overrefusal", "utility"]
+SUITES: tuple[str, ...] = get_args(Suite)
+DEFAULT_SUITES: tuple[str, ...] = SUITES
+Rule = Literal["prefix", "keywords"]
+RULES: tuple[str, ...] = get_args(Rule)
+SystemPromptMode = Literal["none", "default", "both"]
+SYSTEM_PROMPT_MODES: tuple[str, ...] = get_args(SystemPromptMode)
+
+# the fine-tuning attack's settings (ssah.pipeline.stages.finetune)
+FinetuneSetting = Literal["plain", "freeze_i", "freeze_ii", "lora", "freeze_budget"]
+FINETUNE_SETTINGS: tuple[str, ...] = get_args(FinetuneSetting)
+FINETUNE_LR = 2e-5  # Qi et al. (2023)
+ALIGN_LR = 1e-4
+
+# the runtime monitor (ssah.probe.monitor)
+MonitorAction = Literal["stop", "steer", "observe"]
+MonitorScorer = Literal["direction", "probe"]
+MonitorStatistic = Literal["mean", "max"]
+PromptPosition = Literal["request", "last"]
+
+PRESETS: tuple[str, ...] = ("demo", "paper-llama2", "paper-llama3", "paper-mistral")

@@ -1,0 +1,117 @@
+"""`RunContext`: what every stage shares: the config, the run folder's layout, and the few steps
+all stages take the same way (load a model, evaluate it, score and group its units)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from functools import cached_property
+from pathlib import Path
+
+from ssah.config import RunConfig
+from ssah.pipeline.layout import RunLayout
+
+log = logging.getLogger("ssah.pipeline")
+
+
+def study_of(config: RunConfig) -> str:
+    """Which model stages 3-7 study: "budget" or "full" (an aligned model), or "base" (the model as given)."""
+    return config.align.study if config.align.enabled else "base"
+
+
+def release() -> None:
+    """Collect after the caller dropped a model, so two models never sit in memory together."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class RunContext:
+    """One run: its config, its folder's layout and the steps stages share."""
+
+    def __init__(self, config: RunConfig, out: str | Path):
+        self.config = config
+        self.layout = RunLayout(Path(out), study_of(config))
+
+    @property
+    def out(self) -> Path:
+        return self.layout.root
+
+    def load(self, spec: str | Path | None = None):
+        from ssah.models.loading import load_model
+
+        return load_model(str(spec or self.config.model), dtype=self.config.dtype, device=self.config.device)
+
+    def studied_model_spec(self) -> str:
+        studied = self.layout.studied_model
+        return self.config.model if studied is None else str(studied)
+
+    def relative(self, spec: str | Path) -> str:
+        """A spec inside the run folder, relative to it (summaries must not depend on where RUN_DIR is)."""
+        try:
+            return str(Path(spec).relative_to(self.out))
+        except ValueError:
+            return str(spec)
+
+    def budget_sizes(self) -> dict[str, float]:
+        """Group sizes of the unaligned model, from which the alignment budget is taken."""
+        return self.config.align.group_sizes or self.config.groups.sizes
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def eval_settings(self, suites=None):
+        from ssah.evaluate.settings import EvalSettings
+
+        e = self.config.eval
+        return EvalSettings(suites=list(suites or e.suites), rules=list(e.rules), max_new_tokens=e.max_new_tokens,
+                            batch_size=e.batch_size, system_prompt=e.system_prompt, limit=e.limit,
+                            max_openings=e.max_openings, progress=True)
+
+    @cached_property
+    def eval_data(self) -> dict:
+        """The evaluation sets by role; utility uses the checkable records of the benign test set."""
+        from ssah.data import Dataset, load_dataset
+        from ssah.evaluate.runner import load_eval_data
+
+        d = self.config.data
+        benign = load_dataset(d.benign_test)
+        benign = Dataset(f"{benign.name}[checkable]", [r for r in benign.records if r.answer])
+        text = load_dataset("text")
+        if self.config.eval.text_limit:
+            text = text.take(self.config.eval.text_limit)
+        return load_eval_data(self.eval_settings().suites, self.config.eval.limit, harmful=d.harmful_test,
+                              sensitive=d.sensitive, benign=benign, refusals=d.refusals,
+                              compliance=d.compliance_openings, text=text)
+
+    def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None) -> dict:
+        """Evaluate a prepared model into `out`, reused when finished with the same model, settings and
+        data; `interventions` (pruning, a monitor) apply for the evaluation only."""
+        from ssah.evaluate.runner import evaluate_model
+
+        settings = self.eval_settings(suites)
+        data = {role: dataset for role, dataset in self.eval_data.items()
+                if role in _roles(settings.suites)}
+        log.info("  evaluating %s", label)
+        return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
+                              model_info={"spec": loaded.spec, "label": label}, interventions=interventions,
+                              replace=True)
+
+    # -- unit scores and groups ---------------------------------------------------------------------
+    def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | str | None = None):
+        """Safety scores (harmful prompts + refusals), utility scores (benign answers), groups of
+        `sizes` (default groups.sizes; "auto": a pruning sweep on the calibration splits)."""
+        from ssah.units.recipes import score_and_group
+
+        s, g = self.config.scores, self.config.groups
+        return score_and_group(loaded, out, harmful=self.config.data.harmful_calibration,
+                               benign=self.config.data.benign_calibration, sizes=sizes or g.sizes,
+                               normalize=g.normalize, ranking=g.ranking, scorer=s.scorer, limit=s.limit,
+                               batch_size=s.batch_size, max_length=s.max_length, token_scope=s.token_scope,
+                               seed=self.config.seed, replace=True)
+
+
+def _roles(suites) -> set[str]:
+    from ssah.evaluate.settings import DATA_ROLES
+
+    return {role for role, (_, users) in DATA_ROLES.items() if any(suite in users for suite in suites)}

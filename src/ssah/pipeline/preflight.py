@@ -1,0 +1,46 @@
+"""Everything a whole run needs, checked before its first stage: a bad input costs seconds, not hours.
+
+The config itself is already checked when it loads (keys, types, choices, ranges, mask expressions,
+sizes, rules across sections). Here: every dataset the config names loads and has what its stage
+needs, the scorer is registered, the model spec resolves (without loading weights), and the run
+folder can take what the run will write.
+"""
+
+from __future__ import annotations
+
+from ssah.config import RunConfig
+from ssah.errors import SsahError
+
+
+def check_datasets(config: RunConfig) -> None:
+    from ssah.data import load_dataset
+
+    d = config.data
+    loaded = {key: load_dataset(spec) for key, spec in d.specs().items()}
+    for key, dataset in loaded.items():
+        if len(dataset) == 0:
+            raise SsahError(f"data.{key}: dataset {dataset.name!r} has no records; pass a dataset with records")
+    if "utility" in config.eval.suites and not any(r.answer for r in loaded["benign_test"]):
+        raise SsahError(f"data.benign_test: {d.benign_test!r} has no records with an answer; task accuracy needs "
+                        "checkable records (an `answer` field)")
+    lacking = sum(1 for r in loaded["finetune"] if not r.response)
+    if config.finetune.settings and lacking:
+        raise SsahError(f"data.finetune: {lacking} records of {d.finetune!r} have no response; fine-tuning needs "
+                        "(prompt, response) pairs")
+    if config.align.enabled and not any(r.response for r in loaded["benign_train"]):
+        raise SsahError(f"data.benign_train: {d.benign_train!r} has no answers for alignment to keep the model useful")
+
+
+def check_run(config: RunConfig, out) -> None:
+    """Every check of the module docstring; one SsahError line for the first problem found."""
+    from ssah.models.spec import resolve_model_spec
+    from ssah.outputs import OutputFolder
+    from ssah.pipeline.layout import RUN
+    from ssah.units.scorers import get_scorer
+
+    source = resolve_model_spec(config.model)
+    get_scorer(config.scores.scorer)
+    check_datasets(config)
+    saved_models = (2 if config.align.enabled and config.align.compare_full else int(config.align.enabled)) \
+        + len(config.finetune.settings)
+    OutputFolder(out, RUN, need_bytes=saved_models * source.weight_bytes).check()

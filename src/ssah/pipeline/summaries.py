@@ -1,0 +1,55 @@
+"""The summaries stages return (typed), and the helpers that make them from reports and records.
+
+Each summary is JSON-ready (it is written to the stage's done.json and gathered into results.json);
+the TypedDicts below say what each stage's summary holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class Headline(TypedDict):
+    """The numbers of one evaluation that the report and the verdicts read."""
+
+    asr: dict[str, float] | None  # rule -> rate
+    prefill_asr: dict[str, float] | None
+    refusal_score: float | None
+    overrefusal_rate: float | None
+    task_accuracy: float | None
+    perplexity: float | None
+    ci: dict[str, Any]  # Wilson 95% intervals of the rates
+    n: dict[str, int]
+
+
+class TrainSummary(TypedDict):
+    steps: int
+    final_loss: float | None
+    seconds: float
+    check: dict[str, Any]  # what moved: frozen entries' largest change (0.0 when freezing held), shares
+
+
+class BaselineSummary(TypedDict):
+    eval: Headline
+    model_fingerprint: str
+
+
+class GroupsSummary(TypedDict):
+    model: str
+    model_fingerprint: str
+    counts: dict[str, int]
+    total_units: int
+
+
+def headline(report: dict) -> Headline:
+    utility = report.get("utility") or {}
+    return {"asr": report.get("asr"), "prefill_asr": report.get("prefill_asr"),
+            "refusal_score": report.get("refusal_score"), "overrefusal_rate": report.get("overrefusal_rate"),
+            "task_accuracy": utility.get("task_accuracy"), "perplexity": utility.get("perplexity"),
+            "ci": report.get("ci"), "n": report.get("n")}
+
+
+def train_summary(record: dict) -> TrainSummary:
+    result = record["result"]
+    return {"steps": result["steps"], "final_loss": result["final_loss"], "seconds": result["seconds"],
+            "check": result["check"]}

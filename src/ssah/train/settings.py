@@ -1,0 +1,50 @@
+"""Training hyper-parameters: one type for configs, CLI options and the training loop (no torch).
+
+`TrainSettings` is what a user sets (a config's `align.train` / `finetune.train`, the options of
+`ssah finetune` and `ssah align`, which are generated from its fields); `TrainConfig` adds what
+the loop needs beyond that (seed, gradient clipping, system prompt, avoided-opening weight).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from ssah.defaults import FINETUNE_LR
+from ssah.settings import Settings
+
+
+class TrainSettings(Settings):
+    """Fine-tuning hyper-parameters. Defaults follow Qi et al. (2023) except batch size."""
+
+    lr: float = Field(FINETUNE_LR, gt=0, description="learning rate")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (ignored with max_steps)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1, description="examples per step and process")
+    grad_accum: int = Field(1, ge=1, description="batches accumulated per optimizer step")
+    max_length: int = Field(256, ge=2, description="tokens per example; the response is cut first")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW's decoupled weight decay")
+    warmup: float = Field(0.0, ge=0, lt=1, description="share of steps with linear warm-up")
+    bf16: bool = Field(False, description="bf16 autocast (weights keep their dtype)")
+    limit: int | None = Field(None, ge=1, description="train on a seeded sample of N examples (None: all)")
+
+    def scaled(self, multiplier: float) -> TrainSettings:
+        """These settings trained `multiplier` times longer (the paper doubles frozen runs)."""
+        if multiplier == 1.0:
+            return self
+        steps = self.max_steps and round(self.max_steps * multiplier)
+        return self.model_copy(update={"epochs": self.epochs * multiplier, "max_steps": steps})
+
+
+class TrainConfig(TrainSettings):
+    """`TrainSettings` plus what the loop takes from elsewhere (the run's seed, a system prompt)."""
+
+    grad_clip: float = Field(1.0, ge=0)
+    seed: int = 0
+    system: str | None = None
+    # weight of the avoided-opening loss: -log(1 - P(reply opens with an avoided token)) at the first
+    # reply position of each example that `train_sft(avoid=...)` gives openings to avoid
+    avoid_weight: float = Field(1.0, ge=0)
+
+    @classmethod
+    def of(cls, settings: TrainSettings, **extra) -> TrainConfig:
+        return cls(**{**settings.model_dump(), **extra})
