@@ -28,7 +28,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ssah demo
 
+# ruff first: lint and import order, in a second, before the suite's minutes
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks experiments
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -26,7 +26,14 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    fmt_ratio, fmt_seconds, fmt_target, paired_ratios, script_main, summary, target, timed,
+    fmt_ratio,
+    fmt_seconds,
+    fmt_target,
+    paired_ratios,
+    script_main,
+    summary,
+    target,
+    timed,
 )
 
 NAME = "freeze"
@@ -171,7 +178,8 @@ def profile_freezer(loaded, batch, state, share: float, repeats: int = 2, top: i
     freezer.remove()
 
     names = set(ops["plain"]) | set(ops["frozen"])
-    grown = sorted(((n, ops["frozen"].get(n, 0.0) - ops["plain"].get(n, 0.0), ops["frozen"].get(n, 0.0)) for n in names),
+    grown = sorted(((n, ops["frozen"].get(n, 0.0) - ops["plain"].get(n, 0.0), ops["frozen"].get(n, 0.0))
+                    for n in names),
                    key=lambda item: -item[1])
     return {"share": share, "repeats": repeats, "hooked_parameters": len(slices),
             "frozen_copy_bytes": freezer_copy_bytes, "mode": "masked",
@@ -234,7 +242,8 @@ def render(result: dict) -> list[str]:
         time_check, memory_check = row["targets"]
         lines.append(f"| {row['setting']} | {row.get('mode', 'copy')} | {fmt_seconds(row['plain_s'])} | "
                      f"{fmt_seconds(row['frozen_s'])} | "
-                     f"{fmt_ratio(row['ratio'])} | {fmt_target(time_check)} | {row['frozen_copy_bytes'] / 2**20:.1f} MiB"
+                     f"{fmt_ratio(row['ratio'])} | {fmt_target(time_check)} | "
+                     f"{row['frozen_copy_bytes'] / 2**20:.1f} MiB"
                      f" | {row['memory_ratio']:.3f}x | {fmt_target(memory_check)} |")
     prof = result.get("profile")
     if prof:

@@ -19,7 +19,13 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    fmt_ratio, fmt_target, paired_ratios, script_main, summary, target, timed_call,
+    fmt_ratio,
+    fmt_target,
+    paired_ratios,
+    script_main,
+    summary,
+    target,
+    timed_call,
 )
 
 NAME = "generation"
@@ -100,7 +106,8 @@ def render(result: dict) -> list[str]:
               f"batching), but only {batched['useful_share']:.0%} of its row-steps produce kept tokens "
               f"(batch 1: {batch1['useful_share']:.0%}), because rows that reached their end-of-sequence token keep "
               "stepping until the longest row of their batch ends: "
-              f"{result['row_step_ratio']['median']:.2f} x ({batched['useful_share']:.0%} / {batch1['useful_share']:.0%}) = "
+              f"{result['row_step_ratio']['median']:.2f} x "
+              f"({batched['useful_share']:.0%} / {batch1['useful_share']:.0%}) = "
               f"{result['row_step_ratio']['median'] * batched['useful_share'] / batch1['useful_share']:.2f}x."]
     return lines
 

@@ -20,7 +20,13 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    fmt_ratio, fmt_target, paired_ratios, script_main, summary, target, timed,
+    fmt_ratio,
+    fmt_target,
+    paired_ratios,
+    script_main,
+    summary,
+    target,
+    timed,
 )
 
 NAME = "monitor"

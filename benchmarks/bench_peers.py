@@ -29,7 +29,13 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    fmt_seconds, fmt_target, script_main, summary, target, timed, timed_call,
+    fmt_seconds,
+    fmt_target,
+    script_main,
+    summary,
+    target,
+    timed,
+    timed_call,
 )
 
 NAME = "peers"
@@ -177,7 +183,8 @@ def run(loaded, samples: int = 16, repeats: int = 3, batch_size: int = 8, max_le
     return {"name": NAME, "model": loaded.spec, "records": len(pairs), "tokens": tokens, "num_layers": num_layers,
             "params": dict(samples=samples, repeats=repeats, batch_size=batch_size, max_length=max_length,
                            snip_layers=snip_layers),
-            "per_layer_snip": {"timed_layers": timed_layers, "layer_s": {str(k): v for k, v in sorted(layer_times.items())},
+            "per_layer_snip": {"timed_layers": timed_layers,
+                               "layer_s": {str(k): v for k, v in sorted(layer_times.items())},
                                "per_layer": summary(list(layer_times.values())), "total_s": total_a,
                                "extrapolated": extrapolated},
             "time_rows": rows,
@@ -201,7 +208,8 @@ def render(result: dict) -> list[str]:
     for row in result["time_rows"]:
         r = row["ratio"]
         lines.append(f"| `{row['ours']}` | {fmt_seconds(row['ours_s'])} | {a['total_s']:.1f} s"
-                     f"{' (extrapolated)' if a['extrapolated'] else ''} | {r['median']:.1f}x ({r['min']:.1f}-{r['max']:.1f})"
+                     f"{' (extrapolated)' if a['extrapolated'] else ''} | "
+                     f"{r['median']:.1f}x ({r['min']:.1f}-{r['max']:.1f})"
                      f" | {fmt_target(row['target'])} |")
     lines += ["", "| stored scores | entries | bytes on disk | ratio | target |", "|---|---|---|---|---|",
               f"| ours: `scores.safetensors` (float64 per unit) | {st['units']:,} units | {st['ours_bytes']:,} | 1 | |",

@@ -21,7 +21,12 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    linear_fit, script_main, summary, synthetic_batches, target, timed,
+    linear_fit,
+    script_main,
+    summary,
+    synthetic_batches,
+    target,
+    timed,
 )
 
 NAME = "scaling"
@@ -66,7 +71,8 @@ def _shape_series(key: str, sizes, fixed: int, batches, repeats: int) -> list[di
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for _ in range(repeats):
         for size, (model, layout) in models.items():
-            times[size].append(timed(lambda: score_batches(model, layout, batches, "variance", None, progress=False)))
+            times[size].append(timed(lambda m=model, lay=layout: score_batches(m, lay, batches, "variance", None,
+                                                                                progress=False)))
     return [{key: size, "layers" if key == "hidden" else "hidden": fixed,
              "non_embedding_params": _non_embedding_params(models[size][0]), "seconds": summary(times[size])}
             for size in sizes]
@@ -84,8 +90,8 @@ def run(loaded, samples=(8, 16, 32, 64), widths=(128, 256, 384, 512), depths=(2,
     times: dict[int, list[float]] = {n: [] for n in samples}
     for _ in range(repeats):
         for n, batches in batch_sets.items():
-            times[n].append(timed(lambda: score_batches(loaded.model, loaded.layout, batches, "variance", None,
-                                                        progress=False)))
+            times[n].append(timed(lambda b=batches: score_batches(loaded.model, loaded.layout, b, "variance", None,
+                                                                  progress=False)))
     token_rows = [{"records": n, "tokens": sum(int(b["attention_mask"].sum()) for b in batch_sets[n]),
                    "seconds": summary(times[n])} for n in samples]
 
@@ -96,7 +102,8 @@ def run(loaded, samples=(8, 16, 32, 64), widths=(128, 256, 384, 512), depths=(2,
 
     fits = {
         "tokens": linear_fit([r["tokens"] for r in token_rows], [r["seconds"]["median"] for r in token_rows]),
-        "width": linear_fit([r["non_embedding_params"] for r in width_rows], [r["seconds"]["median"] for r in width_rows]),
+        "width": linear_fit([r["non_embedding_params"] for r in width_rows],
+                            [r["seconds"]["median"] for r in width_rows]),
         "depth": linear_fit([r["layers"] for r in depth_rows], [r["seconds"]["median"] for r in depth_rows]),
     }
     targets = {key: target(f"R^2 of time vs {key}", fit["r2"], ">=", R2_TARGET, unit="") for key, fit in fits.items()}
@@ -124,7 +131,8 @@ def plot(result: dict, path: Path) -> Path:
     for ax, (key, rows, x_key, label, scale) in zip(axes, series):
         xs = [r[x_key] for r in rows]
         med = [r["seconds"]["median"] for r in rows]
-        err = [[m - r["seconds"]["min"] for m, r in zip(med, rows)], [r["seconds"]["max"] - m for m, r in zip(med, rows)]]
+        err = [[m - r["seconds"]["min"] for m, r in zip(med, rows)],
+               [r["seconds"]["max"] - m for m, r in zip(med, rows)]]
         ax.errorbar([x * scale for x in xs], med, yerr=err, fmt="o", capsize=3, label="median (min-max)")
         fit = result["fits"][key]
         ends = [min(xs), max(xs)]
@@ -154,7 +162,8 @@ def render(result: dict) -> list[str]:
         return f"R^2 = {result['fits'][key]['r2']:.4f}: {'met' if t['met'] else '**missed**'} (>= {t['limit']:g})"
 
     lines = [f"Median of {p['repeats']} (min-max) seconds of `variance` scoring, sizes alternating within each repeat.",
-             "", f"Tokens (`{result['model']}`, harmful:calibration + refusals, batch 8); linear fit {verdict('tokens')}, "
+             "", f"Tokens (`{result['model']}`, harmful:calibration + refusals, batch 8); "
+                 f"linear fit {verdict('tokens')}, "
              f"{1e3 * result['fits']['tokens']['slope']:.3f} s per 1,000 tokens:", "",
              "| records | tokens | seconds |", "|---|---|---|"]
     lines += [f"| {r['records']} | {r['tokens']:,} | {cell(r['seconds'])} |" for r in result["tokens"]]

@@ -19,7 +19,14 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    fmt_ratio, fmt_seconds, fmt_target, paired_ratios, script_main, summary, target, timed,
+    fmt_ratio,
+    fmt_seconds,
+    fmt_target,
+    paired_ratios,
+    script_main,
+    summary,
+    target,
+    timed,
 )
 
 NAME = "scoring"
@@ -72,10 +79,10 @@ def run(loaded, samples: int, scorers=("variance",), repeats: int = 3, batch_siz
         forward(loaded.model, batches[:1])  # warm-up: first-call allocations and kernel selection
         times: dict[str, list[float]] = {"forward": [], **{name: [] for name in scorers}}
         for _ in range(repeats):
-            times["forward"].append(timed(lambda: forward(loaded.model, batches)))
+            times["forward"].append(timed(lambda b=batches: forward(loaded.model, b)))
             for name in scorers:
-                times[name].append(timed(lambda: score_batches(loaded.model, loaded.layout, batches, name, None,
-                                                               progress=False)))
+                times[name].append(timed(lambda b=batches, s=name: score_batches(loaded.model, loaded.layout, b, s,
+                                                                                 None, progress=False)))
         for name in scorers:
             ratio = paired_ratios(times[name], times["forward"])
             rows.append({"data": label, "records": sum(len(b["input_ids"]) for b in batches), "tokens": tokens,

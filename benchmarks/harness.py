@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 
 from benchmarks import (
-    bench_freeze, bench_generation, bench_monitor, bench_peers, bench_scaling, bench_scoring, common, report,
+    bench_freeze,
+    bench_generation,
+    bench_monitor,
+    bench_peers,
+    bench_scaling,
+    bench_scoring,
+    common,
+    report,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--json", default=None, help="results JSON (default benchmarks/results/latest.json)")
     parser.add_argument("--markdown", default=None, help="markdown to rewrite (default BENCHMARKS.md)")
-    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON, measure nothing")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the markdown from the JSON, measure nothing")
     args = parser.parse_args(argv)
     json_path, md_path = _paths(args)
 
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         data["benchmarks"][name] = result
         print("\n".join(module.render(result)), flush=True)
         _save(json_path, data)  # after each benchmark: a crash later keeps what was measured
-    finished = {"elapsed_s": time.perf_counter() - started, "load_average_end": common.machine_info().get("load_average")}
+    finished = {"elapsed_s": time.perf_counter() - started,
+                "load_average_end": common.machine_info().get("load_average")}
     if partial:
         run_info.update(finished)
     else:

@@ -89,9 +89,9 @@ def _header(data: dict) -> list[str]:
                      + (f"; at the end: {', '.join(map(str, end))}" if end else ""))
     for rerun in data.get("reruns", []):
         load_now = rerun["machine"].get("load_average")
+        load = f", load average at the start {', '.join(map(str, load_now))}" if load_now else ""
         lines.append(f"- Tables rerun later with `{rerun['command']}`: {rerun['machine']['date']}, "
-                     f"{rerun.get('elapsed_s', 0) / 60:.1f} min" + (f", load average at the start "
-                                                                   f"{', '.join(map(str, load_now))}" if load_now else ""))
+                     f"{rerun.get('elapsed_s', 0) / 60:.1f} min" + load)
     lines += ["", SHARED_MACHINE, "", SIZES if data["mode"] == "full" else
               "**Quick smoke run** (tiny model, one repeat): the numbers only show that the harness works.", ""]
     return lines

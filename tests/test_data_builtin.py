@@ -135,7 +135,8 @@ def test_sensitive_safe_splits_per_category():
         assert set(counts.values()) == {per_category}, (split, counts)
     test_numbers = [int(r.id.rsplit("/", 1)[1]) for r in parts["test"]]
     assert test_numbers == [n for n in range(6, 17) for _ in range(10)]
-    assert {int(r.id.rsplit("/", 1)[1]) for r in parts["train"]} == set(range(1, 6)) | set(range(17, 27)) | set(range(33, 48))
+    expected = set(range(1, 6)) | set(range(17, 27)) | set(range(33, 48))
+    assert {int(r.id.rsplit("/", 1)[1]) for r in parts["train"]} == expected
     assert {int(r.id.rsplit("/", 1)[1]) for r in parts["calibration"]} == set(range(27, 33))
 
 

@@ -259,7 +259,8 @@ def test_hub_spec_maps_columns_with_a_stand_in_library(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
     data = load_dataset("hf:org/advbench-like:test?response=target")
     assert calls == [("org/advbench-like", "test")]
-    assert data.prompts() == ["Do X", "Do Y"] and data[0].response == "Sure" and data[0].source == "hf:org/advbench-like"
+    assert data.prompts() == ["Do X", "Do Y"] and data[0].response == "Sure"
+    assert data[0].source == "hf:org/advbench-like"
     load_dataset("hf:org/advbench-like")
     assert calls[-1] == ("org/advbench-like", "train")
 

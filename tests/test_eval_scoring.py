@@ -7,7 +7,11 @@ import torch
 
 from ssah.errors import SsahError
 from ssah.evaluate import (
-    continuation_logprobs, multiple_choice_accuracy, perplexity, refusal_score, shared_continuation_logprobs,
+    continuation_logprobs,
+    multiple_choice_accuracy,
+    perplexity,
+    refusal_score,
+    shared_continuation_logprobs,
 )
 from ssah.evaluate.refusal import openings_from
 from ssah.evaluate.scoring import encode_continuations

@@ -13,8 +13,15 @@ from ssah.errors import SsahError
 from ssah.models.tiny import tiny_model, tiny_tokenizer
 from ssah.probe.hidden import block_output, transformer_blocks
 from ssah.probe.monitor import (
-    Monitor, MonitorConfig, MonitorState, calibrate_monitor, monitor_from_file, monitored_generate, request_ends,
-    request_marker, upper_quantile,
+    Monitor,
+    MonitorConfig,
+    MonitorState,
+    calibrate_monitor,
+    monitor_from_file,
+    monitored_generate,
+    request_ends,
+    request_marker,
+    upper_quantile,
 )
 
 PROMPTS = ["Tell me a story about a dragon.", "Hi", "What is the capital of France, and why?"]
@@ -32,7 +39,8 @@ def _unit(seed: int, size: int = 32) -> torch.Tensor:
     return vector / vector.norm()
 
 
-def _state(direction: torch.Tensor, threshold: float = 100.0, steer: torch.Tensor | None = None, **config) -> MonitorState:
+def _state(direction: torch.Tensor, threshold: float = 100.0, steer: torch.Tensor | None = None,
+           **config) -> MonitorState:
     config = MonitorConfig(**{"layers": [LAYER], "min_tokens": 2, **config})
     steer = torch.zeros(1, direction.numel()) if steer is None else steer[None]
     return MonitorState(config, [LAYER], direction[None].clone(), torch.zeros(1), steer, threshold, num_layers=3,
@@ -213,7 +221,7 @@ def test_forward_calls_outside_generate_are_not_monitored(llama):
     with Monitor(model, None, _state(_unit(0), threshold=-math.inf)) as mon, torch.no_grad():
         model(**inputs)
         with pytest.raises(RuntimeError, match="no monitored generate"):
-            mon.flags
+            _ = mon.flags
 
 
 def test_config_round_trips_and_rejects_unknown_keys(tmp_path):
@@ -291,13 +299,15 @@ def test_directions_from_ssah_probe_feed_the_monitor_directly(llama):
 
     model, tok = llama
     harmful, benign = _templates(12)
-    directions = compute_directions(last_token_states(model, tok, harmful[:8]), last_token_states(model, tok, benign[:8]),
+    directions = compute_directions(last_token_states(model, tok, harmful[:8]),
+                                    last_token_states(model, tok, benign[:8]),
                                     [0, 1, 2])
     config = MonitorConfig(layers=[-2], min_tokens=0, statistic="max", target_fpr=0.25)
     state = MonitorState.from_directions(directions, config, num_layers=3)
     assert state.layers == [1]
     # The threshold is the benign prompts' (1 - target_fpr) quantile of the z-score: 2 of 8 lie above it.
-    z = (directions.benign_scores[1] - directions.benign_scores[1].mean()) / directions.benign_scores[1].std(unbiased=False)
+    scores = directions.benign_scores[1]
+    z = (scores - scores.mean()) / scores.std(unbiased=False)
     assert state.threshold == pytest.approx(upper_quantile(z, 0.25), abs=1e-5)
     assert int((z > state.threshold).sum()) == 2
     replies = monitored_generate(model, tok, harmful[8:] + benign[8:], config, directions, max_new_tokens=4)

@@ -113,8 +113,8 @@ def test_difference_of_means_matches_a_hand_computation():
     harmful, benign = torch.randn(7, 3, 5, generator=gen) + 1.0, torch.randn(9, 3, 5, generator=gen)
     unit, mean_h, mean_b = diff_of_means(harmful, benign)
     for layer in range(3):
-        delta = [sum(float(harmful[n, layer, h]) for n in range(7)) / 7 - sum(float(benign[n, layer, h]) for n in range(9)) / 9
-                 for h in range(5)]
+        delta = [sum(float(harmful[n, layer, h]) for n in range(7)) / 7
+                 - sum(float(benign[n, layer, h]) for n in range(9)) / 9 for h in range(5)]
         norm = sum(d * d for d in delta) ** 0.5
         assert unit[layer].tolist() == pytest.approx([d / norm for d in delta], abs=1e-6)
     directions = compute_directions(harmful, benign, [0, 1, 2])
@@ -206,7 +206,8 @@ def test_cli_writes_json_directions_and_plots_for_two_models(capsys, tmp_path, d
 
 
 def test_cli_unknown_layer_is_one_line(capsys, tmp_path, data_args):
-    result = run_cli(capsys, "probe", "--model", "tiny:llama", *data_args, "--layers", "0,7", "--out", str(tmp_path / "o"))
+    result = run_cli(capsys, "probe", "--model", "tiny:llama", *data_args, "--layers", "0,7",
+                     "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "layer 7", "3 layers")
 
 
@@ -221,5 +222,6 @@ def test_cli_empty_dataset_is_one_line(capsys, tmp_path, data_args):
 
 
 def test_cli_bad_lengths_is_one_line(capsys, tmp_path, data_args):
-    result = run_cli(capsys, "probe", "--model", "tiny:llama", *data_args, "--lengths", "2,x", "--out", str(tmp_path / "o"))
+    result = run_cli(capsys, "probe", "--model", "tiny:llama", *data_args, "--lengths", "2,x",
+                     "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "--lengths")

@@ -107,7 +107,8 @@ def test_prune_cli_saves_a_model_equal_to_the_reversible_prune(capsys, tmp_path,
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:qwen2", "--groups", str(tiny_groups),
                                   "--mask", "SCU", "--out", str(tmp_path / "p3")), "was made for model")
     assert_one_line_error(run_cli(capsys, "prune", "--model", "tiny:llama", "--groups", str(tiny_groups),
-                                  "--mask", "RU", "--out", str(tmp_path / "pruned")), "already holds a pruned model made differently")
+                                  "--mask", "RU", "--out", str(tmp_path / "pruned")),
+                          "already holds a pruned model made differently")
 
 
 def test_eval_with_prune_records_the_mask(capsys, tmp_path, tiny_groups):
@@ -137,8 +138,8 @@ def test_align_and_finetune_cli(capsys, tmp_path, tiny_groups):
     assert result.code == 0, result.err
     record = json.loads((tmp_path / "a" / "train.json").read_text())
     assert record["result"]["check"]["max_abs_change_frozen"] == 0.0 and record["result"]["steps"] == 2
-    result = run_cli(capsys, "finetune", *common, "--data", "benign:train", "--freeze", f"{tiny_groups}:SCU+CU:top=0.06",
-                     "--out", str(tmp_path / "f"))
+    result = run_cli(capsys, "finetune", *common, "--data", "benign:train",
+                     "--freeze", f"{tiny_groups}:SCU+CU:top=0.06", "--out", str(tmp_path / "f"))
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "f" / "train.json").read_text())["result"]["steps"] == 4  # frozen runs: x2
     assert (tmp_path / "f" / "loss.png").is_file()

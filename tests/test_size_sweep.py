@@ -13,7 +13,6 @@ from ssah.units.scores import Scores, score_dataset
 from ssah.units.size_sweep import AttributeProbe, SweepThresholds, sweep_sizes
 from tests.helpers import assert_one_line_error, run_cli
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

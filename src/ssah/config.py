@@ -18,8 +18,19 @@ from pydantic import Field, field_validator, model_validator
 
 from ssah.artifacts import fingerprint
 from ssah.defaults import (
-    DEFAULT_MODEL, DEFAULT_SCORER, DEFAULT_SIZES, PRESETS, Dtype, FinetuneSetting, Normalization, Ranking, Rule,
-    Suite, SystemPromptMode, TokenScope, check_device,
+    DEFAULT_MODEL,
+    DEFAULT_SCORER,
+    DEFAULT_SIZES,
+    PRESETS,
+    Dtype,
+    FinetuneSetting,
+    Normalization,
+    Ranking,
+    Rule,
+    Suite,
+    SystemPromptMode,
+    TokenScope,
+    check_device,
 )
 from ssah.errors import SsahError
 from ssah.interventions.expressions import parse_mask_expression

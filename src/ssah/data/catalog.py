@@ -59,7 +59,7 @@ def _resource(filename: str):
     return files("ssah.data").joinpath("builtin", filename)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stored(filename: str) -> tuple[tuple[str, Record], ...]:
     """(split, record) pairs of a stored JSONL set; split is "" for unsplit sets."""
     resource = _resource(filename)
@@ -76,7 +76,7 @@ def _stored(filename: str) -> tuple[tuple[str, Record], ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _benign_tasks() -> tuple[tuple[str, Record], ...]:
     stream = iter_tasks(BENIGN_TASK_SEED)
     out = []
@@ -91,7 +91,7 @@ def _benign_tasks() -> tuple[tuple[str, Record], ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _text_paragraphs() -> tuple[tuple[str, Record], ...]:
     paragraphs = [clean_text(part) for part in text_corpus().split("\n\n")]
     return tuple(("", Record(id=f"text/{i:04d}", prompt=paragraph, category="prose", source="ssah:text"))

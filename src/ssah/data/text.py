@@ -6,7 +6,7 @@ import functools
 from importlib.resources import files
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def text_corpus() -> str:
     """The whole corpus as one string, exactly as stored: paragraphs separated by blank lines."""
     return files("ssah.data").joinpath("builtin", "text.txt").read_text(encoding="utf-8")

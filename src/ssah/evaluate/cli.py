@@ -34,7 +34,8 @@ _DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field 
 @click.option("--system-prompt", "system_mode", default=_DEFAULTS["system_prompt"], show_default=True,
               type=click.Choice(SYSTEM_PROMPT_MODES),
               help="evaluate without a system prompt, with it, or both (rates pooled, and reported per condition)")
-@click.option("--rules", default=",".join(_DEFAULTS["rules"]), show_default=True, help="refusal rules: prefix, keywords")
+@click.option("--rules", default=",".join(_DEFAULTS["rules"]), show_default=True,
+              help="refusal rules: prefix, keywords")
 @click.option("--judge", "judge_folder", default=None, metavar="FOLDER",
               help="local judge model folder (e.g. Llama-Guard-3-1B); runs after the model is freed")
 @click.option("--judge-kind", default="llama-guard", show_default=True, help="judge kind from the judge registry")

@@ -26,7 +26,6 @@ from ssah.evaluate.scoring import shared_continuation_logprobs
 from ssah.evaluate.settings import DEFAULT_MAX_OPENINGS, DEFAULT_OPENING_WORDS
 
 
-
 def openings_from(texts: Sequence[str], words: int = DEFAULT_OPENING_WORDS,
                   limit: int = DEFAULT_MAX_OPENINGS) -> list[str]:
     """The first `words` words of each text, deduplicated in order, at most `limit` of them."""

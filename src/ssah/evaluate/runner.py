@@ -35,7 +35,8 @@ from ssah.evaluate.safety import OVERREFUSAL_RULE, SafetyRun, prefill_openings, 
 from ssah.evaluate.settings import DATA_ROLES, EvalSettings
 from ssah.evaluate.stats import Rate
 from ssah.evaluate.utility import Perplexity, TaskAccuracy, checkable, perplexity, task_accuracy
-from ssah.interventions.base import Intervention, model_key as key_under
+from ssah.interventions.base import Intervention
+from ssah.interventions.base import model_key as key_under
 from ssah.io import write_jsonl_atomic
 from ssah.outputs import OutputKind
 

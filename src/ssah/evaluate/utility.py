@@ -25,7 +25,6 @@ from ssah.evaluate.settings import DEFAULT_STRIDE, DEFAULT_WINDOW
 from ssah.evaluate.stats import Rate
 
 
-
 @dataclass(frozen=True)
 class TaskAccuracy:
     """Accuracy over checkable records, with each reply and whether it was correct."""

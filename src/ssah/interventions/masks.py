@@ -25,7 +25,6 @@ from ssah.interventions.expressions import RANK_KEYS, Term, parse_mask_expressio
 from ssah.units.layout import UnitLayout
 
 
-
 @dataclass
 class UnitMask:
     """Selected units per kind ([num_layers, units_per_layer] booleans) plus provenance."""

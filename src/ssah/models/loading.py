@@ -28,7 +28,13 @@ import torch
 from ssah.defaults import DEFAULT_MODEL, check_device
 from ssah.errors import SsahError
 from ssah.models.spec import (
-    BUILTIN_MODELS, PIP_NAMES, builtin_gguf, check_config_file, check_gguf, check_weights, resolve_model_spec,
+    BUILTIN_MODELS,
+    PIP_NAMES,
+    builtin_gguf,
+    check_config_file,
+    check_gguf,
+    check_weights,
+    resolve_model_spec,
 )
 
 

@@ -76,7 +76,7 @@ def tiny_model(family: str = "llama", seed: int = 0):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init uses std 0.02: raise it so units differ enough for scores to be informative.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 2:
                 param.normal_(0.0, 0.2)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -32,7 +32,8 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--limit", type=click.IntRange(min=1), default=32, show_default=True,
               help="use N harmful and N benign prompts (a sample seeded by --seed, kept in dataset order)")
 @click.option("--lengths", default="2,4,6,8,10", show_default=True, help="opening lengths in tokens")
-@click.option("--layers", default=None, help="comma-separated layer indices (negative counts from the end); default all")
+@click.option("--layers", default=None,
+              help="comma-separated layer indices (negative counts from the end); default all")
 @click.option("--position", type=click.Choice(["last", "mean"]), default="last", show_default=True,
               help="state compared: the last token's, or the mean over the opening's tokens")
 @click.option("--baseline", type=click.Choice(["none", "neutral"]), default="none", show_default=True,
@@ -40,7 +41,8 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--allow-short-openings", is_flag=True,
               help="keep openings shorter than the longest length (used whole there); default: drop them")
 @click.option("--system", default=None, help="system prompt for every query")
-@click.option("--seed", type=int, default=0, show_default=True, help="pairs openings with prompts; splits the probe data")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="pairs openings with prompts; splits the probe data")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="output folder")
 def probe(model_args: dict, compare_spec: str | None, harmful: str, benign: str, refusals: str, compliance: str,

@@ -141,7 +141,8 @@ def bootstrap_ci(values: torch.Tensor, resamples: int = 2000, seed: int = 0,
     generator = torch.Generator().manual_seed(seed)
     draws = torch.randint(0, n, (resamples, n), generator=generator)
     # Counts of each row per resample: a [resamples, N] weight matrix keeps memory at O(resamples * N).
-    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, draws, torch.ones_like(draws, dtype=torch.float64))
+    ones = torch.ones_like(draws, dtype=torch.float64)
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, draws, ones)
     means = counts @ flat / n
     alpha = (1.0 - level) / 2
     low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0)
@@ -311,7 +312,8 @@ def build_report(result: ReasoningResult) -> dict:
             "cells": n_cells,
             "sits_closer_to": side,
             "text": f"closer to refusal at share {closer:.2f} of (layer, length) cells "
-                    f"({n_cells} cells; interval excludes zero: {sig_refusal:.2f} refusal, {sig_compliance:.2f} compliance)",
+                    f"({n_cells} cells; interval excludes zero: {sig_refusal:.2f} refusal, "
+                    f"{sig_compliance:.2f} compliance)",
         },
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
     }

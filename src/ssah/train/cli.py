@@ -62,7 +62,8 @@ def _echo(out: str, record: dict) -> None:
 @click.command("finetune")
 @model_options
 @click.option("--data", "data_spec", required=True, help="(prompt, response) data, e.g. benign:train or alpaca:FILE")
-@click.option("--freeze", "freeze_spec", default=None, help="GROUPS_DIR:MASK units to keep bit-identical, e.g. g:SCU+CU")
+@click.option("--freeze", "freeze_spec", default=None,
+              help="GROUPS_DIR:MASK units to keep bit-identical, e.g. g:SCU+CU")
 @click.option("--frozen-epochs-multiplier", type=click.FloatRange(min=0, min_open=True), default=2.0,
               show_default=True, help="frozen runs train this many times longer (the paper doubles them)")
 @click.option("--lora", is_flag=True, help="train LoRA adapters (r=8) instead of full weights; merged on save")
@@ -87,7 +88,8 @@ def finetune(model_args: dict, data_spec: str, freeze_spec: str | None, frozen_e
         mask.check_model(loaded.fingerprint, loaded.layout)
     with folder:
         record = recipes.finetune(loaded, data, settings, out, seed=seed, freeze=mask, lora=lora,
-                                  frozen_multiplier=frozen_epochs_multiplier, force=force, writer=lambda _: folder.swap())
+                                  frozen_multiplier=frozen_epochs_multiplier, force=force,
+                                  writer=lambda _: folder.swap())
     _echo(out, record)
 
 

@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager
 
 from ssah.artifacts import Artifact, fingerprint
 from ssah.errors import SsahError
@@ -34,7 +33,7 @@ _HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", "mod
              "added_tokens.json", "chat_template.jinja", "loss.png")
 MODEL = OutputKind("model", (RECORD_FILE, *_HF_FILES), record=RECORD_FILE, whole=True)
 
-Writer = Callable[[Path], ContextManager[Path]]
+Writer = Callable[[Path], contextlib.AbstractContextManager[Path]]
 
 
 def limited(dataset, limit: int | None, seed: int):

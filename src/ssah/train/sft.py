@@ -85,7 +85,8 @@ def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, gener
     return DataLoader(items, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
 
 
-def avoided_opening_loss(logits: torch.Tensor, reply_start: torch.Tensor, avoid_ids: torch.Tensor) -> torch.Tensor | None:
+def avoided_opening_loss(logits: torch.Tensor, reply_start: torch.Tensor,
+                         avoid_ids: torch.Tensor) -> torch.Tensor | None:
     """Mean over rows with openings to avoid of -log(1 - P(first reply token is one of them)).
 
     An unlikelihood loss (Welleck et al., 2020) on one position: the one where a reply decides

@@ -8,8 +8,16 @@ import time
 import click
 
 from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
-from ssah.defaults import ATTN_UNITS, DEFAULT_SCORER, DEFAULT_SIZES_TEXT, NORMALIZATIONS, RANKINGS, RESPONSE_SOURCES
-from ssah.defaults import DTYPES, TOKEN_SCOPES
+from ssah.defaults import (
+    ATTN_UNITS,
+    DEFAULT_SCORER,
+    DEFAULT_SIZES_TEXT,
+    DTYPES,
+    NORMALIZATIONS,
+    RANKINGS,
+    RESPONSE_SOURCES,
+    TOKEN_SCOPES,
+)
 
 
 @click.command("units")

@@ -62,12 +62,12 @@ from typing import Any
 
 import torch
 
+from ssah.artifacts import Artifact
 from ssah.defaults import DEFAULT_SIZES, GROUP_NAMES, NORMALIZATIONS, RANKINGS, SIZE_KEYS
 from ssah.errors import SsahError
 from ssah.io import atomic_write, save_png
-from ssah.units.sizes import check_sizes, group_counts
-from ssah.artifacts import Artifact
 from ssah.units.scores import Scores, read_manifest, read_tensors
+from ssah.units.sizes import check_sizes, group_counts
 
 ASSIGNMENT_ORDER: tuple[str, ...] = ("SCU", "UCU", "RU")  # CU is the rest
 RULE = "SCU: highest S-U; then UCU: highest U-S; then RU: lowest S+U; CU: the rest"

@@ -78,7 +78,7 @@ class UnitLayout:
     param_shapes: dict[str, tuple[int, ...]] = field(repr=False)
 
     @classmethod
-    def from_model(cls, model: nn.Module, attn_unit: AttnUnit = "channel") -> "UnitLayout":
+    def from_model(cls, model: nn.Module, attn_unit: AttnUnit = "channel") -> UnitLayout:
         """Build the layout of a Hugging Face causal LM through its family's adapter."""
         if attn_unit not in ("channel", "head"):
             raise SsahError(f"attn_unit must be 'channel' or 'head', got {attn_unit!r}")

@@ -38,7 +38,7 @@ from ssah.io import atomic_write, read_json
 from ssah.outputs import OutputKind
 from ssah.units.layout import UnitLayout
 from ssah.units.scorers import SCORERS, get_scorer, register_scorer, resolve_scope
-from ssah.units.scoring import Pair, as_pairs, compute_scores, make_batches, score_batches, scope_mask
+from ssah.units.scoring import Pair, as_pairs, compute_scores, make_batches, scope_mask, score_batches
 
 __all__ = [
     "SCORERS", "TOKEN_SCOPES", "RESPONSE_SOURCES", "Scores", "compute_scores", "score_batches",

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ssah.data.chat import collate_pairs, encode_pair
+from ssah.defaults import TOKEN_SCOPES
 from ssah.errors import SsahError
 from ssah.units.layout import UnitLayout
-from ssah.defaults import TOKEN_SCOPES
 from ssah.units.scorers import ChannelStats, Scorer, get_scorer, resolve_scope
 
 Pair = tuple[str, "str | None"]

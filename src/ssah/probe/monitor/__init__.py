@@ -32,7 +32,8 @@ With `borderline_calibration` (safe prompts that sound unsafe, e.g. `sensitive_s
 same quantile is taken over their replies too, and the higher of the two thresholds is kept, so at
 most target_fpr of each set is flagged: a direction fit on harmful vs plainly benign prompts also
 lights up on scary words (on the aligned demo model, the earlier default -- running mean, last-token
-reading, no borderline prompts -- flagged 85% of sensitive_safe:test). With `contrast_borderline` (default) half of the borderline sample also joins
+reading, no borderline prompts -- flagged 85% of sensitive_safe:test). With `contrast_borderline`
+(default) half of the borderline sample also joins
 the benign side of the direction itself, so it points at harm rather than at alarming vocabulary;
 the other half sets the threshold (a threshold set on prompts the direction was fit to is optimistic).
 With `threshold_calibration` (e.g. `sensitive_safe:calibration`), that set's replies bound the

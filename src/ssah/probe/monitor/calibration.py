@@ -124,7 +124,8 @@ def _calibration_peaks(model, tokenizer, state: MonitorState, config: MonitorCon
             for name, prompts in sets.items() if prompts}
 
 
-def monitor_from_file(model, tokenizer, path: str | Path, check_model: bool = True) -> tuple[MonitorConfig, MonitorState]:
+def monitor_from_file(model, tokenizer, path: str | Path,
+                      check_model: bool = True) -> tuple[MonitorConfig, MonitorState]:
     """(config, state) from a state file (.safetensors) or a config (.yaml/.yml/.json, calibrated now
     on the calibration sets it names). With `check_model`, a state made for other weights is refused."""
     path = Path(path)

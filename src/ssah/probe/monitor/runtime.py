@@ -17,7 +17,12 @@ from ssah.errors import SsahError
 from ssah.interventions.base import Intervention
 from ssah.probe.directions import Directions
 from ssah.probe.hidden import (
-    block_output, num_layers, request_ends, request_marker, transformer_blocks, validate_layers,
+    block_output,
+    num_layers,
+    request_ends,
+    request_marker,
+    transformer_blocks,
+    validate_layers,
 )
 from ssah.probe.monitor.config import CALIBRATION_FIELDS, MonitorConfig
 from ssah.probe.monitor.state import MonitorState, monitor_digest
@@ -374,13 +379,15 @@ def monitored_generate(model, tokenizer, prompts: list[str], config: MonitorConf
     with monitor:
         for start in range(0, len(prompts), size):
             chunk = prompts[start:start + size]
-            inputs = encode_prompts(tokenizer, chunk, system, None if prefills is None else prefills[start:start + size])
+            opening = None if prefills is None else prefills[start:start + size]
+            inputs = encode_prompts(tokenizer, chunk, system, opening)
             inputs = {key: value.to(device) for key, value in inputs.items()}
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             generated = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             shown = monitor.apply_refusals(generated)
-            rows = zip(chunk, shown, generated, monitor.flags, monitor.flag_tokens, monitor.prompt_scores, monitor.peaks)
+            rows = zip(chunk, shown, generated, monitor.flags, monitor.flag_tokens, monitor.prompt_scores,
+                       monitor.peaks)
             for prompt, text, raw, flagged, flag_token, prompt_score, peak in rows:
                 replies.append(MonitoredReply(prompt, text, raw, flagged, flag_token, prompt_score, peak,
                                               monitor.action if flagged else "none"))
