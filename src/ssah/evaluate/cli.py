@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import click
@@ -61,6 +60,7 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
     a rerun free and an interrupted run resume).
     """
     from ssah.evaluate.runner import EVALUATION, load_eval_data
+    from ssah.models.loading import free_memory
 
     if system_text is not None and system_mode == "none":
         raise SsahError("--system has no effect with --system-prompt none; drop one of them")
@@ -87,7 +87,7 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
         if judge_folder is not None:
             # Free the evaluated model first: the judge and the model never sit in memory together.
             del loaded
-            _free_memory()
+            free_memory()
             report = _judge(out_dir, model_args, judge_folder, judge_kind, batch_size)
     click.echo(summary(report, out_dir))
 
@@ -155,14 +155,6 @@ def _judge(out_dir: str, model_args: dict, judge_folder: str, judge_kind: str, b
         return apply_judge(out_dir, judge)
     finally:
         judge.close()
-
-
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _pct(value) -> str:

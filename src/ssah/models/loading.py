@@ -70,6 +70,15 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+def free_memory() -> None:
+    """Collect after the caller dropped a model, so two models never sit in memory together."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     """`auto` is bf16 on CUDA and fp32 elsewhere; names like 'bf16', 'float16' are accepted."""
     if isinstance(dtype, torch.dtype):

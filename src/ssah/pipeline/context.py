@@ -3,7 +3,6 @@ all stages take the same way (load a model, evaluate it, score and group its uni
 
 from __future__ import annotations
 
-import gc
 import logging
 from functools import cached_property
 from pathlib import Path
@@ -21,11 +20,9 @@ def study_of(config: RunConfig) -> str:
 
 def release() -> None:
     """Collect after the caller dropped a model, so two models never sit in memory together."""
-    gc.collect()
-    import torch
+    from ssah.models.loading import free_memory
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 class RunContext:

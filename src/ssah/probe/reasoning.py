@@ -241,6 +241,25 @@ def _interval(mean: torch.Tensor, low: torch.Tensor, high: torch.Tensor, index) 
     return {"mean": round(float(mean[index]), 6), "ci95": [round(float(low[index]), 6), round(float(high[index]), 6)]}
 
 
+def _summary(diff_mean: torch.Tensor, diff_low: torch.Tensor, diff_high: torch.Tensor) -> dict:
+    """Which side the model sits closer to, over the (layer, length) cells."""
+    n_cells = diff_mean.numel()
+    closer = float((diff_mean < 0).sum()) / n_cells
+    sig_refusal = float((diff_high < 0).sum()) / n_cells
+    sig_compliance = float((diff_low > 0).sum()) / n_cells
+    side = "refusal" if closer > 0.5 else "compliance" if closer < 0.5 else "neither (tie)"
+    return {
+        "closer_to_refusal_share": round(closer, 4),
+        "significantly_closer_to_refusal_share": round(sig_refusal, 4),
+        "significantly_closer_to_compliance_share": round(sig_compliance, 4),
+        "cells": n_cells,
+        "sits_closer_to": side,
+        "text": f"closer to refusal at share {closer:.2f} of (layer, length) cells "
+                f"({n_cells} cells; interval excludes zero: {sig_refusal:.2f} refusal, "
+                f"{sig_compliance:.2f} compliance)",
+    }
+
+
 def build_report(result: ReasoningResult) -> dict:
     """The JSON-ready report of one model: cells, aggregates, probe accuracy and the summary line.
 
@@ -250,8 +269,7 @@ def build_report(result: ReasoningResult) -> dict:
     - summary: share of (layer, length) cells whose mean is closer to refusal, and the shares where the
       difference's interval excludes zero on either side.
     """
-    cfg = result.config
-    seed, reps = cfg.seed, cfg.bootstrap
+    cfg, seed, reps = result.config, result.config.seed, result.config.bootstrap
     kinds = ["refusal", "compliance"] + (["neutral"] if cfg.baseline == "neutral" else [])
     values = {kind: result.adjusted(kind) if kind != "neutral" else result.distances["neutral"] for kind in kinds}
     values["difference"] = values["refusal"] - values["compliance"]
@@ -277,12 +295,6 @@ def build_report(result: ReasoningResult) -> dict:
         row.update({kind: _interval(*stats, li) for kind, stats in layer_stats.items()})
         by_layer.append(row)
 
-    diff_mean, diff_low, diff_high = cell_stats["difference"]
-    n_cells = diff_mean.numel()
-    closer = float((diff_mean < 0).sum()) / n_cells
-    sig_refusal = float((diff_high < 0).sum()) / n_cells
-    sig_compliance = float((diff_low > 0).sum()) / n_cells
-    side = "refusal" if closer > 0.5 else "compliance" if closer < 0.5 else "neither (tie)"
     directions = result.directions
     return {
         "n_prompts": int(values["refusal"].shape[0]),
@@ -305,15 +317,6 @@ def build_report(result: ReasoningResult) -> dict:
             "benign_projection_mean": [round(float(s.mean()), 4) for s in directions.benign_scores],
             "harmful_projection_mean": [round(float(s.mean()), 4) for s in directions.harmful_scores],
         },
-        "summary": {
-            "closer_to_refusal_share": round(closer, 4),
-            "significantly_closer_to_refusal_share": round(sig_refusal, 4),
-            "significantly_closer_to_compliance_share": round(sig_compliance, 4),
-            "cells": n_cells,
-            "sits_closer_to": side,
-            "text": f"closer to refusal at share {closer:.2f} of (layer, length) cells "
-                    f"({n_cells} cells; interval excludes zero: {sig_refusal:.2f} refusal, "
-                    f"{sig_compliance:.2f} compliance)",
-        },
+        "summary": _summary(*cell_stats["difference"]),  # which side the model sits closer to
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
     }

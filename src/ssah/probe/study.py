@@ -12,7 +12,6 @@ and two plots. A folder holding the same study (same models, data and settings) 
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -88,8 +87,7 @@ def run_probe(specs: Sequence[str], data: ProbeData, config, out: str | Path, lo
               replace: bool = False) -> dict:
     """Probe each model of `specs` (loaded one at a time by `load(spec)`) and write the study to `out`;
     returns the report (probe.json)."""
-    import torch
-
+    from ssah.models.loading import free_memory
     from ssah.probe.plots import plot_reports
 
     out = Path(out)
@@ -107,9 +105,7 @@ def run_probe(specs: Sequence[str], data: ProbeData, config, out: str | Path, lo
         finally:
             # One model in memory at a time: drop this one before loading the next.
             del loaded
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_memory()
     plots = plot_reports([(entry["spec"], entry) for entry in entries], out)
     report = artifact.save({"format": "ssah.probe/1", "datasets": data.describe(), "models": entries})
     log.info("wrote %s, %s", out / PROBE_FILE, ", ".join(str(p) for p in plots))

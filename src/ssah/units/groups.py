@@ -65,7 +65,7 @@ import torch
 from ssah.artifacts import Artifact
 from ssah.defaults import DEFAULT_SIZES, GROUP_NAMES, NORMALIZATIONS, RANKINGS, SIZE_KEYS
 from ssah.errors import SsahError
-from ssah.io import atomic_write, save_png
+from ssah.io import atomic_write
 from ssah.units.scores import Scores, read_manifest, read_tensors
 from ssah.units.sizes import check_sizes, group_counts
 
@@ -175,6 +175,8 @@ class Groups:
             tensors[f"U.{kind}"] = self.utility[kind].to("cpu", torch.float64).contiguous()
         atomic_write(directory / GROUPS_FILE, save_tensors(tensors))
         if plot:
+            from ssah.units.plots import plot_groups_per_layer
+
             plot_groups_per_layer(self, directory / PLOT_FILE)
         if artifact is not None:
             self.meta = artifact.save(self.meta)
@@ -294,31 +296,8 @@ def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None 
     total = sum(num_layers * n for n in units_per_layer.values())
     counts = group_counts(sizes, total)
 
-    if ranking == "global":
-        # Pool all units: kinds in order, each [layers, units] flattened row-major.
-        flat = _assign(torch.cat([s_norm[k].reshape(-1) for k in kinds]),
-                       torch.cat([u_norm[k].reshape(-1) for k in kinds]), counts)
-        labels, start = {}, 0
-        for kind in kinds:
-            n = num_layers * units_per_layer[kind]
-            labels[kind] = flat[start:start + n].reshape(num_layers, units_per_layer[kind])
-            start += n
-    else:
-        per_layer_units = [sum(units_per_layer.values())] * num_layers
-        capacity = list(per_layer_units)
-        per_layer_counts: dict[str, list[int]] = {}
-        for name in ASSIGNMENT_ORDER:
-            per_layer_counts[name] = _apportion(counts[name], per_layer_units, capacity)
-            capacity = [cap - n for cap, n in zip(capacity, per_layer_counts[name])]
-        labels = {kind: torch.empty(num_layers, units_per_layer[kind], dtype=torch.int8) for kind in kinds}
-        for layer in range(num_layers):
-            layer_labels = _assign(torch.cat([s_norm[k][layer] for k in kinds]),
-                                   torch.cat([u_norm[k][layer] for k in kinds]),
-                                   {name: per_layer_counts[name][layer] for name in ASSIGNMENT_ORDER})
-            start = 0
-            for kind in kinds:
-                labels[kind][layer] = layer_labels[start:start + units_per_layer[kind]]
-                start += units_per_layer[kind]
+    label = _labels_global if ranking == "global" else _labels_per_layer
+    labels = label(s_norm, u_norm, counts)
 
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -347,48 +326,44 @@ def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None 
     return groups
 
 
+def _labels_global(s_norm: dict, u_norm: dict, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """All units pooled: kinds in order, each [layers, units] flattened row-major."""
+    kinds = list(s_norm)
+    flat = _assign(torch.cat([s_norm[k].reshape(-1) for k in kinds]),
+                   torch.cat([u_norm[k].reshape(-1) for k in kinds]), counts)
+    labels, start = {}, 0
+    for kind in kinds:
+        n = s_norm[kind].numel()
+        labels[kind] = flat[start:start + n].reshape(s_norm[kind].shape)
+        start += n
+    return labels
+
+
+def _labels_per_layer(s_norm: dict, u_norm: dict, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Each layer (both kinds pooled) gets its share of every group."""
+    kinds = list(s_norm)
+    num_layers = s_norm[kinds[0]].shape[0]
+    units_per_layer = {kind: s_norm[kind].shape[1] for kind in kinds}
+    per_layer_units = [sum(units_per_layer.values())] * num_layers
+    capacity = list(per_layer_units)
+    per_layer_counts: dict[str, list[int]] = {}
+    for name in ASSIGNMENT_ORDER:
+        per_layer_counts[name] = _apportion(counts[name], per_layer_units, capacity)
+        capacity = [cap - n for cap, n in zip(capacity, per_layer_counts[name])]
+    labels = {kind: torch.empty(num_layers, units_per_layer[kind], dtype=torch.int8) for kind in kinds}
+    for layer in range(num_layers):
+        layer_labels = _assign(torch.cat([s_norm[k][layer] for k in kinds]),
+                               torch.cat([u_norm[k][layer] for k in kinds]),
+                               {name: per_layer_counts[name][layer] for name in ASSIGNMENT_ORDER})
+        start = 0
+        for kind in kinds:
+            labels[kind][layer] = layer_labels[start:start + units_per_layer[kind]]
+            start += units_per_layer[kind]
+    return labels
+
+
 def _score_summary(scores: Scores) -> dict[str, Any]:
     keys = ("dataset_name", "dataset_fingerprint", "scorer", "token_scope", "responses", "tokens_seen", "num_records")
     summary = {key: scores.manifest.get(key) for key in keys}
     summary["values_sha256"] = scores.digest()
     return summary
-
-
-# -- plot -------------------------------------------------------------------------------------------
-
-GROUP_COLORS = {"SCU": "#d62728", "UCU": "#1f77b4", "CU": "#c7c7c7", "RU": "#2ca02c"}
-
-
-def plot_groups_per_layer(groups: Groups, path: str | Path) -> Path:
-    """Stacked bars, one panel per unit kind: the share of each layer's units in each group (PNG)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    # A bare Figure with the Agg canvas: no pyplot, so the caller's backend (e.g. a notebook's) is untouched.
-    kinds = groups.kinds
-    figure = Figure(figsize=(max(6.0, 0.25 * groups.meta["num_layers"] + 2), 2.6 * len(kinds)), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(kinds), 1, squeeze=False)[:, 0]
-    order = ("SCU", "UCU", "RU", "CU")
-    per_kind = groups.counts_per_kind()
-    for ax, kind in zip(axes, kinds):
-        labels = groups.labels[kind]
-        layers = torch.arange(labels.shape[0]).numpy()
-        bottom = torch.zeros(labels.shape[0], dtype=torch.float64)
-        for name in order:
-            share = (labels == GROUP_NAMES.index(name)).to(torch.float64).mean(dim=1)
-            ax.bar(layers, share.numpy(), bottom=bottom.numpy(), color=GROUP_COLORS[name], width=0.85,
-                   label=f"{name} ({per_kind[kind][name]})")
-            bottom += share
-        ax.set_xlim(-0.6, labels.shape[0] - 0.4)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0, 1)
-        ax.set_ylabel(f"{kind}: share of units")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
-    axes[-1].set_xlabel("layer")
-    meta = groups.meta
-    figure.suptitle(f"unit groups per layer (normalize={meta['normalize']}, ranking={meta['ranking']})",
-                    fontsize="medium")
-    figure.tight_layout()
-    return save_png(figure, path)
