@@ -50,6 +50,9 @@ def _split_mapping(spec: str, rest: str) -> tuple[str, dict[str, str]]:
     return path, mapping
 
 
+MAX_RECORD_CHARS = 1_000_000  # far beyond any prompt a model's context takes
+
+
 def _check(spec: str, records: list[Record]) -> None:
     if not records:
         raise SsahError(f"dataset {spec!r} has no records; check the file (and the split or label filter)")
@@ -58,6 +61,10 @@ def _check(spec: str, records: list[Record]) -> None:
         if record.id in seen:
             raise SsahError(f"dataset {spec!r}: duplicate record id {record.id!r}; ids must be unique")
         seen.add(record.id)
+        longest = max(len(record.prompt), len(record.response or ""))
+        if longest > MAX_RECORD_CHARS:
+            raise SsahError(f"dataset {spec!r}: record {record.id!r} holds {longest:,} characters, more than any "
+                            f"model context takes ({MAX_RECORD_CHARS:,}); is the file one record per line?")
 
 
 _SUBSET = re.compile(r"^(.*)\[(?:take=(\d+)|sample=(\d+),seed=(\d+))\]$", re.S)

@@ -16,7 +16,12 @@ def check_datasets(config: RunConfig) -> None:
     from ssah.data import load_dataset
 
     d = config.data
-    loaded = {key: load_dataset(spec) for key, spec in d.specs().items()}
+    loaded = {}
+    for key, spec in d.specs().items():
+        try:
+            loaded[key] = load_dataset(spec)
+        except SsahError as err:
+            raise SsahError(f"data.{key}: {err}") from None
     for key, dataset in loaded.items():
         if len(dataset) == 0:
             raise SsahError(f"data.{key}: dataset {dataset.name!r} has no records; pass a dataset with records")
@@ -39,7 +44,10 @@ def check_run(config: RunConfig, out) -> None:
     from ssah.units.scorers import get_scorer
 
     source = resolve_model_spec(config.model)
-    get_scorer(config.scores.scorer)
+    try:
+        get_scorer(config.scores.scorer)
+    except SsahError as err:
+        raise SsahError(f"scores.scorer: {err}") from None
     check_datasets(config)
     saved_models = (2 if config.align.enabled and config.align.compare_full else int(config.align.enabled)) \
         + len(config.finetune.settings)

@@ -1,0 +1,402 @@
+"""Hostile and unlucky inputs against the CLI: each one ends in exit status 2 with one clear line on
+stderr, no traceback, and every file that existed before is byte-identical afterwards.
+
+One row per case: how to set the workspace up, the command line, fragments the error line must
+hold, and optionally an injected OS failure (a read-only or full disk) or a held lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TINY = ["--model", "tiny:llama"]
+EVAL = [*TINY, "--suite", "safety", "--limit", "2", "--max-new-tokens", "2", "--system-prompt", "none",
+        "--rules", "prefix"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Inputs that commands read (never write): scores and groups of tiny:llama, a saved model
+    folder, small datasets, a finished evaluation and a fine-tuned model."""
+    root = tmp_path_factory.mktemp("assets")
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from ssah.cli import main
+
+    def cli(*argv):
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            try:
+                main(list(argv))
+            except SystemExit as exc:
+                assert exc.code in (0, None), argv
+    cli("score", *TINY, "--data", "harmful:calibration", "--limit", "6", "--responses", "refusals",
+        "--batch-size", "3", "--out", str(root / "safety"))
+    cli("score", *TINY, "--data", "benign:calibration", "--limit", "6", "--batch-size", "3",
+        "--out", str(root / "utility"))
+    cli("groups", "--safety", str(root / "safety"), "--utility", str(root / "utility"),
+        "--sizes", "scu=0.05,ucu=0.1,ru=0.2", "--out", str(root / "groups"))
+    from ssah.models.tiny import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "pairs.jsonl").write_text("".join(json.dumps({"prompt": f"Say {i}.", "response": f"{i}."}) + "\n"
+                                              for i in range(8)))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Do thing {i}."}) + "\n" for i in range(4)))
+    cli("eval", *EVAL, "--out", str(root / "eval"))
+    return root
+
+
+@dataclass
+class Case:
+    name: str
+    argv: Callable[[Path, Path], list[str]]  # (workspace, assets) -> command line
+    fragments: tuple[str, ...]
+    setup: Callable[[Path, Path], None] = lambda w, a: None
+    inject: Callable[[pytest.MonkeyPatch, Path], None] | None = None
+    chdir: bool = False
+
+
+def _write(path: Path, text: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+
+
+def _copy_model(w: Path, a: Path, name: str = "m") -> Path:
+    shutil.copytree(a / "model", w / name)
+    return w / name
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _config(w: Path, body: str, name: str = "run.yaml") -> str:
+    _write(w / name, "model: tiny:llama\ndevice: cpu\n" + body)
+    return str(w / name)
+
+
+def _read_only(monkeypatch, w):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+
+
+def _full_disk(monkeypatch, w):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 1 << 20))
+
+
+def _disk_fills_while_writing(monkeypatch, w):
+    import ssah.units.scores
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ssah.units.scores, "atomic_write", full)  # the scores file, after the work
+
+
+def _locked(monkeypatch, w):
+    from ssah.outputs import _acquire
+
+    held = _acquire(w / "out")
+    monkeypatch.setattr("tests.test_hostile_inputs._HELD", held, raising=False)
+
+
+_HELD = None
+
+
+def _scores_folder(w: Path, a: Path, name: str = "s") -> Path:
+    shutil.copytree(a / "safety", w / name)
+    return w / name
+
+
+CASES: list[Case] = [
+    # -- output folders: nothing ssah did not write is ever removed or overwritten ------------------
+    Case("force on the current folder with a stranger's file", lambda w, a: [
+        "prune", *TINY, "--groups", str(w / "groups"), "--mask", "SCU", "--out", ".", "--force"],
+        ("current folder",), setup=lambda w, a: (_write(w / "notes.txt", "mine"), shutil.copytree(a / "groups",
+                                                                                                  w / "groups")),
+        chdir=True),
+    Case("force on a folder with a stranger's file", lambda w, a: [
+        "prune", *TINY, "--groups", str(a / "groups"), "--mask", "SCU", "--out", str(w / "o"), "--force"],
+        ("files ssah did not write", "notes.txt"), setup=lambda w, a: _write(w / "o" / "notes.txt", "mine")),
+    Case("a non-empty folder ssah did not make", lambda w, a: [
+        "prune", *TINY, "--groups", str(a / "groups"), "--mask", "SCU", "--out", str(w / "o")],
+        ("files ssah did not write",), setup=lambda w, a: _write(w / "o" / "notes.txt", "mine")),
+    Case("force on the folder that holds the input groups", lambda w, a: [
+        "prune", *TINY, "--groups", str(w / "g" / "groups"), "--mask", "SCU", "--out", str(w / "g"), "--force"],
+        ("input of this command",), setup=lambda w, a: shutil.copytree(a / "groups", w / "g" / "groups")),
+    Case("force on an ancestor of the current folder", lambda w, a: [
+        "finetune", *TINY, "--data", f"jsonl:{a / 'pairs.jsonl'}", "--max-steps", "1", "--out", "..", "--force"],
+        ("current folder",), setup=lambda w, a: (w / "sub").mkdir(), chdir=True),
+    Case("finetune output that is a file", lambda w, a: [
+        "finetune", *TINY, "--data", f"jsonl:{a / 'pairs.jsonl'}", "--max-steps", "1", "--out", str(w / "f")],
+        ("is a file",), setup=lambda w, a: _write(w / "f", "x")),
+    Case("eval output that is a file", lambda w, a: ["eval", *EVAL, "--out", str(w / "f")], ("is a file",),
+         setup=lambda w, a: _write(w / "f", "x")),
+    Case("score into a folder of other files", lambda w, a: [
+        "score", *TINY, "--data", "harmful:calibration", "--limit", "2", "--out", str(w / "o")],
+        ("files ssah did not write", "todo.txt"), setup=lambda w, a: _write(w / "o" / "todo.txt", "x")),
+    Case("eval into a scores folder", lambda w, a: ["eval", *EVAL, "--out", str(w / "s")],
+         ("holds ssah scores output",), setup=lambda w, a: _scores_folder(w, a)),
+    Case("groups with force into the folder holding its inputs", lambda w, a: [
+        "groups", "--safety", str(w / "x" / "s"), "--utility", str(a / "utility"), "--out", str(w / "x"), "--force"],
+        ("input of this command",), setup=lambda w, a: (w / "x").mkdir() or _scores_folder(w / "x", a)),
+    Case("eval with force into the folder holding its data", lambda w, a: [
+        "eval", *EVAL, "--harmful", f"jsonl:{w / 'd' / 'p.jsonl'}", "--out", str(w / "d"), "--force"],
+        ("input of this command",), setup=lambda w, a: shutil.copy(a / "prompts.jsonl", _mk(w / "d") / "p.jsonl")),
+    Case("run into a folder of other files", lambda w, a: [
+        "run", "--config", _config(w, ""), "--out", str(w / "o"), "--only", "baseline"],
+        ("files ssah did not write",), setup=lambda w, a: _write(w / "o" / "thesis.tex", "x")),
+    Case("run into a folder made for another model", lambda w, a: [
+        "run", "--config", _config(w, ""), "--out", str(w / "o"), "--only", "baseline"],
+        ("holds a run of model 'tiny:qwen2'",),
+        setup=lambda w, a: _write(w / "o" / "config.yaml", "model: tiny:qwen2\n")),
+    Case("an evaluation of another model", lambda w, a: ["eval", *EVAL[:-6], "--suite", "safety", "--limit", "2",
+                                                         "--max-new-tokens", "2", "--system-prompt", "none",
+                                                         "--model", "tiny:qwen2", "--out", str(w / "e")],
+         ("already holds an evaluation made differently", "--force"),
+         setup=lambda w, a: shutil.copytree(a / "eval", w / "e")),
+    Case("a second writer on a locked folder", lambda w, a: ["eval", *EVAL, "--out", str(w / "out")],
+         ("being written by another ssah process", "pid"), inject=_locked),
+    # -- everything checked before the first expensive step -----------------------------------------
+    Case("a typo in prune.masks", lambda w, a: ["run", "--config", _config(w, "prune: {masks: [SCU, SCX]}\n"),
+                                                "--out", str(w / "o")], ("prune.masks", "SCX")),
+    Case("group sizes summing over 1", lambda w, a: [
+        "run", "--config", _config(w, "groups: {sizes: {scu: 0.6, ucu: 0.5}}\n"), "--out", str(w / "o")],
+        ("groups.sizes", "sum to 1.1")),
+    Case("an unknown suite in a config", lambda w, a: [
+        "run", "--config", _config(w, "eval: {suites: [safety, jailbreak]}\n"), "--out", str(w / "o")],
+        ("eval.suites[1]", "jailbreak")),
+    Case("an unknown scorer in a config", lambda w, a: [
+        "run", "--config", _config(w, "scores: {scorer: magic}\n"), "--out", str(w / "o")],
+        ("scores.scorer", "unknown scorer")),
+    Case("a missing data file in a config", lambda w, a: [
+        "run", "--config", _config(w, f"data: {{harmful_test: 'jsonl:{w / 'none.jsonl'}'}}\n"), "--out", str(w / "o")],
+        ("data.harmful_test", "no such file")),
+    Case("a missing model in a config", lambda w, a: ["run", "--config", str(w / "r.yaml"), "--out", str(w / "o")],
+         ("model path", "does not exist"), setup=lambda w, a: _write(w / "r.yaml", f"model: {w / 'gone'}\n")),
+    Case("fine-tuning data without responses", lambda w, a: [
+        "run", "--config", _config(w, f"data: {{finetune: 'jsonl:{a / 'prompts.jsonl'}'}}\n"), "--out", str(w / "o")],
+        ("data.finetune", "no response")),
+    Case("utility data without answers", lambda w, a: [
+        "run", "--config", _config(w, f"data: {{benign_test: 'jsonl:{a / 'pairs.jsonl'}'}}\n"), "--out", str(w / "o")],
+        ("data.benign_test", "no records with an answer")),
+    Case("a run stage whose needs are not done", lambda w, a: [
+        "run", "--config", _config(w, ""), "--out", str(w / "o"), "--only", "prune"], ("needs the groups stage",)),
+    Case("an unknown stage", lambda w, a: ["run", "--config", _config(w, ""), "--out", str(w / "o"), "--from", "x"],
+         ("unknown stage 'x'",)),
+    Case("an unknown preset", lambda w, a: ["run", "--preset", "nope", "--out", str(w / "o")], ("unknown preset",)),
+    Case("both a preset and a config", lambda w, a: ["run", "--preset", "demo", "--config", _config(w, ""),
+                                                     "--out", str(w / "o")], ("exactly one",)),
+    Case("a config that is a folder", lambda w, a: ["run", "--config", str(w), "--out", str(w / "o")],
+         ("is a folder",)),
+    Case("a YAML syntax error", lambda w, a: ["run", "--config", _config(w, "eval:\n  limit: [1, 2\n"),
+                                              "--out", str(w / "o")], ("not valid YAML", "line")),
+    Case("a UTF-16 config with a bad key", lambda w, a: ["run", "--config", str(w / "u.yaml"), "--out", str(w / "o")],
+         ("unknown config key 'evaluation'",),
+         setup=lambda w, a: _write(w / "u.yaml", "model: tiny:llama\nevaluation: {}\n".encode("utf-16"))),
+    Case("a config that is a list", lambda w, a: ["run", "--config", str(w / "l.yaml"), "--out", str(w / "o")],
+         ("must hold a mapping",), setup=lambda w, a: _write(w / "l.yaml", "- a\n- b\n")),
+    Case("a string where a number goes", lambda w, a: [
+        "run", "--config", _config(w, "eval: {limit: '3'}\n"), "--out", str(w / "o")], ("eval.limit", "integer")),
+    Case("a negative loss weight", lambda w, a: [
+        "run", "--config", _config(w, "align: {refusal_unlikelihood: -1}\n"), "--out", str(w / "o")],
+        ("align.refusal_unlikelihood", ">= 0")),
+    Case("all-zero group sizes", lambda w, a: [
+        "groups", "--safety", str(a / "safety"), "--utility", str(a / "utility"), "--sizes", "scu=0,ucu=0,ru=0",
+        "--out", str(w / "g")], ("every group size is 0",)),
+    Case("an unknown group size", lambda w, a: [
+        "groups", "--safety", str(a / "safety"), "--utility", str(a / "utility"), "--sizes", "cu=0.5",
+        "--out", str(w / "g")], ("CU is always the rest",)),
+    Case("sizes over 1", lambda w, a: [
+        "groups", "--safety", str(a / "safety"), "--utility", str(a / "utility"), "--sizes", "scu=0.7,ru=0.7",
+        "--out", str(w / "g")], ("sum to 1.4",)),
+    # -- masks -------------------------------------------------------------------------------------
+    Case("an unknown mask term", lambda w, a: ["prune", *TINY, "--groups", str(a / "groups"), "--mask", "XYZ",
+                                               "--out", str(w / "p")], ("unknown mask term 'XYZ'",)),
+    Case("a negative top=", lambda w, a: ["prune", *TINY, "--groups", str(a / "groups"), "--mask", "CU:top=-0.1",
+                                          "--out", str(w / "p")], ("top=-0.1", "between 0 and 1")),
+    Case("top= above 1", lambda w, a: ["prune", *TINY, "--groups", str(a / "groups"), "--mask", "CU:top=2",
+                                       "--out", str(w / "p")], ("between 0 and 1",)),
+    Case("a seed that is no integer", lambda w, a: [
+        "prune", *TINY, "--groups", str(a / "groups"), "--mask", "random:like=SCU,seed=x", "--out", str(w / "p")],
+        ("must be an integer",)),
+    Case("random with both like and frac", lambda w, a: [
+        "prune", *TINY, "--groups", str(a / "groups"), "--mask", "random:like=SCU,frac=0.1", "--out", str(w / "p")],
+        ("exactly one of like=",)),
+    Case("an unknown mask option", lambda w, a: [
+        "prune", *TINY, "--groups", str(a / "groups"), "--mask", "SCU:colour=red", "--out", str(w / "p")],
+        ("unknown mask option 'colour'",)),
+    Case("a mask of another model", lambda w, a: [
+        "prune", "--model", "tiny:qwen2", "--groups", str(a / "groups"), "--mask", "SCU", "--out", str(w / "p")],
+        ("was made for model",)),
+    Case("a freeze spec that is no groups folder", lambda w, a: [
+        "finetune", *TINY, "--data", f"jsonl:{a / 'pairs.jsonl'}", "--freeze", "nowhere:SCU", "--out", str(w / "f")],
+        ("is not GROUPS_DIR:MASK",)),
+    # -- datasets ----------------------------------------------------------------------------------
+    Case("a missing dataset file", lambda w, a: ["score", *TINY, "--data", f"jsonl:{w / 'no.jsonl'}",
+                                                 "--out", str(w / "s")], ("no such file",)),
+    Case("an empty dataset file", lambda w, a: ["score", *TINY, "--data", f"jsonl:{w / 'e.jsonl'}",
+                                                "--out", str(w / "s")], ("empty",),
+         setup=lambda w, a: _write(w / "e.jsonl", "")),
+    Case("a binary dataset", lambda w, a: ["data", "show", f"jsonl:{w / 'b.jsonl'}"], ("binary",),
+         setup=lambda w, a: _write(w / "b.jsonl", bytes(range(256)) * 8)),
+    Case("a UTF-16 dataset", lambda w, a: ["data", "show", f"jsonl:{w / 'u.jsonl'}"], ("UTF-16",),
+         setup=lambda w, a: _write(w / "u.jsonl", '{"prompt": "hi"}\n'.encode("utf-16"))),
+    Case("a dataset with one huge line", lambda w, a: ["data", "show", f"jsonl:{w / 'h.jsonl'}"],
+         ("one record per line",),
+         setup=lambda w, a: _write(w / "h.jsonl", json.dumps({"prompt": "x" * 1_500_000}) + "\n")),
+    Case("a malformed JSON line", lambda w, a: ["data", "show", f"jsonl:{w / 'm.jsonl'}"], ("line 2",),
+         setup=lambda w, a: _write(w / "m.jsonl", '{"prompt": "a"}\n{"prompt": \n')),
+    Case("a dataset folder", lambda w, a: ["data", "show", f"jsonl:{w}"], ("is a folder",)),
+    Case("an unknown dataset", lambda w, a: ["data", "show", "nosuchset"], ("unknown dataset",)),
+    Case("an unknown split", lambda w, a: ["data", "show", "benign:dev"], ("no split 'dev'",)),
+    Case("fine-tuning data without responses (finetune)", lambda w, a: [
+        "finetune", *TINY, "--data", f"jsonl:{a / 'prompts.jsonl'}", "--max-steps", "1", "--out", str(w / "f")],
+        ("have no response",)),
+    # -- models ------------------------------------------------------------------------------------
+    Case("a truncated model.safetensors", lambda w, a: ["units", "--model", str(w / "m")], ("truncated",),
+         setup=lambda w, a: _truncate(_copy_model(w, a) / "model.safetensors")),
+    Case("a config.json holding a list", lambda w, a: ["units", "--model", str(w / "m")], ("JSON list",),
+         setup=lambda w, a: _write(_copy_model(w, a) / "config.json", "[1, 2]")),
+    Case("a config.json of another family", lambda w, a: ["units", "--model", str(w / "m")],
+         ("unsupported model type 'bert'",),
+         setup=lambda w, a: _write(_copy_model(w, a) / "config.json", '{"model_type": "bert"}')),
+    Case("a config.json without model_type", lambda w, a: ["units", "--model", str(w / "m")], ("no model_type",),
+         setup=lambda w, a: _write(_copy_model(w, a) / "config.json", '{"hidden_size": 8}')),
+    Case("a pickle-only model folder", lambda w, a: ["units", "--model", str(w / "m")],
+         ("could not load the weights",),
+         setup=lambda w, a: (_copy_model(w, a) / "model.safetensors").rename(w / "m" / "pytorch_model.bin")),
+    Case("a model folder without weights", lambda w, a: ["units", "--model", str(w / "m")], ("holds no weights",),
+         setup=lambda w, a: (_copy_model(w, a) / "model.safetensors").unlink()),
+    Case("a model folder without a tokenizer", lambda w, a: ["units", "--model", str(w / "m")],
+         ("could not load the tokenizer",),
+         setup=lambda w, a: [p.unlink() for p in _copy_model(w, a).glob("tokenizer*")]),
+    Case("a truncated GGUF file", lambda w, a: ["units", "--model", str(w / "x.gguf")], ("damaged or cut short",),
+         setup=lambda w, a: _write(w / "x.gguf", b"GGUF" + bytes(200))),
+    Case("a file that is no GGUF", lambda w, a: ["units", "--model", str(w / "x.gguf")], ("not a GGUF file",),
+         setup=lambda w, a: _write(w / "x.gguf", b"hello")),
+    Case("a missing model path", lambda w, a: ["units", "--model", str(w / "gone")], ("does not exist",)),
+    Case("a hub id offline and not cached", lambda w, a: ["units", "--model", "someone/some-model"],
+         ("HF_HUB_OFFLINE",)),
+    Case("an unknown tiny family", lambda w, a: ["units", "--model", "tiny:bert"], ("unknown tiny family",)),
+    Case("a device that does not exist", lambda w, a: ["units", *TINY, "--device", "gpu0"], ("gpu0",)),
+    # -- artifacts ---------------------------------------------------------------------------------
+    Case("scores without a manifest", lambda w, a: [
+        "groups", "--safety", str(w / "s"), "--utility", str(a / "utility"), "--out", str(w / "g")],
+        ("manifest.json is missing",), setup=lambda w, a: (_scores_folder(w, a) / "manifest.json").unlink()),
+    Case("truncated scores", lambda w, a: [
+        "groups", "--safety", str(w / "s"), "--utility", str(a / "utility"), "--out", str(w / "g")], ("damaged",),
+        setup=lambda w, a: _truncate(_scores_folder(w, a) / "scores.safetensors")),
+    Case("a damaged groups.json", lambda w, a: [
+        "prune", *TINY, "--groups", str(w / "g"), "--mask", "SCU", "--out", str(w / "p")], ("groups.json",),
+        setup=lambda w, a: _truncate(Path(shutil.copytree(a / "groups", w / "g")) / "groups.json")),
+    Case("a damaged eval.json", lambda w, a: ["eval", *EVAL, "--out", str(w / "e")], ("eval.json is damaged",),
+         setup=lambda w, a: _truncate(Path(shutil.copytree(a / "eval", w / "e")) / "eval.json")),
+    Case("scores of two models", lambda w, a: [
+        "groups", "--safety", str(a / "safety"), "--utility", str(w / "q"), "--out", str(w / "g")],
+        ("different models",), setup=lambda w, a: _score_other(w / "q")),
+    Case("a monitor config with an unknown key", lambda w, a: [
+        "eval", *EVAL, "--monitor", str(w / "m.yaml"), "--out", str(w / "e")], ("unknown config key 'threshhold'",),
+        setup=lambda w, a: _write(w / "m.yaml", "threshhold: 1\n")),
+    Case("a truncated monitor state", lambda w, a: [
+        "eval", *EVAL, "--monitor", str(w / "m.safetensors"), "--out", str(w / "e")], ("monitor state",),
+        setup=lambda w, a: _write(w / "m.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{")),
+    # -- options -----------------------------------------------------------------------------------
+    Case("freeze together with LoRA", lambda w, a: [
+        "finetune", *TINY, "--data", "benign:train", "--freeze", f"{a / 'groups'}:SCU", "--lora", "--out",
+        str(w / "f")], ("cannot be combined",)),
+    Case("avoided refusals without borderline prompts", lambda w, a: [
+        "align", *TINY, "--budget", "all", "--avoid-refusals", "0.1", "--out", str(w / "a")], ("needs --borderline",)),
+    Case("a system text without a system prompt", lambda w, a: [
+        "eval", *EVAL, "--system", "Be nice.", "--out", str(w / "e")], ("no effect",)),
+    Case("a limit of zero", lambda w, a: ["eval", *TINY, "--limit", "0", "--out", str(w / "e")], ("--limit",)),
+    Case("a word where a number goes", lambda w, a: ["finetune", *TINY, "--data", "benign:train", "--lr", "fast",
+                                                     "--out", str(w / "f")], ("--lr",)),
+    Case("a judge folder that does not exist", lambda w, a: [
+        "eval", *EVAL, "--judge", str(w / "judge"), "--out", str(w / "e")], ("judge",)),
+    Case("a missing monitor file", lambda w, a: ["eval", *EVAL, "--monitor", str(w / "none.yaml"),
+                                                 "--out", str(w / "e")], ("does not exist",)),
+    Case("bad recovery lengths", lambda w, a: ["align", *TINY, "--budget", "all", "--recovery", "2,x",
+                                               "--out", str(w / "a")], ("--recovery",)),
+    Case("transfer between groupings of different sizes", lambda w, a: [
+        "transfer", "--before", str(a / "groups"), "--after", str(w / "g2"), "--out", str(w / "t")], ("sizes",),
+        setup=lambda w, a: _group_other_sizes(w / "g2", a)),
+    # -- the disk ----------------------------------------------------------------------------------
+    Case("a read-only output disk", lambda w, a: ["eval", *EVAL, "--out", str(w / "e")], ("cannot write",),
+         inject=_read_only),
+    Case("a full output disk", lambda w, a: ["finetune", *TINY, "--data", f"jsonl:{a / 'pairs.jsonl'}",
+                                             "--out", str(w / "f")], ("MB free",), inject=_full_disk),
+    Case("a disk that fills while writing", lambda w, a: [
+        "score", *TINY, "--data", "benign:calibration", "--limit", "2", "--out", str(w / "s")],
+        ("No space left on device", "scores.safetensors"), inject=_disk_fills_while_writing),
+]
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _score_other(out: Path) -> None:
+    from ssah.models.loading import load_model
+    from ssah.units.scores import score_dataset
+
+    score_dataset(load_model("tiny:qwen2", device="cpu"), "benign:calibration[take=3]", out=out, progress=False)
+
+
+def _group_other_sizes(out: Path, a: Path) -> None:
+    from ssah.units.groups import make_groups
+    from ssah.units.scores import Scores
+
+    make_groups(Scores.load(a / "safety"), Scores.load(a / "utility"), {"scu": 0.1, "ru": 0.1}).save(out)
+
+
+def _snapshot(*roots: Path) -> dict[Path, str]:
+    return {path: hashlib.sha256(path.read_bytes()).hexdigest()
+            for root in roots for path in root.rglob("*") if path.is_file()}
+
+
+def test_enough_cases():
+    assert len(CASES) >= 60 and len({case.name for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_hostile_input_is_one_line_and_loses_nothing(case, assets, tmp_path, capsys, monkeypatch):
+    workspace = tmp_path / "w"
+    workspace.mkdir()
+    case.setup(workspace, assets)
+    argv = case.argv(workspace, assets)
+    if case.chdir:
+        monkeypatch.chdir(workspace / "sub" if (workspace / "sub").is_dir() else workspace)
+    if case.inject is not None:
+        case.inject(monkeypatch, workspace)
+    before = _snapshot(workspace, assets)
+    result = run_cli(capsys, *argv)
+    assert result.code == 2, result
+    assert_one_line_error(result, *case.fragments)
+    after = _snapshot(workspace, assets)
+    changed = [str(path) for path, digest in before.items() if after.get(path) != digest]
+    assert not changed, f"files that existed before changed or vanished: {changed}"

@@ -1,0 +1,119 @@
+"""Output folders and finished work: what ssah replaces, what it reuses, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from ssah.artifacts import Artifact
+from ssah.config import load_config
+from ssah.errors import SsahError
+from ssah.outputs import MARKER, OutputFolder, OutputKind
+from ssah.pipeline import run_pipeline
+from tests.helpers import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CONFIG = Path(__file__).parent / "data" / "tiny_run.yaml"
+KIND = OutputKind("thing", ("record.json", "data.bin"), record="record.json")
+WHOLE = OutputKind("model", ("record.json", "weights.bin"), record="record.json", whole=True)
+
+
+def test_artifact_reuses_same_inputs_redoes_settings_and_refuses_another_subject(tmp_path):
+    made = Artifact(tmp_path / "record.json", "a thing", {"model": "m1", "settings": 1}, guard=("model",))
+    assert made.lookup() is None
+    made.save({"value": 7})
+    assert made.lookup()["value"] == 7  # same inputs: reused
+    other_settings = Artifact(tmp_path / "record.json", "a thing", {"model": "m1", "settings": 2}, guard=("model",))
+    assert other_settings.lookup() is None  # same subject, other settings: redone
+    other_model = Artifact(tmp_path / "record.json", "a thing", {"model": "m2", "settings": 1}, guard=("model",))
+    with pytest.raises(SsahError, match="already holds a thing made differently .different model"):
+        other_model.lookup()
+    assert other_model.lookup(replace=True) is None and other_model.lookup(force=True) is None
+    (tmp_path / "record.json").write_text("{half")
+    with pytest.raises(SsahError, match="is damaged"):
+        made.lookup()
+
+
+def test_force_replaces_a_whole_folder_ssah_wrote_and_only_that(tmp_path):
+    target = tmp_path / "out"
+    for value in ("first", "second"):
+        with OutputFolder(target, WHOLE, force=True) as folder, folder.swap() as tmp:
+            (tmp / "weights.bin").write_text(value)
+            (tmp / "record.json").write_text("{}")
+    assert (target / "weights.bin").read_text() == "second"
+    assert json.loads((target / MARKER).read_text())["files"] == ["record.json", "weights.bin"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.is_dir()]  # no swap leftovers
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(SsahError, match="holds files ssah did not write .e.g. notes.txt"):
+        OutputFolder(target, WHOLE, force=True).check()
+    assert (target / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_from_before_the_marker_counts_as_ssahs_when_it_holds_only_its_names(tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "record.json").write_text("{}")
+    (tmp_path / "old" / ".record.json.x1y2.tmp").write_text("")  # a write cut short by a kill
+    with OutputFolder(tmp_path / "old", KIND):
+        pass
+    assert json.loads((tmp_path / "old" / MARKER).read_text())["kind"] == "thing"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "essay.md").write_text("x")
+    with pytest.raises(SsahError, match="holds files ssah did not write"):
+        OutputFolder(tmp_path / "other", KIND).check()
+
+
+def test_the_lock_names_its_holder_and_is_released(tmp_path):
+    first = OutputFolder(tmp_path / "out", KIND)
+    with first:
+        with pytest.raises(SsahError, match=r"being written by another ssah process \(.*pid \d+"):
+            with OutputFolder(tmp_path / "out", KIND):
+                pass
+    with OutputFolder(tmp_path / "out", KIND):  # released when the first writer ended
+        pass
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_outputs_follow_the_umask(tmp_path, capsys, umask):
+    old = os.umask(umask)
+    try:
+        result = run_cli(capsys, "eval", "--model", "tiny:llama", "--suite", "safety", "--limit", "2",
+                         "--max-new-tokens", "2", "--system-prompt", "none", "--rules", "prefix",
+                         "--out", str(tmp_path / "e"))
+        assert result.code == 0, result.err
+        groups = tmp_path / "groups"
+        from ssah.io import atomic_dir
+
+        with atomic_dir(groups) as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(old)
+    for name in ("eval.json", "replies.jsonl", MARKER):
+        assert stat.S_IMODE((tmp_path / "e" / name).stat().st_mode) == 0o666 & ~umask, name
+    assert stat.S_IMODE(groups.stat().st_mode) == 0o777 & ~umask
+
+
+def test_a_typo_fails_before_any_stage_and_the_fix_reuses_finished_stages(tmp_path, capsys):
+    done = ("baseline", "align", "groups")
+    run_pipeline(load_config(path=CONFIG), tmp_path / "run", only=done)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*/done.json")}
+    text = CONFIG.read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace('masks: [SCU, UCU, "random:like=SCU"]', 'masks: [SCU, UCX, "random:like=SCU"]'))
+    start = time.perf_counter()
+    result = run_cli(capsys, "run", "--config", str(typo), "--out", str(tmp_path / "run"))
+    assert time.perf_counter() - start < 5
+    assert_one_line_error(result, "prune.masks", "UCX")
+    assert not (tmp_path / "run" / "4-prune").exists()
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(text.replace('masks: [SCU, UCU, "random:like=SCU"]', 'masks: [SCU, UCU]'))
+    result = run_cli(capsys, "run", "--config", str(fixed), "--out", str(tmp_path / "run"), "--only", "prune")
+    assert result.code == 0, result.err
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished stages reused, untouched
+    assert "[groups] done earlier" not in result.out and "[prune] running" in result.out
+    summary = json.loads((tmp_path / "run" / "4-prune" / "done.json").read_text())["summary"]
+    assert set(summary) == {"none", "SCU", "UCU"}
