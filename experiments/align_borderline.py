@@ -59,7 +59,7 @@ def main() -> None:
     # The unaligned model's replies to the borderline prompts, as the run generated them: copied, so the
     # run folder is only read and nothing is generated twice.
     args.out.mkdir(parents=True, exist_ok=True)
-    cached = layout.stage("align") / "borderline-replies.jsonl"
+    cached = layout.borderline_replies
     if cached.is_file() and not (args.out / cached.name).exists():
         shutil.copy2(cached, args.out / cached.name)
     borderline = load_dataset(d.borderline_train or "sensitive_safe:train")

@@ -94,8 +94,7 @@ def shared_files(run_dir: Path) -> list[Path]:
     from ssah.pipeline import RunLayout
 
     layout = RunLayout(run_dir)
-    align = layout.stage("align")
-    return [align / "borderline-replies.jsonl", align / "harmful-replies.jsonl",
+    return [layout.borderline_replies, layout.harmful_replies,
             layout.unaligned_groups / "scores-safety", layout.unaligned_groups / "scores-utility"]
 
 

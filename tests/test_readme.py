@@ -49,3 +49,12 @@ def test_import_ssah_stays_cheap():
     """The top-level names load their modules lazily: `import ssah` pulls in no torch."""
     code = "import sys, ssah; assert 'torch' not in sys.modules; ssah.parse_sizes; print(sorted(dir(ssah))[:2])"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_every_command_help_stays_cheap():
+    """Options and their defaults come from torch-free modules: `ssah CMD --help` imports no torch."""
+    code = ("import sys\nfrom ssah.cli import SUBCOMMANDS, main\n"
+            "for name in SUBCOMMANDS:\n"
+            "    try:\n        main([name, '--help'])\n    except SystemExit:\n        pass\n"
+            "    assert 'torch' not in sys.modules, name\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

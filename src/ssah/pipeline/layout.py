@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssah.outputs import OutputKind
+from ssah.train.data import BORDERLINE_CACHE, HARMFUL_CACHE
 
 STAGES: tuple[str, ...] = ("baseline", "align", "groups", "prune", "finetune", "probe", "transfer", "report")
 CONFIG_FILE, RESULTS_FILE, REPORT_FILE, DONE_FILE = "config.yaml", "results.json", "report.html", "done.json"
@@ -67,6 +68,19 @@ class RunLayout:
         """Scores and groups of the unaligned model, from which the alignment budget is taken."""
         return self.stage("align") / "base"
 
+    @property
+    def alignment_cache(self) -> Path:
+        """Where the unaligned model's own replies used by alignment are cached."""
+        return self.stage("align")
+
+    @property
+    def borderline_replies(self) -> Path:
+        return self.alignment_cache / BORDERLINE_CACHE
+
+    @property
+    def harmful_replies(self) -> Path:
+        return self.alignment_cache / HARMFUL_CACHE
+
     def aligned_model(self, kind: str) -> Path:
         return self.stage("align") / f"model-{kind}"
 
@@ -108,5 +122,17 @@ class RunLayout:
         return self.stage("probe") / "eval-monitor"
 
     @property
+    def probe_study(self) -> Path:
+        return self.stage("probe")
+
+    @property
     def regrouped_after_finetune(self) -> Path:
         return self.stage("transfer") / "after-finetune"
+
+    @property
+    def transfer_record(self) -> Path:
+        return self.stage("transfer") / "transfer.json"
+
+    def transfer_plot(self, kind: str) -> Path:
+        """kind: finetune (Figure 5) or alignment (Figure 6)."""
+        return self.stage("transfer") / f"transfer-{kind}.png"

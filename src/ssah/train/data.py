@@ -19,6 +19,8 @@ from ssah.errors import SsahError
 log = logging.getLogger(__name__)
 
 Pair = tuple[str, ...]  # (prompt, response) or (prompt, response, prefill)
+# the model's own replies, cached in `alignment_data(cache_dir=...)`
+BORDERLINE_CACHE, HARMFUL_CACHE = "borderline-replies.jsonl", "harmful-replies.jsonl"
 
 
 def refusal_texts(refusals) -> list[str]:
@@ -106,7 +108,7 @@ def alignment_data(loaded, harmful, benign, refusals, *, borderline=None, border
     if borderline is not None:
         prompts = borderline.prompts()
         replies = _own_replies(loaded, prompts, borderline_tokens, batch_size,
-                               cache / "borderline-replies.jsonl" if cache else None)
+                               cache / BORDERLINE_CACHE if cache else None)
         own = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         log.info("%d borderline prompts answered by the model itself", len(own))
     pairs: list[Pair] = alignment_pairs(harmful, benign, refusals, seed=seed, borderline=own * borderline_repeats)
@@ -114,7 +116,7 @@ def alignment_data(loaded, harmful, benign, refusals, *, borderline=None, border
     if recovery_lengths:
         prompts = harmful.prompts()
         replies = _own_replies(loaded, prompts, max(recovery_lengths) + 8, batch_size,
-                               cache / "harmful-replies.jsonl" if cache else None)
+                               cache / HARMFUL_CACHE if cache else None)
         recovery = recovery_examples(loaded.tokenizer, prompts, replies, refusals, list(recovery_lengths), seed=seed)
         log.info("%d recovery examples (of %d harmful prompts; the others were refused or too short)",
                  len(recovery), len(prompts))

@@ -67,7 +67,7 @@ def run(ctx) -> AlignSummary:
     data = alignment_data(loaded, given.harmful, given.benign, given.refusals, borderline=given.borderline,
                           borderline_tokens=given.borderline_tokens, borderline_repeats=given.borderline_repeats,
                           recovery_lengths=given.recovery_lengths, seed=c.seed, batch_size=c.eval.batch_size,
-                          cache_dir=layout.stage("align"))
+                          cache_dir=layout.alignment_cache)
     summary: AlignSummary = dict(data.counts)  # type: ignore[assignment]
     # The budget: groups of the unaligned model from a score on the harmful prompts (paired with
     # refusals) and a utility score; RU units matter least for both.

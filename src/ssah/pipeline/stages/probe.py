@@ -28,7 +28,7 @@ def run(ctx) -> dict:
     config = ReasoningConfig(lengths=tuple(c.probe.opening_lengths), seed=c.seed)
     studied = ctx.studied_model_spec()
     specs = [c.model] + ([studied] if studied != c.model else [])
-    report = run_probe(specs, data, config, ctx.layout.stage("probe"), load=ctx.load, replace=True)
+    report = run_probe(specs, data, config, ctx.layout.probe_study, load=ctx.load, replace=True)
     models = []
     for entry in report["models"]:
         diffs = [cell["difference"]["mean"] for cell in entry["cells"]]

@@ -28,7 +28,7 @@ def run(ctx) -> dict:
     summaries = {stage: stage_summary(stage, ctx.config, layout) for stage in STAGES if stage != "report"}
     verdicts = compute_verdicts(summaries, paired_tests(paired_claims(layout)))
     images = {"groups": [layout.groups / "groups_per_layer.png"],
-              "probe": sorted(layout.stage("probe").glob("*.png")),
+              "probe": sorted(layout.probe_study.glob("*.png")),
               "transfer": sorted(layout.stage("transfer").glob("*.png"))}
     return write_report(ctx.config.to_dict(), summaries, verdicts, ctx.out, images)
 

@@ -18,7 +18,7 @@ def run(ctx) -> dict:
     from ssah.units.groups import Groups, make_groups
     from ssah.units.scores import Scores
 
-    layout, out = ctx.layout, ctx.layout.stage("transfer")
+    layout = ctx.layout
     before = Groups.load(layout.groups)
     summary = {}
     attack = layout.finetuned_model("plain")
@@ -28,7 +28,7 @@ def run(ctx) -> dict:
         del loaded
         release()
         table = transfer_summary(before, after)
-        plot_transfer(table, out / "transfer-finetune.png", "after benign fine-tuning (Fig. 5)")
+        plot_transfer(table, layout.transfer_plot("finetune"), "after benign fine-tuning (Fig. 5)")
         summary["finetune"] = table
     base = layout.unaligned_groups
     if (base / "groups" / "groups.json").is_file():
@@ -39,9 +39,9 @@ def run(ctx) -> dict:
             unaligned = make_groups(Scores.load(base / "scores-safety"), Scores.load(base / "scores-utility"),
                                     before.meta["sizes"], normalize=g.normalize, ranking=g.ranking)
         table = transfer_summary(unaligned, before)
-        plot_transfer(table, out / "transfer-alignment.png", "after alignment (Fig. 6)")
+        plot_transfer(table, layout.transfer_plot("alignment"), "after alignment (Fig. 6)")
         summary["alignment"] = table
-    write_json_atomic(out / "transfer.json", summary)
+    write_json_atomic(layout.transfer_record, summary)
     return summary
 
 
