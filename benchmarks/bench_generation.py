@@ -18,15 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    fmt_ratio,
-    fmt_target,
-    paired_ratios,
-    script_main,
-    summary,
-    target,
-    timed_call,
-)
+from benchmarks.common import fmt_ratio, fmt_target, paired_ratios, script_main, summary, target, timed_call  # noqa: E402
 
 NAME = "generation"
 TITLE = "Batched vs batch-1 generation throughput"

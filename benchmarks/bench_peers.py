@@ -28,15 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    fmt_seconds,
-    fmt_target,
-    script_main,
-    summary,
-    target,
-    timed,
-    timed_call,
-)
+from benchmarks.common import fmt_seconds, fmt_target, script_main, summary, target, timed, timed_call  # noqa: E402
 
 NAME = "peers"
 TITLE = "Against peer methods: per-layer SNIP (Wei et al. 2024) and a Wanda-style per-weight dump"

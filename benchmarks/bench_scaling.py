@@ -20,14 +20,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import (  # noqa: E402
-    linear_fit,
-    script_main,
-    summary,
-    synthetic_batches,
-    target,
-    timed,
-)
+from benchmarks.common import linear_fit, script_main, summary, synthetic_batches, target, timed  # noqa: E402
 
 NAME = "scaling"
 TITLE = "Scaling of `variance` scoring with calibration tokens, width and depth"

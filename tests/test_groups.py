@@ -7,12 +7,7 @@ import pytest
 import torch
 
 from ssah.errors import SsahError
-from ssah.units.groups import (
-    GROUP_NAMES,
-    Groups,
-    make_groups,
-    normalize_scores,
-)
+from ssah.units.groups import GROUP_NAMES, Groups, make_groups, normalize_scores
 from ssah.units.scores import Scores
 from ssah.units.sizes import parse_sizes
 from tests.helpers import assert_one_line_error, run_cli

@@ -12,14 +12,7 @@ from ssah.models.loading import load_model
 from ssah.models.tiny import tiny_model
 from ssah.units.layout import UnitLayout
 from ssah.units.scorers import SCORERS, register_scorer
-from ssah.units.scores import (
-    Scores,
-    compute_scores,
-    make_batches,
-    scope_mask,
-    score_batches,
-    score_dataset,
-)
+from ssah.units.scores import Scores, compute_scores, make_batches, scope_mask, score_batches, score_dataset
 from tests.helpers import assert_one_line_error, run_cli
 
 PAIRS = [
