@@ -191,17 +191,9 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-class _Lock:
-    """An advisory lock on a hidden sibling file, with the holder's description written inside."""
-
-    def __init__(self, lock, path: Path):
-        self.lock, self.path = lock, path
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-def _acquire(folder: Path) -> _Lock:
+def _acquire(folder: Path):
+    """An advisory lock on a hidden sibling file (`FileLock`), with the holder's description inside:
+    the file stays after release, so every waiter locks the same file."""
     from filelock import FileLock, Timeout
 
     path = folder.parent / f".{folder.name}.lock"
@@ -219,7 +211,7 @@ def _acquire(folder: Path) -> _Lock:
         with open(path, "r+", encoding="utf-8") as handle:
             handle.truncate(0)
             handle.write(json.dumps(holder))
-    return _Lock(lock, path)
+    return lock
 
 
 def _holder(path: Path) -> str:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import click
 
 from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.models.spec import SAVED_MODEL_FILES
+from ssah.outputs import OutputKind
 
 PRUNE_RECORD = "ssah_prune.json"
+# a saved pruned model: the files save_pretrained writes, and its record
+PRUNED_MODEL = OutputKind("pruned model", (PRUNE_RECORD, *SAVED_MODEL_FILES), record=PRUNE_RECORD, whole=True)
 
 
 @click.command("prune")
@@ -22,13 +26,9 @@ def prune(model_args: dict, groups_dir: str, expression: str, seed: int, out: st
     from ssah.interventions.expressions import parse_mask_expression
     from ssah.interventions.masks import load_mask
     from ssah.interventions.prune import prune_
-    from ssah.outputs import OutputKind
-    from ssah.train.recipes import MODEL
-
     parse_mask_expression(expression)
     mask = load_mask(groups_dir, expression, seed)
-    kind = OutputKind("pruned model", (PRUNE_RECORD, *MODEL.own[1:]), record=PRUNE_RECORD, whole=True)
-    folder = output_folder(out, kind, inputs=[groups_dir, model_args["spec"]], force=force,
+    folder = output_folder(out, PRUNED_MODEL, inputs=[groups_dir, model_args["spec"]], force=force,
                            need_bytes=check_model_spec(model_args).weight_bytes)
     loaded = load_from_options(model_args)
     mask.check_model(loaded.fingerprint, loaded.layout)

