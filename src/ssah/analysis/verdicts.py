@@ -90,6 +90,18 @@ def compute_verdicts(s: dict, paired: dict | None = None) -> dict:
     out.update(_pruning(s.get("prune") or {}, paired))
     out.update(_finetuning(s, paired))
     out.update(_probe(s.get("probe") or {}, paired))
+    out.update(_attack_grid(s.get("attacks") or {}))
+    return out
+
+
+def _attack_grid(attacks: dict) -> dict:
+    """The attack grid's verdicts per family and defense (rule: `ssah.attacks.matrix`)."""
+    out = {}
+    for family, by_defense in (attacks.get("verdicts") or {}).items():
+        for defense, found in by_defense.items():
+            out[f"attack_{family}_{defense}"] = {
+                "verdict": found["verdict"], "numbers": {k: v for k, v in found.items() if k != "verdict"},
+                "claim": f"{defense} holds against {family} fine-tuning attacks (worst case, utility kept)"}
     return out
 
 

@@ -57,13 +57,16 @@ class RunContext:
         return self.config.align.group_sizes or self.config.groups.sizes
 
     # -- evaluation ---------------------------------------------------------------------------------
-    def eval_settings(self, suites=None):
+    def eval_settings(self, suites=None, system: str | None = None, limit: int | None = None):
+        """The run's evaluation settings; `system`: evaluate under this system prompt instead; `limit`:
+        fewer items per set than the run's."""
         from ssah.evaluate.settings import EvalSettings
 
         e = self.config.eval
+        prompt = {"system_prompt": "default", "system": system} if system else {"system_prompt": e.system_prompt}
         return EvalSettings(suites=list(suites or e.suites), rules=list(e.rules), max_new_tokens=e.max_new_tokens,
-                            batch_size=e.batch_size, system_prompt=e.system_prompt, limit=e.limit,
-                            max_openings=e.max_openings, progress=True)
+                            batch_size=e.batch_size, limit=limit or e.limit, max_openings=e.max_openings,
+                            progress=True, **prompt)
 
     @cached_property
     def eval_data(self) -> dict:
@@ -81,14 +84,16 @@ class RunContext:
                               sensitive=d.sensitive, benign=benign, refusals=d.refusals,
                               compliance=d.compliance_openings, text=text)
 
-    def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None) -> dict:
+    def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None, system: str | None = None,
+                 limit: int | None = None) -> dict:
         """Evaluate a prepared model into `out`, reused when finished with the same model, settings and
-        data; `interventions` (pruning, a monitor) apply for the evaluation only."""
+        data; `interventions` (pruning, a monitor) apply for the evaluation only; `system`: under this
+        system prompt; `limit`: the first `limit` items of each set the run evaluates."""
         from ssah.evaluate.runner import evaluate_model
 
-        settings = self.eval_settings(suites)
-        data = {role: dataset for role, dataset in self.eval_data.items()
-                if role in _roles(settings.suites)}
+        settings = self.eval_settings(suites, system, limit)
+        data = {role: dataset.take(limit) if limit and role not in ("refusals", "compliance") else dataset
+                for role, dataset in self.eval_data.items() if role in _roles(settings.suites)}
         log.info("  evaluating %s", label)
         return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
                               model_info={"spec": loaded.spec, "label": label}, interventions=interventions,

@@ -10,7 +10,8 @@
       5-finetune/  model-plain/ eval-plain/ ...     one model and evaluation per setting
       6-probe/     probe.json directions*.safetensors *.png monitor.safetensors eval-monitor/
       7-transfer/  after-finetune/ transfer.json transfer-*.png
-      8-report/
+      8-attacks/   cells/ATTACK/lrLR-sSTEPS/DEFENSE/ before-*/ rsn/ attacks.json attack_*.png   (attacks.enabled)
+      9-report/
     Each stage folder ends with done.json (the stage's identity and summary).
 """
 
@@ -22,10 +23,11 @@ from pathlib import Path
 from ssah.outputs import OutputKind
 from ssah.train.data import BORDERLINE_CACHE, HARMFUL_CACHE
 
-STAGES: tuple[str, ...] = ("baseline", "align", "groups", "prune", "finetune", "probe", "transfer", "report")
+STAGES: tuple[str, ...] = ("baseline", "align", "groups", "prune", "finetune", "probe", "transfer", "attacks",
+                           "report")
 CONFIG_FILE, RESULTS_FILE, REPORT_FILE, DONE_FILE = "config.yaml", "results.json", "report.html", "done.json"
-RUN = OutputKind("run", (CONFIG_FILE, RESULTS_FILE, REPORT_FILE, *(f"{i + 1}-{s}" for i, s in enumerate(STAGES))),
-                 record=CONFIG_FILE)
+# numbered stage folders of this version and of earlier ones (whose stages were numbered otherwise)
+RUN = OutputKind("run", (CONFIG_FILE, RESULTS_FILE, REPORT_FILE, "[1-9]-*"), record=CONFIG_FILE)
 
 
 def slug(text: str) -> str:
@@ -128,6 +130,10 @@ class RunLayout:
     @property
     def regrouped_after_finetune(self) -> Path:
         return self.stage("transfer") / "after-finetune"
+
+    @property
+    def attack_grid(self) -> Path:
+        return self.stage("attacks")
 
     @property
     def transfer_record(self) -> Path:

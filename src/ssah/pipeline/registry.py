@@ -29,6 +29,7 @@ class Stage:
     reads: Callable[[RunConfig], dict]  # the config values the stage depends on
     needs: tuple[str, ...] = ()  # stages whose results it reads
     own: tuple[str, ...] = ("*",)  # names it writes in its folder (glob patterns), for --force safety
+    needs_done: bool = True  # False: it runs on whatever of its needs has finished (the report)
 
 
 def register(stage: Stage) -> Stage:

@@ -68,6 +68,8 @@ def _plan(from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...] 
 
 
 def _check_needs(stage: str, planned: list[str], config: RunConfig, layout: RunLayout) -> None:
+    if not STAGE_REGISTRY[stage].needs_done:
+        return
     for need in STAGE_REGISTRY[stage].needs:
         if need not in planned and done_record(need, config, layout).lookup(replace=True) is None:
             raise SsahError(f"stage {stage} needs the {need} stage, which is not done for this config; "

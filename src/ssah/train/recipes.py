@@ -52,13 +52,25 @@ def plot_loss(curve: list[float], path: Path) -> None:
     save_png(figure, path, dpi=100)
 
 
+def fit(model, tokenizer, pairs, config: TrainConfig, freezer=None, avoid: dict | None = None):
+    """Train `model` in place with the loop `config.backend` names; returns the `TrainResult`."""
+    if config.backend == "trl":
+        from ssah.train.trl_backend import train_with_trl
+
+        if avoid and config.avoid_weight:
+            raise SsahError("the avoided-opening loss needs the ssah training loop (train.backend: ssah)")
+        return train_with_trl(model, tokenizer, pairs, config, freezer=freezer)
+    from ssah.train.sft import train_sft
+
+    return train_sft(model, tokenizer, pairs, config, freezer=freezer, avoid=avoid if config.avoid_weight else None)
+
+
 def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity: dict, record: dict,
                 freezer=None, lora: bool = False, avoid: dict | None = None, replace: bool = False,
                 force: bool = False, writer: Writer | None = None) -> dict:
     """Train `loaded.model` in place on `pairs` and save it to `out` with its record; a folder that
     holds a model trained from the same `identity` is reused (its record returned) instead."""
     from ssah.train.lora import apply_lora, merge_lora
-    from ssah.train.sft import train_sft
 
     artifact = Artifact(Path(out) / RECORD_FILE, "a trained model", identity)
     found = artifact.lookup(force=force, replace=replace)
@@ -66,8 +78,7 @@ def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity
         log.info("%s already holds this trained model; reused", out)
         return found
     model = apply_lora(loaded.model) if lora else loaded.model
-    result = train_sft(model, loaded.tokenizer, pairs, config, freezer=freezer,
-                       avoid=avoid if config.avoid_weight else None)
+    result = fit(model, loaded.tokenizer, pairs, config, freezer=freezer, avoid=avoid)
     if lora:
         model = merge_lora(model)
     record = {**record, "source_model": loaded.spec, "config": config.to_dict(), "result": result.to_dict()}

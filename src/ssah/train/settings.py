@@ -7,6 +7,8 @@ the loop needs beyond that (seed, gradient clipping, system prompt, avoided-open
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from ssah.defaults import FINETUNE_LR
@@ -26,6 +28,8 @@ class TrainSettings(Settings):
     warmup: float = Field(0.0, ge=0, lt=1, description="share of steps with linear warm-up")
     bf16: bool = Field(False, description="bf16 autocast (weights keep their dtype)")
     limit: int | None = Field(None, ge=1, description="train on a seeded sample of N examples (None: all)")
+    backend: Literal["ssah", "trl"] = Field("ssah", description="training loop: ssah's own, or TRL's SFTTrainer "
+                                                                "(no prefilled pairs, no avoided-opening loss)")
 
     def scaled(self, multiplier: float) -> TrainSettings:
         """These settings trained `multiplier` times longer (the paper doubles frozen runs)."""

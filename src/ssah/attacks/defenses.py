@@ -1,0 +1,138 @@
+"""Defenses against fine-tuning attacks, each applied the same way to the same attack.
+
+- `none`: the attack fine-tunes every parameter;
+- SSAH (Li & Kim): `freeze_i` (SCU + the top 6% of CU frozen), `freeze_ii` (SCU + all CU),
+  `freeze_budget` (the units alignment trained, for a model aligned inside a budget) and
+  `freeze_ii_strict` (SCU + all CU and every parameter no unit owns: embeddings, norms, q/k, the head;
+  only UCU and RU train): the hypothesis at its strongest;
+- `lora`: LoRA adapters (r = 8) on every block linear map, merged after training;
+- `rsn_tune` (Zhao et al. 2025, `ssah.attacks.rsn`): the robust safety units are tuned on safety data
+  first; the attack then fine-tunes as usual;
+- `safe_lora` (Hsu et al. 2024, `ssah.attacks.safe_lora`): a LoRA attack whose updates are projected
+  onto the alignment's subspace where they stray from it (needs the unaligned model);
+- `safety_mix` (Bianchi et al. 2024, safety-tuned data mixing): refusals to harmful prompts mixed into
+  the attack's own data, a cheap peer from the harmful fine-tuning literature.
+
+`prepare` returns what the attack's training needs: the model to train (maybe wrapped), a freezer,
+extra pairs, the step that turns the trained model into a plain one, and the share of the model's
+parameters left trainable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ssah.errors import SsahError
+
+
+@dataclass
+class Prepared:
+    model: object
+    freezer: object = None
+    extra_pairs: list = field(default_factory=list)
+    finish: Callable = lambda model: model  # the trained model -> a plain Hugging Face model
+    trainable_share: float = 1.0
+    notes: dict = field(default_factory=dict)
+
+    def guard(self):
+        """The freezer as a context manager (its hooks are removed when training ends)."""
+        return self.freezer if self.freezer is not None else contextlib.nullcontext()
+
+
+@dataclass
+class DefenseContext:
+    """What the defenses draw on: the studied model's groups, the alignment budget (if any), safety
+    pairs for mixing, the RSN-tuned model and the unaligned model's weights (made on first use)."""
+
+    groups: object
+    budget: object = None
+    safety_pairs: list = field(default_factory=list)
+    rsn_model: Callable[[], Path] | None = None  # makes (once) and returns the RSN-tuned model's folder
+    base_weights: Callable[[object], dict] | None = None  # the unaligned values of a LoRA model's weights
+    safe_lora_threshold: float = 0.35
+    safety_mix_share: float = 0.1
+    seed: int = 0
+
+
+def _share(model, frozen_entries: int) -> float:
+    total = sum(p.numel() for p in model.parameters())
+    return 1.0 - frozen_entries / max(1, total)
+
+
+def _frozen(loaded, mask, train_only: bool = False) -> Prepared:
+    from ssah.interventions.freeze import UnitFreezer
+
+    freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=train_only)
+    return Prepared(loaded.model, freezer, trainable_share=_share(loaded.model, freezer.frozen_entries()),
+                    notes={"units_frozen" if not train_only else "units_trainable": mask.count()})
+
+
+def _lora(loaded, finish=None) -> Prepared:
+    from ssah.train.lora import apply_lora, merge_lora
+
+    total = sum(p.numel() for p in loaded.model.parameters())
+    model = apply_lora(loaded.model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return Prepared(model, finish=finish or merge_lora, trainable_share=trainable / total)
+
+
+def _mask(ctx: DefenseContext, expression: str):
+    from ssah.interventions.masks import mask_from_expression
+
+    return mask_from_expression(ctx.groups, expression, seed=ctx.seed)
+
+
+def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
+    """The defense `name` applied to `loaded` (already the model it starts from) for an attack on `pairs`."""
+    if name in ("none", "rsn_tune"):
+        return Prepared(loaded.model)
+    if name == "freeze_i":
+        return _frozen(loaded, _mask(ctx, "SCU+CU:top=0.06"))
+    if name == "freeze_ii":
+        return _frozen(loaded, _mask(ctx, "SCU+CU"))
+    if name == "freeze_ii_strict":
+        return _frozen(loaded, _mask(ctx, "UCU+RU"), train_only=True)
+    if name == "freeze_budget":
+        if ctx.budget is None:
+            raise SsahError("defense freeze_budget needs a model aligned inside a budget")
+        return _frozen(loaded, ctx.budget)
+    if name == "lora":
+        return _lora(loaded)
+    if name == "safe_lora":
+        return _safe_lora(loaded, ctx)
+    if name == "safety_mix":
+        import random
+
+        n = max(1, round(ctx.safety_mix_share * len(pairs)))
+        extra = random.Random(ctx.seed).sample(ctx.safety_pairs, min(n, len(ctx.safety_pairs)))
+        return Prepared(loaded.model, extra_pairs=extra, notes={"safety_pairs": len(extra)})
+    raise SsahError(f"unknown defense {name!r}")
+
+
+def _safe_lora(loaded, ctx: DefenseContext) -> Prepared:
+    from ssah.attacks.safe_lora import safe_lora_merge
+
+    if ctx.base_weights is None:
+        raise SsahError("defense safe_lora needs the unaligned model: set attacks.safe_lora_base")
+    report: dict = {}
+
+    def finish(peft_model):
+        model, found = safe_lora_merge(peft_model, ctx.base_weights(peft_model), ctx.safe_lora_threshold)
+        report.update(found)
+        return model
+
+    prepared = _lora(loaded, finish)
+    prepared.notes = report  # filled in when the run finishes
+    return prepared
+
+
+def source_model(name: str, ctx: DefenseContext, studied: str) -> str:
+    """The model a defense's attack starts from: the studied model, or for RSN-Tune its tuned copy."""
+    if name == "rsn_tune":
+        if ctx.rsn_model is None:
+            raise SsahError("defense rsn_tune has no RSN-tuned model")
+        return str(ctx.rsn_model())
+    return studied

@@ -1,0 +1,32 @@
+"""Stage 8, attacks: the fine-tuning attack grid on the studied model, every defense under every
+attack of the strength sweep (`ssah.attacks`); off unless `attacks.enabled`."""
+
+from __future__ import annotations
+
+from ssah.config import RunConfig
+from ssah.io import write_json_atomic
+from ssah.pipeline.registry import Stage, register
+
+
+def reads(config: RunConfig) -> dict:
+    return {"attacks": config.attacks.model_dump()}
+
+
+def run(ctx) -> dict:
+    from ssah.attacks import matrix, plots
+    from ssah.attacks.grid import run_grid
+
+    if not ctx.config.attacks.enabled:
+        return {"skipped": "attacks.enabled is false"}
+    layout = ctx.layout
+    cells, records, before = run_grid(ctx, layout.attack_grid)
+    table = matrix.rows(cells, records, before, layout.attack_grid, ctx.config.attacks.utility_drop)
+    summary = matrix.summary(table, before)
+    plots.plot_heatmap(summary, layout.attack_grid / plots.HEATMAP)
+    plots.plot_worst_bars(summary, layout.attack_grid / plots.WORST_BARS)
+    write_json_atomic(layout.attack_grid / "attacks.json", summary)
+    return summary
+
+
+STAGE = register(Stage("attacks", run, reads=reads, needs=("groups",),
+                       own=("cells", "before-*", "rsn", "harmful-replies.jsonl", "attacks.json", "*.png")))
