@@ -142,3 +142,33 @@ def test_builtin_model_loads_from_cache_and_answers(builtin_model):
     out = again.model.generate(**batch, max_new_tokens=16, do_sample=False)
     reply = again.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+def test_user_gguf_cache_key_follows_the_file(tmp_path):
+    from ssah.models import loading
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"x" * 1000)
+    key = loading._gguf_cache_path(gguf)
+    assert loading._gguf_cache_path(tmp_path / "." / "model.gguf") == key  # one file, one entry
+    gguf.write_bytes(b"x" * 1001)
+    assert loading._gguf_cache_path(gguf) != key  # a changed file is converted anew
+
+
+@pytest.mark.slow
+def test_user_gguf_is_converted_once(tmp_path, monkeypatch, builtin_model):
+    """A user's GGUF file is dequantised on its first load only; later loads read the cached copy."""
+    from ssah.models import loading
+
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "user.gguf"
+    gguf.symlink_to(loading.builtin_gguf("smollm2-135m-instruct"))
+    first = load_model(str(gguf), device="cpu")
+    assert first.fingerprint == builtin_model.fingerprint
+    assert (loading._gguf_cache_path(gguf) / "config.json").is_file()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted the GGUF file again")
+
+    monkeypatch.setattr(loading, "_load_gguf", no_conversion)
+    assert load_model(str(gguf), device="cpu").fingerprint == builtin_model.fingerprint

@@ -165,11 +165,11 @@ def _load_local(path: Path, kwargs: dict) -> tuple[Any, Any]:
     if path.is_file():
         if path.suffix != ".gguf":
             raise SsahError(f"{path} is a file but not a .gguf; pass a model folder or a .gguf file")
-        return _load_gguf(path, kwargs)
+        return _load_converted(path, _gguf_cache_path(path), kwargs)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], kwargs)
+            return _load_converted(ggufs[0], _gguf_cache_path(ggufs[0]), kwargs)
         raise SsahError(f"folder {path} holds no model (no config.json and no single .gguf file)")
     model_cls, tok_cls = _auto_classes()
     try:
@@ -218,21 +218,33 @@ def _load_hub(spec: str, kwargs: dict) -> tuple[Any, Any]:
 
 def _load_builtin(name: str, kwargs: dict) -> tuple[Any, Any]:
     gguf_path = builtin_gguf(name)
-    cached = _builtin_cache_path(name, gguf_path)
+    return _load_converted(gguf_path, _builtin_cache_path(name, gguf_path), kwargs)
+
+
+def _load_converted(gguf_path: Path, cached: Path, kwargs: dict) -> tuple[Any, Any]:
+    """A GGUF model through its float32 safetensors copy in the cache (made on the first load): a
+    GGUF file is dequantised once, not at every load."""
     if not (cached / "config.json").is_file():
         model, tokenizer = _load_gguf(gguf_path, {**kwargs, "dtype": torch.float32})
         _save_atomically(model, tokenizer, cached, source=str(gguf_path))
-    fix = f"the built-in model cache is damaged; clear it with: rm -r {cached}"
+    fix = f"the converted model cache is damaged; clear it with: rm -r {cached}"
     check_config_file(cached / "config.json")
     check_weights(cached, fix)
     model_cls, tok_cls = _auto_classes()
     try:
         tokenizer = tok_cls.from_pretrained(cached)
-        with _quiet_progress():  # a sub-second load needs no progress bar
+        with _quiet_progress():  # a load of seconds needs no progress bar
             model = model_cls.from_pretrained(cached, **kwargs)
     except Exception as err:  # a cache entry cut short or edited by hand
         raise SsahError(f"{fix} ({_first_line(err)})") from None
     return model, tokenizer
+
+
+def _gguf_cache_path(path: Path) -> Path:
+    """The cache folder of a user's GGUF file, keyed by its path, size and modification time."""
+    stat = path.resolve().stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{path.stem}-{key}"
 
 
 @contextlib.contextmanager
