@@ -58,3 +58,16 @@ def test_every_command_help_stays_cheap():
             "    try:\n        main([name, '--help'])\n    except SystemExit:\n        pass\n"
             "    assert 'torch' not in sys.modules, name\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_readme_yaml_configs_load(tmp_path):
+    """Every ssah config printed in the README passes validation as printed (accelerate's are not ours)."""
+    from ssah.config import load_config
+
+    blocks = [block for block in re.findall(r"```yaml\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+              if "distributed_type:" not in block]
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"block{i}.yaml"
+        path.write_text(block, encoding="utf-8")
+        load_config(path=path)
