@@ -14,16 +14,11 @@ everything else stays bit-identical. The downstream fine-tuning attack then runs
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ssah.interventions.masks import UnitMask
 from ssah.units.layout import UnitLayout
-
-
-class _Stop(Exception):
-    """Raised by the last hook of a batch: nothing after it changes what the hooks read."""
+from ssah.units.scoring import block_inputs, make_batches
 
 
 @torch.no_grad()
@@ -34,44 +29,29 @@ def importance_counts(model, layout: UnitLayout, batches, top: float) -> tuple[d
     modules = [model.get_submodule(block.b_module) for block in blocks]
     norms = [module.weight.detach().float().norm(dim=1 - block.b_in_dim) for block, module in zip(blocks, modules)]
     counts = {kind: torch.zeros(layout.num_layers, layout.units_per_layer[kind]) for kind in layout.kinds}
-    state = {"mask": None, "fired": 0}
+    current = {"mask": None}
 
-    def make_hook(index: int):
+    def on_input(index: int, x: torch.Tensor) -> None:
         block = blocks[index]
+        mask = current["mask"].to(x.device)
+        mean = (x.abs().float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        unit_score = (mean * norms[index].to(mean.device))[:, block.b_channels].sum(-1)  # [B, units]
+        keep = max(1, round(top * unit_score.shape[1]))
+        top_units = unit_score.topk(keep, dim=1).indices
+        counts[block.kind][block.layer] += torch.zeros_like(unit_score).scatter_(1, top_units, 1.0).sum(0).cpu()
 
-        def hook(module, args):
-            mask = state["mask"].to(args[0].device)
-            mean = (args[0].abs().float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-            unit_score = (mean * norms[index].to(mean.device))[:, block.b_channels].sum(-1)  # [B, units]
-            keep = max(1, round(top * unit_score.shape[1]))
-            top_units = unit_score.topk(keep, dim=1).indices
-            counts[block.kind][block.layer] += torch.zeros_like(unit_score).scatter_(1, top_units, 1.0).sum(0).cpu()
-            state["fired"] += 1
-            if state["fired"] == len(blocks):
-                raise _Stop
-        return hook
-
-    handles = [module.register_forward_pre_hook(make_hook(i)) for i, module in enumerate(modules)]
     inputs = 0
-    device = next(model.parameters()).device
-    try:
+    with block_inputs(model, modules, on_input) as forward:
         for batch in batches:
-            state["mask"], state["fired"] = batch["attention_mask"].float(), 0
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      use_cache=False)
+            current["mask"] = batch["attention_mask"].float()
+            forward(batch)
             inputs += batch["input_ids"].shape[0]
-    finally:
-        for handle in handles:
-            handle.remove()
     return counts, inputs
 
 
 def robust_safety_units(loaded, harmful: list[str], general: list[str], *, top: float = 0.01,
                         min_share: float = 0.5, batch_size: int = 8, max_length: int = 256) -> tuple[UnitMask, dict]:
     """The robust safety units of a loaded model (see the module docstring) and how many of each kind."""
-    from ssah.units.scoring import make_batches
-
     def frequent(prompts: list[str]) -> dict[str, torch.Tensor]:
         batches = make_batches(loaded.tokenizer, [(p, None) for p in prompts], batch_size, max_length)
         counts, n = importance_counts(loaded.model, loaded.layout, batches, top)

@@ -135,7 +135,34 @@ def _no_tokens_error(scope: str) -> SsahError:
 
 
 class _StopForward(Exception):
-    """Raised by the last activation hook of a batch: nothing after it can change X."""
+    """Raised by the last block-input hook of a forward pass: nothing after it can change their inputs."""
+
+
+@contextlib.contextmanager
+def block_inputs(model, modules: list, on_input):
+    """Forward pre-hooks handing each module's input to `on_input(index, x)`; yields `forward(batch)`,
+    which runs the model on a batch and stops it once the last module has had its input."""
+    fired = [0]
+
+    def make_hook(index: int):
+        def hook(module, args):
+            on_input(index, args[0])
+            fired[0] += 1
+            if fired[0] == len(modules):
+                raise _StopForward
+        return hook
+
+    def forward(batch: dict[str, torch.Tensor]) -> None:
+        fired[0] = 0
+        with contextlib.suppress(_StopForward):
+            model(**_model_inputs(model, batch), use_cache=False)
+
+    handles = [module.register_forward_pre_hook(make_hook(i)) for i, module in enumerate(modules)]
+    try:
+        yield forward
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _activation_scores(model, layout: UnitLayout, batches, scorer: Scorer, scope: str, progress: bool):
@@ -143,33 +170,20 @@ def _activation_scores(model, layout: UnitLayout, batches, scorer: Scorer, scope
     modules = [model.get_submodule(block.b_module) for block in blocks]
     stats = [ChannelStats(module.weight.shape[block.b_in_dim], module.weight.device)
              for block, module in zip(blocks, modules)]
-    state = {"mask": None, "fired": 0}
+    current = {"mask": None}
 
-    def make_hook(index: int):
-        def hook(module, args):
-            x = args[0]
-            mask = state["mask"].to(x.device)
-            stats[index].update(x.reshape(-1, x.shape[-1])[mask])
-            state["fired"] += 1
-            if state["fired"] == len(blocks):
-                raise _StopForward
-        return hook
+    def on_input(index: int, x: torch.Tensor) -> None:
+        stats[index].update(x.reshape(-1, x.shape[-1])[current["mask"].to(x.device)])
 
-    handles = [module.register_forward_pre_hook(make_hook(i)) for i, module in enumerate(modules)]
     tokens = 0
-    try:
-        with torch.no_grad():
-            for batch in _progress(batches, progress, f"scoring ({scorer.name})"):
-                mask = scope_mask(batch, scope)
-                if not mask.any():
-                    continue
-                state["mask"], state["fired"] = mask.reshape(-1), 0
-                with contextlib.suppress(_StopForward):
-                    model(**_model_inputs(model, batch), use_cache=False)
-                tokens += int(mask.sum())
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad(), block_inputs(model, modules, on_input) as forward:
+        for batch in _progress(batches, progress, f"scoring ({scorer.name})"):
+            mask = scope_mask(batch, scope)
+            if not mask.any():
+                continue
+            current["mask"] = mask.reshape(-1)
+            forward(batch)
+            tokens += int(mask.sum())
     if tokens == 0:
         raise _no_tokens_error(scope)
     if any(s.count != tokens for s in stats):
