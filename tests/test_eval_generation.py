@@ -3,8 +3,11 @@
 import json
 
 import pytest
+import torch
 
-from ssah.evaluate.generation import GenerationCache, generate_items, generate_replies
+from ssah.evaluate.batching import BatchingStats, continuous_generate
+from ssah.evaluate.generation import GenerationCache, _encode_text, generate_items, generate_replies, render_prompts
+from ssah.models.tiny import TINY_FAMILIES as FAMILIES
 from ssah.models.tiny import tiny_model
 
 PROMPTS = [
@@ -21,14 +24,58 @@ class Interrupt(Exception):
     """Stands in for a kill in the middle of an evaluation."""
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt2"])
-def test_batched_equals_batch_size_one(family):
+MANY = PROMPTS + [f"Question {i}: what comes after {i * 7}?" for i in range(6)]
+
+
+def _encoded(tokenizer, prompts=MANY):
+    return [_encode_text(tokenizer, text) for text in render_prompts(tokenizer, prompts)]
+
+
+def _frequent_token(model, tokenizer) -> int:
+    """A token the random tiny model emits that, taken as EOS, ends its replies at the most different
+    steps (random weights rarely emit the real EOS)."""
+    replies = continuous_generate(model, _encoded(tokenizer), max_new_tokens=9, eos_ids=[-1], pad_id=0,
+                                  batch_size=len(MANY))
+
+    def lengths(token):
+        return {reply.index(token) if token in reply else 9 for reply in replies}
+
+    return max(sorted({t for reply in replies for t in reply}), key=lambda t: len(lengths(t)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuous_and_static_batches_equal_batch_size_one(family):
+    """Rows leave and join a continuous batch (12 prompts, 4 slots); no reply changes by a token."""
     model, tokenizer = tiny_model(family)
-    settings = dict(model_key=family, max_new_tokens=10, progress=False)
-    batched = generate_items(model, tokenizer, PROMPTS, batch_size=6, **settings)
-    single = generate_items(model, tokenizer, PROMPTS, batch_size=1, **settings)
-    assert [g.token_ids for g in batched] == [g.token_ids for g in single]
-    assert all(len(g.token_ids) > 0 for g in batched)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # larger random weights: the gemma families' tiny models repeat one token
+        for weight in (p for p in model.parameters() if p.dim() == 2):
+            weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
+    model.generation_config.eos_token_id = _frequent_token(model, tokenizer)
+    settings = dict(model_key=family, max_new_tokens=9, progress=False)
+    single = generate_items(model, tokenizer, MANY, batch_size=1, batching="static", **settings)
+    static = generate_items(model, tokenizer, MANY, batch_size=4, batching="static", **settings)
+    continuous = generate_items(model, tokenizer, MANY, batch_size=4, **settings)
+    assert len({len(g.token_ids) for g in single}) >= 2  # rows did end at different steps
+    assert [g.token_ids for g in static] == [g.token_ids for g in single]
+    assert [g.token_ids for g in continuous] == [g.token_ids for g in single]
+
+
+def test_continuous_batching_refills_finished_slots():
+    """A slot freed by a reply's end is refilled, and no row steps after its reply ended."""
+    model, tokenizer = tiny_model("llama")
+    eos = _frequent_token(model, tokenizer)
+    encoded = _encoded(tokenizer)
+    single = [continuous_generate(model, [ids], max_new_tokens=9, eos_ids=[eos], pad_id=0, batch_size=1)[0]
+              for ids in encoded]
+    stats = BatchingStats()
+    replies = continuous_generate(model, encoded, max_new_tokens=9, eos_ids=[eos], pad_id=0, batch_size=4,
+                                  refill=1, stats=stats)
+    assert replies == single and len({len(r) for r in replies}) >= 3
+    # A reply's first token comes from its prefill; each later token, or the EOS that ends it, from one
+    # row-step. A row that keeps stepping after its end would add row-steps.
+    assert stats.row_steps == sum(len(r) if len(r) < 9 else 8 for r in replies)
+    assert stats.prefills > 1 and stats.tokens == sum(len(r) for r in replies)
 
 
 def test_system_prompt_and_prefill_change_the_input():

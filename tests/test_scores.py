@@ -285,13 +285,13 @@ def test_self_replies_are_generated_once_and_cached(tmp_path, monkeypatch):
 
     loaded = load_model("tiny:llama", device="cpu")
     calls = []
-    real = generation._generate_batch
+    real = generation.continuous_generate
 
-    def counting(model, tokenizer, encoded, *args, **kwargs):
+    def counting(model, encoded, **kwargs):
         calls.append(len(encoded))
-        return real(model, tokenizer, encoded, *args, **kwargs)
+        return real(model, encoded, **kwargs)
 
-    monkeypatch.setattr(generation, "_generate_batch", counting)
+    monkeypatch.setattr(generation, "continuous_generate", counting)
     data = _dataset(pairs=[(p, None) for p, _ in PAIRS[:3]])
     first = score_dataset(loaded, data, responses="self", max_new_tokens=4, out=tmp_path / "S", progress=False)
     assert calls == [3] and first.manifest["responses"] == "self"

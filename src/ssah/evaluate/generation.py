@@ -2,11 +2,13 @@
 
 - Greedy decoding only (deterministic); prompts are rendered with the model's chat template
   (`ssah.data.chat.format_prompt`), optionally with a system prompt and a prefilled reply opening.
-- Inputs are sorted by token length (longest first, so an out-of-memory error shows at once) and
-  left-padded per batch; padding never changes a reply: batched output equals batch-size-1 output
-  token for token (tested on the tiny models in fp32).
-- Each finished batch is appended to a JSONL cache with flush + fsync, keyed by
-  (model key, rendered input text, max new tokens): an interrupted run loses at most the batch in
+- Inputs are sorted by token length (longest first, so an out-of-memory error shows at once).
+  Batching is continuous by default (`ssah.evaluate.batching`: a finished row's slot goes to the
+  next waiting prompt) and static under an intervention that watches `model.generate` (left-padded
+  batches through `model.generate`). Neither changes a reply: batched output equals batch-size-1
+  output token for token (tested on the tiny models in fp32).
+- Finished replies are appended to a JSONL cache with flush + fsync, keyed by
+  (model key, rendered input text, max new tokens): an interrupted run loses at most the rows in
   flight, and a rerun generates only what is missing. The rendered text covers the prompt, the system
   prompt, the prefill and the chat template.
 """
@@ -19,12 +21,16 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ssah.data.chat import EncodedPair, collate_pairs, format_prompt, has_chat_template
 from ssah.errors import SsahError
+from ssah.evaluate.batching import continuous_generate
+
+Batching = Literal["continuous", "static"]
 
 CACHE_VERSION = 1
 
@@ -104,6 +110,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def _pad_id(tokenizer, eos_ids: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -113,7 +123,7 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
                     eos_ids: list[int]) -> list[tuple[int, ...]]:
     from transformers import GenerationConfig
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    pad_id = _pad_id(tokenizer, eos_ids)
     batch = collate_pairs([EncodedPair(ids, len(ids)) for ids in encoded], pad_id, padding_side="left")
     device = _model_device(model)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
@@ -129,57 +139,95 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
     return out
 
 
-def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, max_new_tokens: int = 64,
-                   batch_size: int = 8, cache: GenerationCache | None = None, progress: bool = True,
-                   desc: str = "generating",
-                   on_batch: Callable[[list[Generation]], None] | None = None,
-                   rewrite: Callable[[list[str]], list[str]] | None = None) -> list[Generation]:
-    """Greedy replies to already rendered input texts, in input order.
+def _generate_is_watched(model) -> bool:
+    """True while an intervention wraps this model's `generate` (the runtime monitor does): its
+    per-row state belongs to one `generate` call, so such runs keep static batches."""
+    return "generate" in vars(model)
 
-    `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
-    caller modified it). Cached items are not regenerated; each finished batch is written to the
-    cache before `on_batch` (an observer, e.g. for progress reports or tests) sees it. `rewrite`
-    maps the decoded replies of the batch just generated to the replies to keep (e.g. a runtime
-    monitor replacing flagged replies by a refusal); it runs before caching, so its `model_key` must
-    say that a rewrite is in effect.
-    """
-    if max_new_tokens < 1:
-        raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise SsahError(f"batch size must be at least 1, got {batch_size}")
-    cache = cache if cache is not None else GenerationCache()
-    keys = [cache_key(model_key, text, max_new_tokens) for text in texts]
+
+def _lookup(cache: GenerationCache, keys: list[str], texts: Sequence[str]) -> tuple[dict, dict]:
+    """The cached generations by key, and the texts still to generate by key (each input once)."""
     results: dict[str, Generation] = {}
-    pending: dict[str, str] = {}  # key -> text; identical inputs are generated once
+    pending: dict[str, str] = {}
     for key, text in zip(keys, texts):
         hit = cache.get(key)
         if hit is not None:
             results[key] = Generation(text, hit[0], hit[1], cached=True)
         elif key not in pending:
             pending[key] = text
+    return results, pending
 
-    if pending:
-        encoded = {key: _encode_text(tokenizer, text) for key, text in pending.items()}
-        # Longest first: similar lengths share a batch (little padding) and memory peaks early.
-        order = sorted(pending, key=lambda k: -len(encoded[k]))
-        eos_ids = _eos_ids(model, tokenizer)
-        unique_total = len(set(keys))
-        with tqdm(total=unique_total, initial=unique_total - len(pending), desc=desc, unit="reply",
-                  disable=not progress, dynamic_ncols=True) as bar:
+
+def _check(model, max_new_tokens: int, batch_size: int, rewrite, batching: Batching | None, engine) -> Batching:
+    """The batching to use, after one line for settings that cannot work."""
+    if max_new_tokens < 1:
+        raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise SsahError(f"batch size must be at least 1, got {batch_size}")
+    if batching is None:
+        batching = "static" if rewrite is not None or _generate_is_watched(model) else "continuous"
+    if rewrite is not None and (batching == "continuous" or engine is not None):
+        raise SsahError("a reply rewrite needs static batching on the hf engine")
+    return batching
+
+
+def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, max_new_tokens: int = 64,
+                   batch_size: int = 8, cache: GenerationCache | None = None, progress: bool = True,
+                   desc: str = "generating",
+                   on_batch: Callable[[list[Generation]], None] | None = None,
+                   rewrite: Callable[[list[str]], list[str]] | None = None,
+                   batching: Batching | None = None, engine=None) -> list[Generation]:
+    """Greedy replies to already rendered input texts, in input order.
+
+    `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
+    caller modified it). Cached items are not regenerated. `batching`: `continuous` (the default: a
+    finished row's slot goes to the next waiting prompt, `ssah.evaluate.batching`) or `static`
+    (`model.generate` per batch of `batch_size`; chosen whenever `rewrite` is given or an
+    intervention watches `model.generate`, like the runtime monitor). Finished replies are written to
+    the cache before `on_batch` (an observer, e.g. for progress reports or tests) sees them: per
+    batch (static) or per decoding step at which rows ended (continuous). `rewrite` maps the decoded
+    replies of a batch to the replies to keep (e.g. a runtime monitor replacing flagged replies by a
+    refusal); it runs before caching, so its `model_key` must say that a rewrite is in effect.
+    `engine` (e.g. `ssah.evaluate.engines.VllmEngine`) generates instead of `model`.
+    """
+    batching = _check(model, max_new_tokens, batch_size, rewrite, batching, engine)
+    cache = cache if cache is not None else GenerationCache()
+    keys = [cache_key(model_key, text, max_new_tokens) for text in texts]
+    results, pending = _lookup(cache, keys, texts)
+    if not pending:
+        return [results[key] for key in keys]
+
+    encoded = {key: _encode_text(tokenizer, text) for key, text in pending.items()}
+    # Longest first: similar lengths share a batch (little padding) and memory peaks early.
+    order = sorted(pending, key=lambda k: -len(encoded[k]))
+    eos_ids = _eos_ids(model, tokenizer)
+    unique_total = len(set(keys))
+    with tqdm(total=unique_total, initial=unique_total - len(pending), desc=desc, unit="reply",
+              disable=not progress, dynamic_ncols=True) as bar:
+
+        def finish(chunk: list[str], token_rows: list[tuple[int, ...]]) -> None:
+            replies = [tokenizer.decode(list(tokens), skip_special_tokens=True).strip() for tokens in token_rows]
+            if rewrite is not None:
+                replies = rewrite(replies)
+            for key, tokens, reply in zip(chunk, token_rows, replies):
+                results[key] = Generation(pending[key], reply, tokens, cached=False)
+            cache.add([(key, results[key].reply, results[key].token_ids) for key in chunk])
+            bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch([results[key] for key in chunk])
+
+        if engine is not None:
+            engine.generate([encoded[k] for k in order], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+                            on_finish=lambda rows: finish([order[i] for i, _ in rows], [t for _, t in rows]))
+        elif batching == "static":
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
-                token_rows = _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens, eos_ids)
-                finished = []
-                replies = [tokenizer.decode(list(tokens), skip_special_tokens=True).strip() for tokens in token_rows]
-                if rewrite is not None:
-                    replies = rewrite(replies)
-                for key, tokens, reply in zip(chunk, token_rows, replies):
-                    results[key] = Generation(pending[key], reply, tokens, cached=False)
-                    finished.append(results[key])
-                cache.add([(key, results[key].reply, results[key].token_ids) for key in chunk])
-                bar.update(len(chunk))
-                if on_batch is not None:
-                    on_batch(finished)
+                finish(chunk, _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens,
+                                              eos_ids))
+        else:
+            continuous_generate(model, [encoded[k] for k in order], max_new_tokens=max_new_tokens,
+                                eos_ids=eos_ids, pad_id=_pad_id(tokenizer, eos_ids), batch_size=batch_size,
+                                on_finish=lambda rows: finish([order[i] for i, _ in rows], [t for _, t in rows]))
     return [results[key] for key in keys]
 
 
@@ -196,7 +244,8 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
                    prefills: Sequence[str] | None = None, max_new_tokens: int = 64, batch_size: int = 8,
                    cache: GenerationCache | None = None, progress: bool = True, desc: str = "generating",
                    on_batch: Callable[[list[Generation]], None] | None = None,
-                   rewrite: Callable[[list[str]], list[str]] | None = None) -> list[Generation]:
+                   rewrite: Callable[[list[str]], list[str]] | None = None,
+                   batching: Batching | None = None, engine=None) -> list[Generation]:
     """Greedy replies to user prompts (chat template, optional system prompt and prefills), in order.
 
     With prefills, each reply is the model's continuation after the prefill text (which is not part
@@ -205,7 +254,7 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
     texts = render_prompts(tokenizer, prompts, system, prefills)
     return generate_texts(model, tokenizer, texts, model_key=model_key, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, cache=cache, progress=progress, desc=desc, on_batch=on_batch,
-                          rewrite=rewrite)
+                          rewrite=rewrite, batching=batching, engine=engine)
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,

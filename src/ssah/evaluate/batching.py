@@ -1,0 +1,215 @@
+"""Continuous batching for greedy generation: a finished row's slot goes to the next waiting prompt.
+
+Static batching (`model.generate` per batch) keeps every row of a batch stepping until its longest
+reply ends, so with uneven reply lengths a large share of the decoding work is thrown away. Here the
+decoding loop is ssah's own, over one `DynamicCache` of full-attention layers:
+
+- a row leaves the batch the step it emits EOS or reaches `max_new_tokens` (its cache rows are
+  dropped, and cache columns that became padding for every row are cut off the left);
+- when at least `refill` slots are free, the next waiting prompts are prefilled together, their
+  caches left-padded to the running batch's length (or the other way round) and joined to it;
+- every row sees only its own tokens: padding is masked and position ids count each row's real
+  tokens, so a greedy reply equals the batch-size-1 reply token for token (tested on the tiny models
+  of every supported family in fp32).
+
+transformers' own continuous-batching API (`generate_batch`, paged attention) gives the same replies
+but ran about twice as slowly as static batching on a 2-core CPU, hence this loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchingStats:
+    """What the loop did: forward passes, decoding row-steps and the tokens they kept."""
+
+    prefills: int = 0
+    steps: int = 0
+    row_steps: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class _Row:
+    index: int  # position in the caller's list
+    tokens: list[int]
+
+
+def _growing_cache():
+    """A `DynamicCache` whose layers write new positions into spare room (see `_GrowingLayer`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class _GrowingLayer(DynamicLayer):
+        """A full-attention layer that keeps spare columns: a decoding step writes one column in place
+        instead of concatenating the whole cache again (which cost 14% of a batch-8 step)."""
+
+        def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            self._keys_room, self._values_room = keys, values
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.device = keys.device
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized or self.keys is None or self.keys.numel() == 0:
+                self.adopt(key_states, value_states)
+                return self.keys, self.values
+            length, add = self.keys.shape[-2], key_states.shape[-2]
+            if length + add > self._keys_room.shape[-2]:
+                spare = max(32, length // 2)
+                for name in ("keys", "values"):
+                    old = getattr(self, name)
+                    room = old.new_empty((*old.shape[:-2], length + add + spare, old.shape[-1]))
+                    room[..., :length, :] = old
+                    setattr(self, f"_{name}_room", room)
+            self._keys_room[..., length:length + add, :] = key_states
+            self._values_room[..., length:length + add, :] = value_states
+            self.keys = self._keys_room[..., :length + add, :]
+            self.values = self._values_room[..., :length + add, :]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.get_seq_length() > 0:
+                self.adopt(self.keys[indices, ...], self.values[indices, ...])
+
+        def drop_left(self, columns: int) -> None:
+            self._keys_room, self._values_room = self._keys_room[..., columns:, :], self._values_room[..., columns:, :]
+            length = self.keys.shape[-2] - columns
+            self.keys, self.values = self._keys_room[..., :length, :], self._values_room[..., :length, :]
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = _GrowingLayer
+    return cache
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    if width == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = width
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class _Batch:
+    """The running rows, their attention mask [rows, columns] and the cache behind it."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.rows: list[_Row] = []
+        self.mask: torch.Tensor | None = None
+        self.cache = None
+        self.pending: torch.Tensor | None = None  # [rows] the token each row feeds next
+        self.device = next(model.parameters()).device
+        accepts = inspect.signature(model.forward).parameters
+        self._logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in accepts else {}
+        self._cache_kw = "cache" if "cache" in accepts else "past_key_values"  # renamed in transformers 5
+
+    def _forward(self, input_ids, mask, cache):
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **self._logits_kw)
+        return out.logits[:, -1, :].argmax(-1), cache  # the cache grows in place
+
+    def prefill(self, encoded: Sequence[list[int]]) -> torch.Tensor:
+        """Prefill new prompts as one left-padded batch; returns their first tokens."""
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, tokens in enumerate(encoded):
+            ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, width - len(tokens):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        first, cache = self._forward(ids, mask, _growing_cache())
+        self._join(mask, cache, first)
+        return first
+
+    def _join(self, mask: torch.Tensor, cache, first: torch.Tensor) -> None:
+        if self.mask is None or self.mask.shape[0] == 0:
+            self.mask, self.cache, self.pending = mask, cache, first
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        old_pad, new_pad = width - self.mask.shape[1], width - mask.shape[1]
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.adopt(torch.cat([_left_pad(old.keys, old_pad, -2), _left_pad(new.keys, new_pad, -2)]),
+                      torch.cat([_left_pad(old.values, old_pad, -2), _left_pad(new.values, new_pad, -2)]))
+        self.mask = torch.cat([_left_pad(self.mask, old_pad, 1), _left_pad(mask, new_pad, 1)])
+        self.pending = torch.cat([self.pending, first])
+
+    def step(self) -> torch.Tensor:
+        """Feed every row's pending token; returns the next token of each row."""
+        ones = self.mask.new_ones((self.mask.shape[0], 1))
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.pending, self.cache = self._forward(self.pending[:, None], self.mask, self.cache)
+        return self.pending
+
+    def keep(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep`; cut columns that are padding for every row left."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.pending = self.mask[index], self.pending[index]
+        self.cache.batch_select_indices(index)
+        if not keep:
+            return
+        lead = int(self.mask.any(dim=0).long().argmax())  # first column some row attends to
+        if lead > 0:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.drop_left(lead)
+
+
+@torch.inference_mode()
+def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: int, eos_ids: Sequence[int],
+                        pad_id: int, batch_size: int, refill: int | None = None,
+                        on_finish: Callable[[list[tuple[int, tuple[int, ...]]]], None] | None = None,
+                        stats: BatchingStats | None = None) -> list[tuple[int, ...]]:
+    """Greedy replies (new token ids up to EOS, excluded) to token-id prompts, in input order.
+
+    Prompts enter in the order given. `refill` (default: a quarter of `batch_size`, at least 1) is
+    how many slots must be free before waiting prompts are prefilled: prefilling one prompt at a time
+    costs a forward pass each. `on_finish` receives (index, tokens) of the rows that ended at a step.
+    """
+    stops = set(int(t) for t in eos_ids)
+    refill = max(1, batch_size // 4) if refill is None else max(1, min(refill, batch_size))
+    stats = stats if stats is not None else BatchingStats()
+    replies: list[tuple[int, ...] | None] = [None] * len(encoded)
+    waiting = list(range(len(encoded)))
+    batch = _Batch(model, pad_id)
+    while waiting or batch.rows:
+        free = batch_size - len(batch.rows)
+        if waiting and (free >= refill or not batch.rows):
+            taken, waiting = waiting[:free], waiting[free:]
+            batch.rows += [_Row(i, []) for i in taken]
+            stats.prefills += 1
+            start = len(batch.rows) - len(taken)
+            _advance(batch, batch.prefill([encoded[i] for i in taken]), start, stops, max_new_tokens,
+                     replies, on_finish, stats)
+            continue
+        stats.steps += 1
+        stats.row_steps += len(batch.rows)
+        _advance(batch, batch.step(), 0, stops, max_new_tokens, replies, on_finish, stats)
+    return [reply if reply is not None else () for reply in replies]
+
+
+def _advance(batch: _Batch, tokens: torch.Tensor, start: int, stops: set[int], max_new_tokens: int,
+             replies: list, on_finish, stats: BatchingStats) -> None:
+    """Record each row's new token (rows from `start` on); retire the rows that ended."""
+    keep, finished = list(range(start)), []
+    for offset, token in enumerate(tokens.tolist()):
+        row = batch.rows[start + offset]
+        if token not in stops:
+            row.tokens.append(token)
+            stats.tokens += 1
+        if token in stops or len(row.tokens) >= max_new_tokens:
+            replies[row.index] = tuple(row.tokens)
+            finished.append((row.index, replies[row.index]))
+        else:
+            keep.append(start + offset)
+    if finished:
+        batch.keep(keep)
+        if on_finish is not None:
+            on_finish(finished)
