@@ -23,6 +23,7 @@ from ssah.defaults import (
     DEFAULT_SIZES,
     PRESETS,
     Dtype,
+    Engine,
     FinetuneSetting,
     Normalization,
     Ranking,
@@ -69,6 +70,8 @@ class EvalConfig(Settings):
     system_prompt: SystemPromptMode = "none"
     text_limit: int | None = Field(24, ge=1)  # paragraphs of the `text` corpus for perplexity (None: all)
     max_openings: int = Field(8, ge=1)  # refusal/compliance openings each in the refusal score
+    engine: Engine = "hf"  # what generates replies (ssah.evaluate.engines); the monitor's evaluation uses hf
+    vllm_gpu_memory: float = Field(0.5, gt=0, le=1)
 
 
 class ScoreConfig(Settings):

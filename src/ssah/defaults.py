@@ -52,6 +52,8 @@ DEFAULT_SUITES: tuple[str, ...] = SUITES
 Rule = Literal["prefix", "keywords"]
 RULES: tuple[str, ...] = get_args(Rule)
 SystemPromptMode = Literal["none", "default", "both"]
+Engine = Literal["hf", "vllm"]  # generation engines of an evaluation (`ssah.evaluate.engines`)
+ENGINES: tuple[str, ...] = get_args(Engine)
 SYSTEM_PROMPT_MODES: tuple[str, ...] = get_args(SystemPromptMode)
 
 # the fine-tuning attack's settings (ssah.pipeline.stages.finetune)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
-from ssah.defaults import SYSTEM_PROMPT_MODES
+from ssah.defaults import ENGINES, SYSTEM_PROMPT_MODES
 from ssah.errors import SsahError
 from ssah.evaluate.settings import EvalSettings
 
@@ -49,10 +49,13 @@ _DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field 
               help="generate under the runtime monitor: a monitor config (.yaml/.json, calibrated now on its "
               "calibration splits, before any --prune) or a calibrated state (.safetensors, "
               "calibrate_monitor(...).save(PATH))")
+@click.option("--engine", type=click.Choice(ENGINES), default=_DEFAULTS["engine"], show_default=True,
+              help="what generates the replies: hf (the loaded model, continuous batching) or vllm "
+                   "(pip install 'ssah[vllm]'; from the model folder, or a copy saved once under OUT)")
 @click.option("--force", is_flag=True, help="replace an output folder that holds another model's evaluation")
 def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
                  batch_size, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
-                 lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, force):
+                 lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, engine, force):
     """Evaluate safety (ASR per rule, refusal score), prefill attacks, over-refusal and utility.
 
     Writes OUT/eval.json (rates with Wilson 95% intervals, n, rule and data names, model fingerprint),
@@ -68,9 +71,16 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
         {"suites": _names(suites), "rules": _names(rules), "max_new_tokens": max_new_tokens,
          "batch_size": batch_size, "system_prompt": system_mode, "limit": limit,
          "lm_eval_tasks": list(_names(lm_eval_tasks or "")), "lm_eval_limit": lm_eval_limit,
-         "lm_eval_include": lm_eval_include, **({} if system_text is None else {"system": system_text})})
+         "lm_eval_include": lm_eval_include, "engine": engine,
+         **({} if system_text is None else {"system": system_text})})
     # Everything a user can get wrong is checked before the (possibly long) model load and run.
     _check_extras(settings, lm_eval_tasks, judge_folder, judge_kind)
+    if settings.engine != "hf":
+        from ssah.evaluate.runner import check_engine
+
+        if monitor_path is not None:
+            raise SsahError("the monitor runs inside the Hugging Face generation loop; use --engine hf")
+        check_engine(settings)
     data = load_eval_data(settings.suites, settings.limit, harmful=harmful, sensitive=sensitive,
                           benign=benign, text=text_data)
     mask = _prune_mask(prune_spec, seed)
@@ -126,6 +136,7 @@ def _prune_mask(prune_spec: str | None, seed: int):
 def _evaluate(loaded, out_dir: str, settings: EvalSettings, data: dict, mask, monitor_path, force: bool) -> dict:
     """The evaluation under the interventions the options ask for: the monitor (calibrated on the
     unpruned model) and a reversible prune."""
+    from ssah.evaluate.engines import folder_of
     from ssah.evaluate.runner import evaluate_model
 
     info = {"spec": loaded.spec, "fingerprint": loaded.fingerprint}
@@ -142,7 +153,8 @@ def _evaluate(loaded, out_dir: str, settings: EvalSettings, data: dict, mask, mo
 
         interventions.insert(0, pruned(loaded.model, loaded.layout, mask))
     return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out_dir, settings, data,
-                          model_info=info, force=force, interventions=interventions)
+                          model_info=info, force=force, interventions=interventions,
+                          model_folder=folder_of(loaded.spec))
 
 
 def _judge(out_dir: str, model_args: dict, judge_folder: str, judge_kind: str, batch_size: int) -> dict:

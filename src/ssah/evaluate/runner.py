@@ -131,10 +131,13 @@ class _Evaluation:
     """One evaluation run: the model, its data and settings, the reply rows and timings it collects."""
 
     def __init__(self, model, tokenizer, model_key: str, settings: EvalSettings, data: dict[str, Dataset],
-                 cache: GenerationCache, rewrite=None):
+                 cache: GenerationCache, rewrite=None, engine=None):
         self.model, self.tokenizer, self.settings, self.data = model, tokenizer, settings, data
+        if engine is not None:  # its replies are cached apart from the hf engine's
+            model_key = f"{model_key}|engine={engine.name}"
         self.gen = dict(model_key=model_key, max_new_tokens=settings.max_new_tokens,
-                        batch_size=settings.batch_size, cache=cache, progress=settings.progress, rewrite=rewrite)
+                        batch_size=settings.batch_size, cache=cache, progress=settings.progress, rewrite=rewrite,
+                        engine=engine)
         self.rows: list[dict] = []
         self.seconds: dict[str, float] = {}
 
@@ -225,7 +228,8 @@ def evaluation_artifact(out_dir: str | Path, model_key: str, settings: EvalSetti
 
 def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settings: EvalSettings | None = None,
                    data: dict[str, Dataset] | None = None, model_info: dict | None = None,
-                   force: bool = False, interventions: Sequence[Intervention] = (), replace: bool = False) -> dict:
+                   force: bool = False, interventions: Sequence[Intervention] = (), replace: bool = False,
+                   model_folder: str | Path | None = None) -> dict:
     """Evaluate a prepared model and write eval.json + replies.jsonl in `out_dir`; returns the report.
 
     `model_key` names the model in the generation cache and the folder guard (its fingerprint).
@@ -236,7 +240,9 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     `data` maps roles to datasets (default: the built-in sets, see `load_eval_data`). `model_info`
     (e.g. spec and fingerprint) goes into the report. A finished evaluation of the same model key,
     settings and data is reused; one of another model is refused unless `force` (or `replace`, for
-    folders that belong to a run).
+    folders that belong to a run). `settings.engine` picks what generates (`ssah.evaluate.engines`);
+    `model_folder`, a folder holding exactly `model`'s weights, spares the vllm engine a saved copy
+    (ignored under interventions, which change what the folder holds).
 
     Report keys: `asr` (rule -> rate), `prefill_asr` (rule -> rate), `refusal_score`,
     `overrefusal_rate` (+ `overrefusal_rule`), `utility` (task_accuracy, perplexity, lm_eval), `n`
@@ -246,6 +252,7 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     """
     settings = settings or EvalSettings()
     key = key_under(model_key, interventions)
+    check_engine(settings, interventions)
     data = data if data is not None else load_eval_data(settings.suites, settings.limit)
     _check_data(data, settings.suites)
     artifact = evaluation_artifact(out_dir, key, settings, data)
@@ -257,8 +264,11 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     with contextlib.ExitStack() as stack:
         for intervention in interventions:
             stack.enter_context(intervention)
+        engine = _engine(model, tokenizer, key, out, settings, None if interventions else model_folder)
+        if engine is not None:
+            stack.callback(engine.close)
         run = _Evaluation(model, tokenizer, key, settings, data, GenerationCache(out / CACHE_FILE),
-                          _rewrite(interventions))
+                          _rewrite(interventions), engine)
         conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
         utility = run.utility() if "utility" in settings.suites else None
     report = _report(key, model_info, settings, conditions, utility, data)
@@ -270,6 +280,27 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     report["seconds"] = {k: round(v, 2) for k, v in run.seconds.items()}
     write_jsonl_atomic(out / REPLIES_FILE, run.rows)  # replies first: eval.json marks a finished evaluation
     return artifact.save(report)
+
+
+def check_engine(settings: EvalSettings, interventions: Sequence[Intervention] = ()) -> None:
+    """One line when the engine cannot run these interventions or is not installed."""
+    if settings.engine == "hf":
+        return
+    watching = [i.kind for i in interventions if i.kind == "monitor" or type(i).rewrite is not Intervention.rewrite]
+    if watching:
+        raise SsahError(f"the {watching[0]} runs inside the Hugging Face generation loop; use --engine hf")
+    from ssah.evaluate.engines import require_vllm
+
+    require_vllm()
+
+
+def _engine(model, tokenizer, key: str, out: Path, settings: EvalSettings, folder):
+    """The engine object that generates, or None for the hf engine (the loaded model itself)."""
+    if settings.engine == "hf":
+        return None
+    from ssah.evaluate.engines import VllmEngine, engine_model_folder
+
+    return VllmEngine(engine_model_folder(model, tokenizer, key, out, folder), gpu_memory=settings.vllm_gpu_memory)
 
 
 def _rewrite(interventions: Sequence[Intervention]):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
-from ssah.defaults import DEFAULT_SUITES, Rule, Suite, SystemPromptMode
+from ssah.defaults import DEFAULT_SUITES, Engine, Rule, Suite, SystemPromptMode
 from ssah.settings import Settings
 
 # The Llama-2-Chat default system prompt, the "with system prompt" condition of this line of work.
@@ -57,6 +57,8 @@ class EvalSettings(Settings):
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_limit: int | None = Field(None, ge=1)
     lm_eval_include: str | None = None
+    engine: Engine = "hf"  # what generates the replies (`ssah.evaluate.engines`)
+    vllm_gpu_memory: float = Field(0.5, gt=0, le=1)  # share of the card vLLM may take
     progress: bool = True
 
     @field_validator("suites", "rules", "lm_eval_tasks", mode="after")

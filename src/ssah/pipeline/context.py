@@ -66,7 +66,7 @@ class RunContext:
         prompt = {"system_prompt": "default", "system": system} if system else {"system_prompt": e.system_prompt}
         return EvalSettings(suites=list(suites or e.suites), rules=list(e.rules), max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, limit=limit or e.limit, max_openings=e.max_openings,
-                            progress=True, **prompt)
+                            engine=e.engine, vllm_gpu_memory=e.vllm_gpu_memory, progress=True, **prompt)
 
     @cached_property
     def eval_data(self) -> dict:
@@ -89,15 +89,18 @@ class RunContext:
         """Evaluate a prepared model into `out`, reused when finished with the same model, settings and
         data; `interventions` (pruning, a monitor) apply for the evaluation only; `system`: under this
         system prompt; `limit`: the first `limit` items of each set the run evaluates."""
+        from ssah.evaluate.engines import folder_of
         from ssah.evaluate.runner import evaluate_model
 
         settings = self.eval_settings(suites, system, limit)
+        if any(i.kind == "monitor" for i in interventions):  # it runs inside the Hugging Face loop
+            settings = settings.model_copy(update={"engine": "hf"})
         data = {role: dataset.take(limit) if limit and role not in ("refusals", "compliance") else dataset
                 for role, dataset in self.eval_data.items() if role in _roles(settings.suites)}
         log.info("  evaluating %s", label)
         return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
                               model_info={"spec": loaded.spec, "label": label}, interventions=interventions,
-                              replace=True)
+                              replace=True, model_folder=folder_of(loaded.spec))
 
     # -- unit scores and groups ---------------------------------------------------------------------
     def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | str | None = None):

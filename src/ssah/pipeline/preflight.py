@@ -2,8 +2,8 @@
 
 The config itself is already checked when it loads (keys, types, choices, ranges, mask expressions,
 sizes, rules across sections). Here: every dataset the config names loads and has what its stage
-needs, the scorer is registered, the model spec resolves (without loading weights), and the run
-folder can take what the run will write.
+needs, the scorer is registered, the evaluation engine is installed, the model spec resolves (without
+loading weights), and the run folder can take what the run will write.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ def check_run(config: RunConfig, out) -> None:
     except SsahError as err:
         raise SsahError(f"scores.scorer: {err}") from None
     check_datasets(config)
+    if config.eval.engine != "hf":
+        from ssah.evaluate.engines import require_vllm
+
+        require_vllm()
     saved_models = (2 if config.align.enabled and config.align.compare_full else int(config.align.enabled)) \
         + len(config.finetune.settings)
     OutputFolder(out, RUN, need_bytes=saved_models * source.weight_bytes).check()
