@@ -38,19 +38,25 @@ from torch import nn
 from ssah.errors import SsahError
 from ssah.interventions.base import Intervention
 from ssah.interventions.masks import UnitMask
+from ssah.train.sharding import full, is_sharded, local, row_offset
 from ssah.units.layout import UnitLayout
 
 
 @dataclass
 class _FrozenSlice:
+    name: str
     param: nn.Parameter
     dim: int
-    positions: torch.Tensor
+    positions: torch.Tensor  # along `dim` of what `local()` returns (this process's shard when sharded)
     digest: str  # sha256 of the frozen entries before training
+    entries: int  # frozen entries in the whole parameter
     values: torch.Tensor | None = None  # their copy (copy mode only)
 
+    def local(self) -> torch.Tensor:
+        return local(self.param.detach())
+
     def current(self) -> torch.Tensor:
-        return self.param.detach().index_select(self.dim, self.positions)
+        return self.local().index_select(self.dim, self.positions)
 
 
 def _digest(values: torch.Tensor) -> str:
@@ -115,10 +121,14 @@ class UnitFreezer(Intervention):
                 # Frozen = every position along `dim` that no budget unit owns.
                 frozen = torch.ones(params[name].shape[dim], dtype=torch.bool)
                 frozen[keep] = False
-                self._add(params[name], dim, frozen.nonzero().flatten())
+                self._add(name, params[name], dim, frozen.nonzero().flatten())
         else:
             for (name, dim), positions in slices.items():
-                self._add(params[name], dim, positions)
+                self._add(name, params[name], dim, positions)
+        self._sharded = False  # parameters moved onto FSDP2 shards (see `_follow_shards`)
+        self._index_rows()
+
+    def _index_rows(self) -> None:
         # Per hooked parameter, the multiplier's shape and a [size along dim] bool of frozen positions.
         self._frozen_rows: dict[int, tuple[nn.Parameter, int, torch.Tensor]] = {}
         self._two_dims = False  # a parameter frozen along two dims: its decay needs a full mask, so copy mode
@@ -128,7 +138,7 @@ class UnitFreezer(Intervention):
                 self._two_dims = True
                 continue
             if rows is None:
-                rows = torch.zeros(s.param.shape[s.dim], dtype=torch.bool, device=s.param.device)
+                rows = torch.zeros(s.local().shape[s.dim], dtype=torch.bool, device=s.positions.device)
             rows[s.positions] = True
             self._frozen_rows[id(s.param)] = (s.param, s.dim, rows)
 
@@ -139,13 +149,45 @@ class UnitFreezer(Intervention):
     def undo(self) -> None:
         self.remove()
 
-    def _add(self, param: nn.Parameter, dim: int, positions: torch.Tensor) -> None:
+    def _add(self, name: str, param: nn.Parameter, dim: int, positions: torch.Tensor) -> None:
         if positions.numel() == 0 or not param.requires_grad:
             return
         positions = positions.to(param.device)
         digest = _digest(param.detach().index_select(dim, positions))
-        self._slices.append(_FrozenSlice(param, dim, positions, digest))
+        entries = positions.numel() * (param.numel() // param.shape[dim])
+        self._slices.append(_FrozenSlice(name, param, dim, positions, digest, entries))
         self._hooks.append(param.register_hook(lambda grad, d=dim, p=positions: grad.index_fill(d, p, 0)))
+
+    def _follow_shards(self) -> None:
+        """Point every slice at the parameter now registered under its name: FSDP2 (`fully_shard`)
+        replaces parameters by DTensor shards, so a slice frozen along dim 0 keeps the rows this
+        process holds. Shards get their gradients from FSDP's reduce-scatter, not from autograd, so
+        tensor hooks never see them: their frozen gradient entries are zeroed right before each
+        optimizer step instead (after clipping, which therefore counts them)."""
+        current = dict(self.model.named_parameters())
+        moved = [s for s in self._slices if current.get(s.name) is not s.param]
+        for s in moved:
+            param = current.get(s.name)
+            if param is None:
+                raise SsahError(f"parameter {s.name} is gone since the freezer was made; make it after wrapping")
+            # Every process gathers the same slices in the same order (all-gathers are collective).
+            if _digest(full(param.detach()).index_select(s.dim, s.positions.to(param.device))) != s.digest:
+                raise SsahError("frozen entries changed before the freezer was attached to the optimizer; "
+                                "attach it (wrap_optimizer / freeze_callback) before training starts")
+            s.param, s.positions = param, s.positions.to(param.device)
+            if s.dim == 0 and is_sharded(param):
+                offset, rows = row_offset(param), s.local().shape[0]
+                s.positions = s.positions[(s.positions >= offset) & (s.positions < offset + rows)] - offset
+            s.digest = _digest(s.current())
+        if moved:
+            self._sharded = any(is_sharded(s.param) for s in self._slices)
+            self._index_rows()
+
+    @torch.no_grad()
+    def _mask_shard_grads_(self) -> None:
+        for s in self._slices:
+            if s.param.grad is not None:
+                local(s.param.grad).index_fill_(s.dim, s.positions, 0)
 
     # --- attaching to an optimizer -------------------------------------------------------------------
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -153,7 +195,10 @@ class UnitFreezer(Intervention):
         the frozen parameters' groups (pre-step hook); in ``copy`` mode `step()` restores them after."""
         if self.mode is not None:
             raise SsahError("this UnitFreezer is already attached to an optimizer; make one freezer per run")
+        self._follow_shards()
         self._check_untouched()
+        if self._sharded:
+            self._optimizer_hooks.append(optimizer.register_step_pre_hook(lambda *_: self._mask_shard_grads_()))
         reason = "a parameter is frozen along two dimensions" if self._two_dims \
             else _masked_supported(optimizer, set(self._frozen_rows))
         if self.copy is False and reason:
@@ -198,15 +243,15 @@ class UnitFreezer(Intervention):
                 _, dim, rows = frozen
                 shape = [1] * p.dim()
                 shape[dim] = -1
-                scale = torch.full(rows.shape, factor, dtype=torch.float32, device=p.device)
-                p.mul_(scale.masked_fill(rows, 1.0).view(shape))
+                scale = torch.full(rows.shape, factor, dtype=torch.float32, device=rows.device)
+                local(p).mul_(scale.masked_fill(rows, 1.0).view(shape))
 
     @torch.no_grad()
     def restore_(self) -> None:
         """Copy every frozen entry back (copy mode; a no-op in masked mode, which needs no restore)."""
         for s in self._slices:
             if s.values is not None:
-                s.param.index_copy_(s.dim, s.positions, s.values.to(s.param.dtype))
+                local(s.param).index_copy_(s.dim, s.positions, s.values.to(s.param.dtype))
 
     def remove(self) -> None:
         """Detach: drop the gradient and optimizer hooks and give the optimizer back its weight decay
@@ -238,12 +283,19 @@ class UnitFreezer(Intervention):
             if _digest(now) == s.digest:
                 continue
             worst = max(worst, float((now.float() - s.values.float()).abs().max())) if s.values is not None \
-                else float("nan")
+                else float("inf")  # masked mode keeps no copy to measure against
+        if self._sharded:  # every process checked its own shards
+            import torch.distributed as dist
+
+            across = torch.tensor([worst], device=self._slices[0].positions.device)
+            dist.all_reduce(across, op=dist.ReduceOp.MAX)
+            worst = float(across)
+        worst = float("nan") if worst == float("inf") else worst
         return {"max_abs_change_frozen": worst, "frozen_entries": self.frozen_entries(),
                 "frozen_whole_parameters": len(self._whole), "freeze_mode": self.mode}
 
     def frozen_entries(self) -> int:
-        total = sum(s.positions.numel() * (s.param.numel() // s.param.shape[s.dim]) for s in self._slices)
+        total = sum(s.entries for s in self._slices)
         params = dict(self.model.named_parameters())
         return total + sum(params[name].numel() for name in self._whole)
 
@@ -262,7 +314,7 @@ class TrainingCheck:
         self.before = {n: self._view(p).to("cpu", copy=True) for n, p in model.named_parameters()}
 
     def _view(self, param: torch.Tensor) -> torch.Tensor:
-        flat = param.detach().reshape(-1)
+        flat = full(param.detach()).reshape(-1)  # gathered when sharded (every process calls this)
         return flat if self.exact else flat[:: max(1, flat.numel() // self.SAMPLE)]
 
     @torch.no_grad()

@@ -6,7 +6,9 @@ use too; everything a user can get wrong is checked before the model loads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 import click
 
@@ -26,7 +28,11 @@ def common_options(func):
 
 
 def _settings(values: dict) -> TrainSettings:
-    return TrainSettings(**{name: values.pop(name) for name in TrainSettings.model_fields})
+    settings = TrainSettings(**{name: values.pop(name) for name in TrainSettings.model_fields})
+    if settings.shard != "none" and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise SsahError(f"--shard {settings.shard} spreads the model over several processes: start with "
+                        "torchrun --nproc_per_node N (or accelerate launch --num_processes N) -m ssah ...")
+    return settings
 
 
 def _mask(spec: str | None, seed: int):
@@ -51,6 +57,10 @@ def _inputs(*specs: str | None) -> list[str]:
 
 
 def _echo(out: str, record: dict) -> None:
+    from ssah.train.sharding import is_main_process
+
+    if not is_main_process():
+        return
     result = record["result"]
     check = result["check"]
     frozen = f", frozen entries max change {check['max_abs_change_frozen']:g}" if "max_abs_change_frozen" in check \
@@ -81,16 +91,25 @@ def finetune(model_args: dict, data_spec: str, freeze_spec: str | None, frozen_e
     data = load_dataset(data_spec)
     mask = _mask(freeze_spec, seed)
     source = check_model_spec(model_args)
-    folder = output_folder(out, recipes.MODEL, inputs=_inputs(data_spec, freeze_spec, model_args["spec"]),
-                           force=force, need_bytes=source.weight_bytes)
+    folder = _folder(out, inputs=_inputs(data_spec, freeze_spec, model_args["spec"]), force=force,
+                     need_bytes=source.weight_bytes)
     loaded = load_from_options(model_args)
     if mask is not None:
         mask.check_model(loaded.fingerprint, loaded.layout)
-    with folder:
+    with folder or contextlib.nullcontext():
         record = recipes.finetune(loaded, data, settings, out, seed=seed, freeze=mask, lora=lora,
                                   frozen_multiplier=frozen_epochs_multiplier, force=force,
-                                  writer=lambda _: folder.swap())
+                                  writer=folder and (lambda _: folder.swap()))
     _echo(out, record)
+
+
+def _folder(out: str, **options):
+    """The output folder, checked, locked and swapped in by the main process of a multi-process job
+    only (the others train and exit; the main process writes the model)."""
+    from ssah.train import recipes
+    from ssah.train.sharding import is_main_process
+
+    return output_folder(out, recipes.MODEL, **options) if is_main_process() else None
 
 
 def _lengths(text: str | None) -> list[int]:
@@ -146,13 +165,14 @@ def align(model_args: dict, budget_spec: str, data_spec: str, benign_spec: str, 
         borderline_tokens=borderline_tokens, recovery_lengths=_lengths(recovery_lengths), avoid_weight=avoid_refusals)
     mask = None if budget_spec == "all" else _mask(budget_spec, seed)
     source = check_model_spec(model_args)
-    folder = output_folder(out, recipes.MODEL, force=force, need_bytes=source.weight_bytes,
-                           inputs=_inputs(data_spec, benign_spec, refusals_spec, borderline_spec, budget_spec,
-                                          model_args["spec"]))
+    folder = _folder(out, force=force, need_bytes=source.weight_bytes,
+                     inputs=_inputs(data_spec, benign_spec, refusals_spec, borderline_spec, budget_spec,
+                                    model_args["spec"]))
     loaded = load_from_options(model_args)
     if mask is not None:
         mask.check_model(loaded.fingerprint, loaded.layout)
-    with folder:
+    with folder or contextlib.nullcontext():
         record = recipes.align(loaded, inputs, settings.model_copy(update={"limit": None}), out, budget=mask,
-                               seed=seed, batch_size=settings.batch_size, force=force, writer=lambda _: folder.swap())
+                               seed=seed, batch_size=settings.batch_size, force=force,
+                               writer=folder and (lambda _: folder.swap()))
     _echo(out, record)

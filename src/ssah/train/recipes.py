@@ -24,6 +24,7 @@ from ssah.models.spec import SAVED_MODEL_FILES
 from ssah.outputs import OutputKind
 from ssah.train.data import AlignmentData, alignment_data
 from ssah.train.settings import TrainConfig, TrainSettings
+from ssah.train.sharding import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,10 @@ def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity
     if lora:
         model = merge_lora(model)
     record = {**record, "source_model": loaded.spec, "config": config.to_dict(), "result": result.to_dict()}
+    if not is_main_process():  # one process of a multi-process job writes the model
+        return record
     with (writer or atomic_dir)(Path(out)) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": result.state_dict} if result.state_dict is not None else {}))
         loaded.tokenizer.save_pretrained(tmp)
         plot_loss(result.loss_curve, tmp / "loss.png")
         record = Artifact(tmp / RECORD_FILE, artifact.kind, identity).save(record)

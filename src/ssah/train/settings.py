@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ssah.defaults import FINETUNE_LR
 from ssah.settings import Settings
@@ -30,6 +30,14 @@ class TrainSettings(Settings):
     limit: int | None = Field(None, ge=1, description="train on a seeded sample of N examples (None: all)")
     backend: Literal["ssah", "trl"] = Field("ssah", description="training loop: ssah's own, or TRL's SFTTrainer "
                                                                 "(no prefilled pairs, no avoided-opening loss)")
+    shard: Literal["none", "fsdp2"] = Field("none", description="fsdp2: shard the parameters over the processes "
+                                                               "of torchrun / accelerate launch (ssah loop)")
+
+    @model_validator(mode="after")
+    def _shard_in_own_loop(self) -> TrainSettings:
+        if self.shard != "none" and self.backend != "ssah":
+            raise ValueError(f"shard {self.shard} runs in ssah's training loop; set backend: ssah (--backend ssah)")
+        return self
 
     def scaled(self, multiplier: float) -> TrainSettings:
         """These settings trained `multiplier` times longer (the paper doubles frozen runs)."""

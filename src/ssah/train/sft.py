@@ -4,6 +4,7 @@ One loop serves benign fine-tuning (the attack), frozen-unit fine-tuning (the pa
 LoRA (the PEFT baseline) and alignment inside a unit budget. Run it in one process, or
 data-parallel with `accelerate launch`: frozen entries are masked before the gradient
 all-reduce and restored on every rank after every step, so they stay bit-identical everywhere.
+With `shard: fsdp2` every process holds shards of the parameters instead (`ssah.train.sharding`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ssah.data.chat import collate_pairs, encode_pair
 from ssah.errors import SsahError
 from ssah.interventions.freeze import TrainingCheck, UnitFreezer
 from ssah.train.settings import TrainConfig
+from ssah.train.sharding import full_state_dict, shard_model
 
 __all__ = ["TrainConfig", "TrainResult", "avoided_opening_loss", "opening_tokens", "train_sft"]
 
@@ -30,6 +32,8 @@ class TrainResult:
     loss_curve: list[float] = field(default_factory=list)
     seconds: float = 0.0
     check: dict = field(default_factory=dict)
+    # sharded training: the trained weights gathered whole on the main process (empty elsewhere)
+    state_dict: dict | None = field(default=None, repr=False)
 
     @property
     def final_loss(self) -> float | None:
@@ -125,13 +129,22 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
         raise SsahError(f"{missing} training examples have no response; fine-tuning needs (prompt, response) pairs")
     set_seed(config.seed)
     random.seed(config.seed)
-    # cpu=True lets accelerate run data-parallel on CPUs (gloo) under torchrun/accelerate launch.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if config.bf16 else "no",
+    sharded = config.shard == "fsdp2"
+    # cpu=True lets accelerate run data-parallel on CPUs (gloo) under torchrun/accelerate launch. Sharded
+    # runs get bf16 from FSDP2's mixed-precision policy instead of accelerate's autocast.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if config.bf16 and not sharded else "no",
                               gradient_accumulation_steps=config.grad_accum)
+    if freezer is not None and accelerator.distributed_type.value == "DEEPSPEED":
+        raise SsahError("frozen units need DDP or --shard fsdp2: DeepSpeed ZeRO keeps its own partitions and master "
+                        "weights, which the freezer cannot reach")
     loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed), avoid)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise SsahError("nothing to train: every parameter is frozen (check the mask or budget)")
+    check = TrainingCheck(model)
+    if sharded:
+        shard_model(model, bf16=config.bf16)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the shards, when sharded
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     if freezer is not None:
         freezer.wrap_optimizer(optimizer)  # before prepare: the accelerate wrapper calls this step()
@@ -140,15 +153,19 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     total = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(config.warmup * total),
                               num_training_steps=total)
-    check = TrainingCheck(model)
     model.train()
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if sharded:  # FSDP2 already spreads the model; accelerate splits the data and steps the optimizer
+        optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     start = time.perf_counter()
     result = _loop(accelerator, model, optimizer, loader, scheduler, trainable, config, total, progress)
     model = accelerator.unwrap_model(model)
     model.eval()
     result.seconds = time.perf_counter() - start
     result.check = check.report(model, freezer)
+    if sharded:
+        result.state_dict = full_state_dict(model)
     return result
 
 
