@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh                        # on a CUDA machine with torch, transformers, accelerate
 #   SSAH_GPU_BENCH_TINY=1 bash benchmarks/gpu.sh  # tiny config, runs on the CPU as well (smoke test)
 # Prints one markdown table; writes benchmarks/results/gpu.json, which BENCHMARKS.md then includes
-# (python -m benchmarks --render-only). Hard limit of 8 minutes.
+# (python -m benchmarks --render-only). Hard limit of 8 minutes. With vLLM installed (pip install
+# "ssah[vllm]") it also times the vllm evaluation engine against the hf one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error

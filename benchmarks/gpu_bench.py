@@ -6,8 +6,12 @@
 Measures, in one process with sides alternating:
 - forward tokens/s (no grad, logits included) vs `variance` scoring tokens/s through ssah's
   `score_batches` on the same synthetic batches (right-shaped prompt/response masks);
+- greedy generation tokens/s of ssah's evaluation engines on the same prompts: `hf` (continuous
+  batching) and, where vLLM is installed, `vllm` on the model saved to a temporary folder (the Hugging
+  Face model is freed first);
 - a plain fine-tuning step vs a step with a `UnitFreezer` (setting (i) ~7.5% and (ii) ~85% of units
-  frozen), AdamW, gradient checkpointing: seconds per step and peak allocated memory.
+  frozen) in `masked` and `copy` mode, AdamW, gradient checkpointing: seconds per step and peak
+  allocated memory.
 Prints one markdown table headed by the card's name and writes benchmarks/results/gpu.json (tiny
 runs: benchmarks/results/quick/gpu-tiny.json) for BENCHMARKS.md. Kept to a few steps so the whole
 script stays well under 8 minutes on one recent GPU.
@@ -90,6 +94,10 @@ def throughput(model, layout, batches, repeats: int) -> dict:
 
 
 def train_steps(model, layout, batch, steps: int, repeats: int, device: str) -> list[dict]:
+    return [row for copy in (False, True) for row in _train_steps(model, layout, batch, steps, repeats, device, copy)]
+
+
+def _train_steps(model, layout, batch, steps: int, repeats: int, device: str, copy: bool) -> list[dict]:
     import torch
 
     from benchmarks.bench_freeze import SETTINGS, _mask
@@ -127,7 +135,7 @@ def train_steps(model, layout, batch, steps: int, repeats: int, device: str) -> 
             for _ in range(repeats):
                 seconds, peaks["plain"] = run_side(None)
                 plain.append(seconds)
-                freezer = UnitFreezer(model, layout, mask)
+                freezer = UnitFreezer(model, layout, mask, copy=copy)
                 try:
                     seconds, peaks["frozen"] = run_side(freezer)
                 finally:
@@ -137,14 +145,48 @@ def train_steps(model, layout, batch, steps: int, repeats: int, device: str) -> 
         except torch.OutOfMemoryError:
             model.zero_grad(set_to_none=True)
             _reset_peak(device)
-            rows.append({"setting": label, "error": "out of GPU memory"})
+            rows.append({"setting": label, "mode": "copy" if copy else "masked", "error": "out of GPU memory"})
             continue
-        rows.append({"setting": label, "plain_s": statistics.median(plain), "frozen_s": statistics.median(frozen),
+        rows.append({"setting": label, "mode": "copy" if copy else "masked", "plain_s": statistics.median(plain),
+                     "frozen_s": statistics.median(frozen),
                      "time_ratio": statistics.median(f / p for f, p in zip(frozen, plain)),
                      "plain_peak": peaks["plain"], "frozen_peak": peaks["frozen"]})
     disable()
     model.eval()
     return rows
+
+
+def generation(model, shape: dict, device: str, prompts: int, new_tokens: int) -> dict:
+    """Greedy tokens/s of the hf engine (ssah's continuous batching) on random prompts of 128 tokens."""
+    import torch
+
+    from ssah.evaluate.batching import BatchingStats, continuous_generate
+
+    gen = torch.Generator().manual_seed(2)
+    encoded = torch.randint(3, shape["vocab_size"], (prompts, 128), generator=gen).tolist()
+    model.config.use_cache = True
+    run = dict(max_new_tokens=new_tokens, eos_ids=[-1], pad_id=0, batch_size=32)  # no EOS: every row is full
+    continuous_generate(model, encoded[:4], **{**run, "max_new_tokens": 4})  # warm-up
+    stats = BatchingStats()
+    seconds = timed(lambda: continuous_generate(model, encoded, stats=stats, **run))
+    model.config.use_cache = False
+    return {"prompts": prompts, "new_tokens": new_tokens, "hf_tokens_per_s": stats.tokens / seconds,
+            "encoded": encoded}
+
+
+def vllm_generation(folder: str, encoded: list[list[int]], new_tokens: int) -> dict:
+    """The same prompts through the vllm engine (model loaded from `folder`)."""
+    try:
+        from ssah.evaluate.engines import VllmEngine
+
+        engine = VllmEngine(folder, dtype="bfloat16", gpu_memory=0.85)
+    except Exception as err:  # not installed, or it cannot start here: the table says so
+        return {"vllm_error": f"vLLM did not start ({type(err).__name__}: {str(err).splitlines()[0][:80]})"}
+    engine.generate(encoded[:4], max_new_tokens=4, eos_ids=[-1])  # warm-up
+    out: list = []
+    seconds = timed(lambda: out.extend(engine.generate(encoded, max_new_tokens=new_tokens, eos_ids=[-1])))
+    engine.close()
+    return {"vllm_tokens_per_s": sum(len(r) for r in out) / seconds}
 
 
 def render(result: dict) -> list[str]:
@@ -158,17 +200,53 @@ def render(result: dict) -> list[str]:
              "| measurement | plain | ssah | ratio |", "|---|---|---|---|",
              f"| forward vs `variance` scoring, tokens/s ({t['tokens']:,} tokens) | {t['forward_tokens_per_s']:,.0f} | "
              f"{t['variance_tokens_per_s']:,.0f} | {t['variance_over_forward']:.2f}x time |"]
+    g = result.get("generation")
+    if g:
+        vllm = g.get("vllm_tokens_per_s")
+        lines.append(f"| greedy generation tokens/s, {g['prompts']} prompts x {g['new_tokens']} new tokens: hf vs vllm "
+                     f"| {g['hf_tokens_per_s']:,.0f} | " + (f"{vllm:,.0f} | {vllm / g['hf_tokens_per_s']:.2f}x |"
+                                                            if vllm else f"{g.get('vllm_error', 'not run')} | |"))
     for row in result["train"]:
+        mode = row.get("mode", "masked")
         if "error" in row:
-            lines.append(f"| training step, {row['setting']} frozen | {row['error']} | | |")
+            lines.append(f"| training step, {row['setting']} frozen, {mode} | {row['error']} | | |")
             continue
         mem = ""
         if row["plain_peak"]:
             mem = (f"; peak {row['plain_peak'] / gib:.1f} vs {row['frozen_peak'] / gib:.1f} GiB "
                    f"({row['frozen_peak'] / row['plain_peak']:.2f}x)")
-        lines.append(f"| training step, {row['setting']} frozen (grad. checkpointing) | {row['plain_s']:.3f} s | "
-                     f"{row['frozen_s']:.3f} s | {row['time_ratio']:.2f}x time{mem} |")
+        lines.append(f"| training step, {row['setting']} frozen, {mode} (grad. checkpointing) | "
+                     f"{row['plain_s']:.3f} s | {row['frozen_s']:.3f} s | {row['time_ratio']:.2f}x time{mem} |")
     return lines
+
+
+def _vllm_side(model, encoded: list[list[int]], new_tokens: int) -> dict:
+    """Save the model for vLLM, free the Hugging Face copy, then time vLLM."""
+    import gc
+    import importlib.util
+    import tempfile
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"vllm_error": "vLLM not installed"}
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        _tokenizer(model.config.vocab_size).save_pretrained(folder)
+        model.to("meta")
+        gc.collect()
+        torch.cuda.empty_cache()
+        return vllm_generation(folder, encoded, new_tokens)
+
+
+def _tokenizer(vocab_size: int):
+    """A word-level tokenizer with `vocab_size` entries (random-weight models need no real one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0", eos_token="t2")
 
 
 def main() -> None:
@@ -194,6 +272,10 @@ def main() -> None:
     batch = synthetic_batches(shape["vocab_size"], 1, 4, 64 if tiny else 512, seed=1, device=device)[0]
     result["train"] = train_steps(model, layout, {k: batch[k] for k in ("input_ids", "attention_mask")},
                                   steps=3, repeats=2, device=device)
+    result["generation"] = generation(model, shape, device, prompts=16 if tiny else 128, new_tokens=8 if tiny else 128)
+    encoded = result["generation"].pop("encoded")
+    if not tiny:
+        result["generation"].update(_vllm_side(model, encoded, 128))
     result["elapsed_s"] = time.perf_counter() - started
     print("\n".join(render(result)))
     out = RESULTS / "quick" / "gpu-tiny.json" if tiny else RESULTS / "gpu.json"

@@ -57,15 +57,21 @@ SCORES = OutputKind("scores", (SCORES_FILE, MANIFEST_FILE, REPLIES_FILE), record
 class Scores:
     """Per-unit scores of one model on one calibration set.
 
-    `values[kind]` is a float64 tensor [num_layers, units_per_layer]; `manifest` records the scorer,
-    token scope, responses source, dataset name and fingerprint, tokens seen, model fingerprint,
-    ssah version, seed and attention unit. `reused` is True when `score_dataset` found this exact
-    run in its output folder instead of computing it (not saved).
+    `values[kind]` is a float64 tensor [num_layers, units_per_layer] holding float32 values: scores are
+    accumulated in float64, then rounded once to float32, the precision they are stored in, so a run
+    that reads them back ranks units exactly as the run that computed them. `manifest` records the
+    scorer, token scope, responses source, dataset name and fingerprint, tokens seen, model
+    fingerprint, ssah version, seed and attention unit. `reused` is True when `score_dataset` found
+    this exact run in its output folder instead of computing it (not saved).
     """
 
     values: dict[str, torch.Tensor]
     manifest: dict[str, Any]
     reused: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.values = {kind: value.detach().to("cpu", torch.float32).to(torch.float64)
+                       for kind, value in self.values.items()}
 
     @property
     def model_fingerprint(self) -> str:
@@ -94,7 +100,7 @@ class Scores:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {kind: value.detach().to("cpu", torch.float64).contiguous() for kind, value in self.values.items()}
+        tensors = {kind: value.detach().to("cpu", torch.float32).contiguous() for kind, value in self.values.items()}
         self.manifest["values_sha256"] = values_digest(tensors)
         atomic_write(directory / SCORES_FILE, save_tensors(tensors))
         artifact = artifact or Artifact(directory / MANIFEST_FILE, "scores", run_identity(self.manifest))
