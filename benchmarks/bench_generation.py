@@ -35,8 +35,11 @@ Tokens/s counts kept tokens only, so a batched side's ratio is the product of tw
 more row-steps per second a batch decodes (less than 8x: only the per-step part of the cost --
 reading the weights, dispatch, the generation loop -- is shared by the rows, while the arithmetic
 grows with them), and the share of row-steps that produce kept tokens. Continuous batching brings
-the second factor to 100%. The prompts' prefill is arithmetic-bound on a CPU, so batching does not
-share it: its share of batch 1's time caps what any batching can gain."""
+the second factor to 100%. transformers' own continuous batching (`generate_batch`, paged attention,
+run with its default settings but the same number of slots) is timed on the same prompts: its
+scheduling and paged attention cost more than they save on a CPU, which is why ssah runs its own
+loop. The prompts' prefill is arithmetic-bound on a CPU, so batching does not share it: its share of
+batch 1's time caps what any batching can gain."""
 
 
 def run(loaded, prompts: int = 16, tokens: int = 32, batch_size: int = 8, repeats: int = 3) -> dict:
@@ -62,6 +65,20 @@ def run(loaded, prompts: int = 16, tokens: int = 32, batch_size: int = 8, repeat
 
     encoded = [_encode_text(loaded.tokenizer, t) for t in render_prompts(loaded.tokenizer, texts)]
 
+    def transformers_batching() -> tuple[int, int]:
+        """transformers' own continuous batching (`generate_batch`, paged attention), same slots."""
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        eos = [e for e in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id) if e is not None]
+        config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=eos)
+        out = loaded.model.generate_batch(encoded, generation_config=config, warmup=False,
+                                          continuous_batching_config=ContinuousBatchingConfig(
+                                              max_requests_per_batch=batch_size))
+        stops = set(config.eos_token_id)
+        kept = [next((i for i, t in enumerate(r.generated_tokens) if t in stops), len(r.generated_tokens))
+                for r in out.values()]
+        return sum(kept), sum(min(tokens, n + 1) for n in kept)
+
     @torch.inference_mode()
     def prefill() -> tuple[int, int]:
         for ids in encoded:
@@ -70,18 +87,22 @@ def run(loaded, prompts: int = 16, tokens: int = 32, batch_size: int = 8, repeat
 
     runs = {"batch 1": (1, "static"), f"static {batch_size}": (batch_size, "static"),
             f"continuous {batch_size}": (batch_size, "continuous")}
+    extra = {"prefill only": prefill}
+    if hasattr(loaded.model, "generate_batch"):
+        extra[f"transformers generate_batch, {batch_size} slots"] = transformers_batching
     generate(batch_size, "continuous")  # warm-up
-    sides = {name: {"s": [], "tps": [], "row_steps_per_s": []} for name in [*runs, "prefill only"]}
+    sides = {name: {"s": [], "tps": [], "row_steps_per_s": []} for name in [*runs, *extra]}
     for _ in range(repeats):
         for name, side in sides.items():
-            call = prefill if name == "prefill only" else (lambda r=runs[name]: generate(*r))
+            call = extra[name] if name in extra else (lambda r=runs[name]: generate(*r))
             seconds, (count, row_steps) = timed_call(call)
             side.update(tokens=count, row_steps=row_steps)
             side["s"].append(seconds)
             side["tps"].append(count / seconds)
             side["row_steps_per_s"].append(row_steps / seconds)
     reference = sides["batch 1"]
-    ratios = {name: paired_ratios(sides[name]["tps"], reference["tps"]) for name in list(runs)[1:]}
+    ratios = {name: paired_ratios(sides[name]["tps"], reference["tps"])
+              for name in [*list(runs)[1:], *list(extra)[1:]]}
     rows = [{"side": name, "batch_size": runs[name][0] if name in runs else 1, "seconds": summary(side["s"]),
              "tokens": side["tokens"], "tokens_per_s": summary(side["tps"]), "row_steps": side["row_steps"],
              "useful_share": side["tokens"] / side["row_steps"] if side["row_steps"] else None,

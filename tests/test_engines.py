@@ -8,7 +8,7 @@ import importlib.util
 import pytest
 import torch
 
-from ssah.evaluate.engines import engine_model_folder
+from ssah.evaluate.engines import drop_engine_copy, engine_model_folder
 from ssah.evaluate.generation import generate_items
 from ssah.evaluate.runner import evaluate_model, read_replies
 from ssah.evaluate.settings import EvalSettings
@@ -46,6 +46,8 @@ def test_the_engine_copy_holds_the_pruned_model_and_is_saved_once(tmp_path):
     assert [g.token_ids for g in unpruned] != [g.token_ids for g in expected]  # the prune did change replies
     engine_model_folder(loaded.model, loaded.tokenizer, "key-b", tmp_path)  # another model: rewritten
     assert (folder / "config.json").stat().st_mtime_ns != saved["config.json"]
+    drop_engine_copy(tmp_path)  # what a finished evaluation does
+    assert not folder.exists() and tmp_path.exists()
 
 
 @pytest.mark.skipif(HAS_VLLM, reason="vLLM is installed here; the missing-engine error cannot happen")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from ssah.evaluate.batching import BatchingStats, continuous_generate
+from ssah.evaluate.batching import BatchingStats, _shared_prefix, continuous_generate
 from ssah.evaluate.generation import GenerationCache, _encode_text, generate_items, generate_replies, render_prompts
 from ssah.models.tiny import TINY_FAMILIES as FAMILIES
 from ssah.models.tiny import tiny_model
@@ -27,14 +27,17 @@ class Interrupt(Exception):
 MANY = PROMPTS + [f"Question {i}: what comes after {i * 7}?" for i in range(6)]
 
 
-def _encoded(tokenizer, prompts=MANY):
-    return [_encode_text(tokenizer, text) for text in render_prompts(tokenizer, prompts)]
+SYSTEM = "Be brief."  # with the chat template, a shared opening of 25 tokens on the tiny models
 
 
-def _frequent_token(model, tokenizer) -> int:
+def _encoded(tokenizer, prompts=MANY, system=None):
+    return [_encode_text(tokenizer, text) for text in render_prompts(tokenizer, prompts, system)]
+
+
+def _frequent_token(model, tokenizer, system=None) -> int:
     """A token the random tiny model emits that, taken as EOS, ends its replies at the most different
     steps (random weights rarely emit the real EOS)."""
-    replies = continuous_generate(model, _encoded(tokenizer), max_new_tokens=9, eos_ids=[-1], pad_id=0,
+    replies = continuous_generate(model, _encoded(tokenizer, system=system), max_new_tokens=9, eos_ids=[-1], pad_id=0,
                                   batch_size=len(MANY))
 
     def lengths(token):
@@ -51,8 +54,10 @@ def test_continuous_and_static_batches_equal_batch_size_one(family):
     with torch.no_grad():  # larger random weights: the gemma families' tiny models repeat one token
         for weight in (p for p in model.parameters() if p.dim() == 2):
             weight.copy_(torch.randn(weight.shape, generator=generator) * 0.5)
-    model.generation_config.eos_token_id = _frequent_token(model, tokenizer)
-    settings = dict(model_key=family, max_new_tokens=9, progress=False)
+    model.generation_config.eos_token_id = _frequent_token(model, tokenizer, SYSTEM)
+    # A system prompt gives every input a long shared opening, which continuous batching computes once.
+    settings = dict(model_key=family, max_new_tokens=9, progress=False, system=SYSTEM)
+    assert len(_shared_prefix(_encoded(tokenizer, system=SYSTEM))) >= 8
     single = generate_items(model, tokenizer, MANY, batch_size=1, batching="static", **settings)
     static = generate_items(model, tokenizer, MANY, batch_size=4, batching="static", **settings)
     continuous = generate_items(model, tokenizer, MANY, batch_size=4, **settings)

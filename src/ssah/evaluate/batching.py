@@ -19,6 +19,7 @@ but ran about twice as slowly as static batching on a 2-core CPU, hence this loo
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,8 +42,9 @@ class _Row:
     tokens: list[int]
 
 
-def _growing_cache():
-    """A `DynamicCache` whose layers write new positions into spare room (see `_GrowingLayer`)."""
+def _growing_cache(start: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A `DynamicCache` whose layers write new positions into spare room (see `_GrowingLayer`);
+    `start`: (keys, values) per layer to begin with."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -84,6 +86,9 @@ def _growing_cache():
 
     cache = DynamicCache()
     cache.layer_class_to_replicate = _GrowingLayer
+    for keys, values in start or []:
+        cache.layers.append(_GrowingLayer())
+        cache.layers[-1].adopt(keys, values)
     return cache
 
 
@@ -98,8 +103,9 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 class _Batch:
     """The running rows, their attention mask [rows, columns] and the cache behind it."""
 
-    def __init__(self, model, pad_id: int):
-        self.model, self.pad_id = model, pad_id
+    def __init__(self, model, pad_id: int, prefix: Sequence[int] = ()):
+        self.model, self.pad_id, self.prefix = model, pad_id, list(prefix)
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.rows: list[_Row] = []
         self.mask: torch.Tensor | None = None
         self.cache = None
@@ -116,17 +122,33 @@ class _Batch:
         return out.logits[:, -1, :].argmax(-1), cache  # the cache grows in place
 
     def prefill(self, encoded: Sequence[list[int]]) -> torch.Tensor:
-        """Prefill new prompts as one left-padded batch; returns their first tokens."""
-        width = max(len(ids) for ids in encoded)
+        """Prefill new prompts as one left-padded batch; returns their first tokens. The prompts'
+        shared prefix is computed once: its cache rows open every new row's cache, then padding,
+        then each prompt's own tokens."""
+        skip = len(self.prefix)
+        width = max(len(ids) for ids in encoded) - skip
         ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        mask = torch.zeros((len(encoded), skip + width), dtype=torch.long)
+        mask[:, :skip] = 1
         for row, tokens in enumerate(encoded):
-            ids[row, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, width - len(tokens):] = 1
+            own = tokens[skip:]
+            ids[row, width - len(own):] = torch.tensor(own, dtype=torch.long)
+            mask[row, skip + width - len(own):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        first, cache = self._forward(ids, mask, _growing_cache())
+        start = [(keys.expand(len(encoded), -1, -1, -1).clone(), values.expand(len(encoded), -1, -1, -1).clone())
+                 for keys, values in self._prefix_cache()]
+        first, cache = self._forward(ids, mask, _growing_cache(start))
         self._join(mask, cache, first)
         return first
+
+    def _prefix_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._prefix_kv is None:
+            self._prefix_kv = []
+            if self.prefix:
+                ids = torch.tensor([self.prefix], dtype=torch.long, device=self.device)
+                _, cache = self._forward(ids, torch.ones_like(ids), _growing_cache())
+                self._prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return self._prefix_kv
 
     def _join(self, mask: torch.Tensor, cache, first: torch.Tensor) -> None:
         if self.mask is None or self.mask.shape[0] == 0:
@@ -178,7 +200,7 @@ def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: 
     stats = stats if stats is not None else BatchingStats()
     replies: list[tuple[int, ...] | None] = [None] * len(encoded)
     waiting = list(range(len(encoded)))
-    batch = _Batch(model, pad_id)
+    batch = _Batch(model, pad_id, _shared_prefix(encoded))
     while waiting or batch.rows:
         free = batch_size - len(batch.rows)
         if waiting and (free >= refill or not batch.rows):
@@ -193,6 +215,15 @@ def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: 
         stats.row_steps += len(batch.rows)
         _advance(batch, batch.step(), 0, stops, max_new_tokens, replies, on_finish, stats)
     return [reply if reply is not None else () for reply in replies]
+
+
+def _shared_prefix(encoded: Sequence[list[int]], least: int = 8) -> list[int]:
+    """The tokens every prompt starts with (a chat template's system turn), one short of the shortest
+    prompt; none when fewer than `least` or when there is one prompt."""
+    if len(encoded) < 2:
+        return []
+    prefix = os.path.commonprefix([list(ids) for ids in encoded])[:min(len(ids) for ids in encoded) - 1]
+    return prefix if len(prefix) >= least else []
 
 
 def _advance(batch: _Batch, tokens: torch.Tensor, start: int, stops: set[int], max_new_tokens: int,

@@ -5,8 +5,9 @@
   under, and reversible pruning applies to it directly.
 - `vllm` generates with vLLM from a saved model folder: the folder the model was loaded from, or,
   when the evaluated model is not a folder on disk (pruned for the evaluation, fine-tuned in memory,
-  a GGUF or tiny model), a copy `save_pretrained` writes once into the evaluation's folder
-  (`engine-model/`, reused while the model key is the same). Greedy decoding as with `hf`, the same
+  a GGUF or tiny model), a copy `save_pretrained` writes into the evaluation's folder
+  (`engine-model/`: reused by an interrupted evaluation's rerun while the model key is the same,
+  deleted once the evaluation is finished). Greedy decoding as with `hf`, the same
   cache file, rules, replies.jsonl and eval.json; its replies are cached under the model key plus
   `engine=vllm`, since another kernel may break a near-tie differently. The suites that score
   rather than generate (refusal score, perplexity) still use the Hugging Face model.
@@ -86,10 +87,14 @@ class VllmEngine:
 
 
 def folder_of(spec: str) -> Path | None:
-    """The Hugging Face folder a model spec names (its weights on disk as loaded), else None."""
+    """The Hugging Face folder a model spec names, else None (also for labels that are no spec). Pass
+    it as an evaluation's `model_folder` only for a model unchanged since it was loaded from there."""
     from ssah.models.spec import resolve_model_spec
 
-    source = resolve_model_spec(spec)
+    try:
+        source = resolve_model_spec(spec)
+    except SsahError:
+        return None
     return source.path if source.kind == "folder" else None
 
 
@@ -112,3 +117,12 @@ def engine_model_folder(model, tokenizer, model_key: str, out_dir: str | Path,
     tokenizer.save_pretrained(copy)
     record.write_text(json.dumps({"model": model_key}), encoding="utf-8")  # last: marks a finished copy
     return copy
+
+
+def drop_engine_copy(out_dir: str | Path) -> None:
+    """Delete the copy `engine_model_folder` saved under `out_dir` (a 7B copy is 13 GB), if there is one."""
+    import shutil
+
+    copy = Path(out_dir) / ENGINE_MODEL_DIR
+    if copy.is_dir():
+        shutil.rmtree(copy)

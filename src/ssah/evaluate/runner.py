@@ -29,6 +29,7 @@ from pathlib import Path
 from ssah.artifacts import Artifact
 from ssah.data import Dataset, load_dataset
 from ssah.errors import SsahError
+from ssah.evaluate.engines import ENGINE_MODEL_DIR
 from ssah.evaluate.generation import GenerationCache
 from ssah.evaluate.refusal import RefusalScore, refusal_score
 from ssah.evaluate.safety import OVERREFUSAL_RULE, SafetyRun, prefill_openings, run_prompts
@@ -43,7 +44,7 @@ from ssah.outputs import OutputKind
 SCHEMA_VERSION = 1
 
 EVAL_FILE, REPLIES_FILE, CACHE_FILE = "eval.json", "replies.jsonl", "generations.jsonl"
-EVALUATION = OutputKind("evaluation", (EVAL_FILE, REPLIES_FILE, CACHE_FILE), record=EVAL_FILE)
+EVALUATION = OutputKind("evaluation", (EVAL_FILE, REPLIES_FILE, CACHE_FILE, ENGINE_MODEL_DIR), record=EVAL_FILE)
 
 
 def load_eval_data(suites: Sequence[str], limit: int | None = None,
@@ -279,7 +280,12 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     report["settings"] = settings.identity()
     report["seconds"] = {k: round(v, 2) for k, v in run.seconds.items()}
     write_jsonl_atomic(out / REPLIES_FILE, run.rows)  # replies first: eval.json marks a finished evaluation
-    return artifact.save(report)
+    report = artifact.save(report)
+    if engine is not None:
+        from ssah.evaluate.engines import drop_engine_copy
+
+        drop_engine_copy(out)  # a finished evaluation is reused from eval.json; the copy is not needed again
+    return report
 
 
 def check_engine(settings: EvalSettings, interventions: Sequence[Intervention] = ()) -> None:

@@ -85,10 +85,12 @@ class RunContext:
                               compliance=d.compliance_openings, text=text)
 
     def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None, system: str | None = None,
-                 limit: int | None = None) -> dict:
+                 limit: int | None = None, as_loaded: bool = False) -> dict:
         """Evaluate a prepared model into `out`, reused when finished with the same model, settings and
         data; `interventions` (pruning, a monitor) apply for the evaluation only; `system`: under this
-        system prompt; `limit`: the first `limit` items of each set the run evaluates."""
+        system prompt; `limit`: the first `limit` items of each set the run evaluates. `as_loaded`: the
+        model is unchanged since it was loaded, so an engine that reads weights from disk may read them
+        from its folder (otherwise it gets a saved copy)."""
         from ssah.evaluate.engines import folder_of
         from ssah.evaluate.runner import evaluate_model
 
@@ -100,7 +102,8 @@ class RunContext:
         log.info("  evaluating %s", label)
         return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
                               model_info={"spec": loaded.spec, "label": label}, interventions=interventions,
-                              replace=True, model_folder=folder_of(loaded.spec))
+                              replace=True,
+                              model_folder=folder_of(loaded.spec) if as_loaded and settings.engine != "hf" else None)
 
     # -- unit scores and groups ---------------------------------------------------------------------
     def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | str | None = None):

@@ -118,7 +118,6 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     With a `freezer`, its frozen entries are restored after every optimizer step and the result's
     `check` reports their largest change (0 when the guarantee holds).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -130,14 +129,7 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     set_seed(config.seed)
     random.seed(config.seed)
     sharded = config.shard == "fsdp2"
-    # cpu=True lets accelerate run data-parallel on CPUs (gloo) under torchrun/accelerate launch. Sharded
-    # runs get bf16 from FSDP2's mixed-precision policy instead of accelerate's autocast.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if config.bf16 and not sharded else "no",
-                              gradient_accumulation_steps=config.grad_accum)
-    if freezer is not None and accelerator.distributed_type.value == "DEEPSPEED":
-        raise SsahError("frozen units need DDP or --shard fsdp2: DeepSpeed ZeRO keeps its own partitions and master "
-                        "weights, which the freezer cannot reach")
+    accelerator = _accelerator(config, frozen=freezer is not None)
     loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed), avoid)
     if not any(p.requires_grad for p in model.parameters()):
         raise SsahError("nothing to train: every parameter is frozen (check the mask or budget)")
@@ -167,6 +159,20 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     if sharded:
         result.state_dict = full_state_dict(model)
     return result
+
+
+def _accelerator(config: TrainConfig, frozen: bool):
+    from accelerate import Accelerator
+
+    # cpu=True lets accelerate run data-parallel on CPUs (gloo) under torchrun/accelerate launch. Sharded
+    # runs get bf16 from FSDP2's mixed-precision policy instead of accelerate's autocast.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if config.bf16 and config.shard == "none" else "no",
+                              gradient_accumulation_steps=config.grad_accum)
+    if frozen and accelerator.distributed_type.value == "DEEPSPEED":
+        raise SsahError("frozen units need DDP or --shard fsdp2: DeepSpeed ZeRO keeps its own partitions and master "
+                        "weights, which the freezer cannot reach")
+    return accelerator
 
 
 def _loop(accelerator, model, optimizer, loader, scheduler, trainable, config: TrainConfig, total: int,

@@ -94,7 +94,7 @@ def run(ctx) -> AlignSummary:
 
 def _evaluate(ctx, kind: str, label: str) -> Headline:
     aligned = ctx.load(ctx.layout.aligned_model(kind))
-    report = ctx.evaluate(aligned, ctx.layout.aligned_eval(kind), label)
+    report = ctx.evaluate(aligned, ctx.layout.aligned_eval(kind), label, as_loaded=True)
     del aligned
     release()
     return headline(report)

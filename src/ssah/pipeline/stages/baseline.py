@@ -8,7 +8,7 @@ from ssah.pipeline.summaries import BaselineSummary, headline
 
 def run(ctx) -> BaselineSummary:
     loaded = ctx.load()
-    report = ctx.evaluate(loaded, ctx.layout.baseline_eval, "base model")
+    report = ctx.evaluate(loaded, ctx.layout.baseline_eval, "base model", as_loaded=True)
     return {"eval": headline(report), "model_fingerprint": loaded.fingerprint}
 
 

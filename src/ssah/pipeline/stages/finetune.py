@@ -61,7 +61,7 @@ def run(ctx) -> dict[str, Headline]:
         del loaded
         release()
         tuned = ctx.load(layout.finetuned_model(setting))
-        report = ctx.evaluate(tuned, layout.finetuned_eval(setting), f"fine-tuned ({setting})")
+        report = ctx.evaluate(tuned, layout.finetuned_eval(setting), f"fine-tuned ({setting})", as_loaded=True)
         summary[setting] = {**headline(report), "train": train_summary(record)}
         if mask is not None and budget is not None:
             summary[setting]["alignment_budget_frozen"] = \
