@@ -67,3 +67,32 @@ def test_sharding_in_one_process_is_one_line_before_the_model_loads(tmp_path, ca
                      "--max-steps", "1", "--shard", "fsdp2", "--out", str(tmp_path / "ft"))
     assert_one_line_error(result, "torchrun")
     assert result.code == 2 and not (tmp_path / "ft").exists()
+
+
+def test_ssah_align_sharded_trains_only_its_budget(tmp_path, capsys):
+    """`ssah align --budget G:RU --shard fsdp2` under torchrun: every entry outside the budget is kept."""
+    tiny = ["--model", "tiny:llama"]
+    for data, extra, name in (("harmful:calibration", ["--responses", "refusals"], "S"),
+                              ("benign:calibration", [], "U")):
+        assert run_cli(capsys, "score", *tiny, "--data", data, "--limit", "6", *extra,
+                       "--out", str(tmp_path / name)).code == 0
+    assert run_cli(capsys, "groups", "--safety", str(tmp_path / "S"), "--utility", str(tmp_path / "U"),
+                   "--sizes", "scu=0.1,ucu=0.1,ru=0.3", "--out", str(tmp_path / "g")).code == 0
+    spec = f"{tmp_path / 'g'}:RU"
+    proc = _torchrun("-m", "ssah", "align", *tiny, "--budget", spec, "--limit", "6", "--shard", "fsdp2",
+                     "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--out", str(tmp_path / "al"),
+                     port=29543)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "al" / "train.json").read_text())
+    assert record["config"]["shard"] == "fsdp2" and record["result"]["check"]["max_abs_change_frozen"] == 0.0
+    base, tuned = load_model("tiny:llama", device="cpu"), load_model(str(tmp_path / "al"), device="cpu")
+    budget = load_mask(*split_mask_spec(spec))
+    trainable = budget.owned_slices(base.layout)
+    params, before = dict(tuned.model.named_parameters()), dict(base.model.named_parameters())
+    for name, old in before.items():
+        frozen = torch.ones_like(old, dtype=torch.bool)
+        for (pname, dim), positions in trainable.items():
+            if pname == name:
+                frozen.index_fill_(dim, positions, False)
+        assert torch.equal(old[frozen], params[name].detach()[frozen]), name
+    assert any(not torch.equal(params[n], before[n]) for n in params)  # the budget trained
