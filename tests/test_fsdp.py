@@ -22,6 +22,17 @@ def _torchrun(*args: str, port: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
+def _groups(tmp_path, capsys, sizes: str, mask: str) -> str:
+    """Scores and groups of tiny:llama made in-process; returns the GROUPS_DIR:MASK spec."""
+    for data, extra, name in (("harmful:calibration", ["--responses", "refusals"], "S"),
+                              ("benign:calibration", [], "U")):
+        assert run_cli(capsys, "score", "--model", "tiny:llama", "--data", data, "--limit", "6", *extra,
+                       "--out", str(tmp_path / name)).code == 0
+    assert run_cli(capsys, "groups", "--safety", str(tmp_path / "S"), "--utility", str(tmp_path / "U"),
+                   "--sizes", sizes, "--out", str(tmp_path / "g")).code == 0
+    return f"{tmp_path / 'g'}:{mask}"
+
+
 def test_budget_training_on_shards_keeps_everything_else_bit_identical(tmp_path):
     """Alignment inside a unit budget (copy mode): every entry outside it, gathered whole, is unchanged."""
     proc = _torchrun(str(SCRIPT), str(tmp_path), port=29541)
@@ -35,13 +46,7 @@ def test_budget_training_on_shards_keeps_everything_else_bit_identical(tmp_path)
 def test_ssah_finetune_sharded_keeps_frozen_units_and_saves_the_model(tmp_path, capsys):
     """`ssah finetune --shard fsdp2 --freeze ...` under torchrun (masked mode, AdamW with decay)."""
     tiny = ["--model", "tiny:llama"]
-    for data, extra, name in (("harmful:calibration", ["--responses", "refusals"], "S"),
-                              ("benign:calibration", [], "U")):
-        assert run_cli(capsys, "score", *tiny, "--data", data, "--limit", "6", *extra,
-                       "--out", str(tmp_path / name)).code == 0
-    assert run_cli(capsys, "groups", "--safety", str(tmp_path / "S"), "--utility", str(tmp_path / "U"),
-                   "--sizes", "scu=0.1,ucu=0.1,ru=0.2", "--out", str(tmp_path / "g")).code == 0
-    spec = f"{tmp_path / 'g'}:SCU+CU"
+    spec = _groups(tmp_path, capsys, "scu=0.1,ucu=0.1,ru=0.2", "SCU+CU")
     proc = _torchrun("-m", "ssah", "finetune", *tiny, "--data", "benign:train", "--limit", "16",
                      "--freeze", spec, "--shard", "fsdp2", "--max-steps", "3", "--batch-size", "2",
                      "--lr", "1e-2", "--weight-decay", "0.1", "--out", str(tmp_path / "ft"), port=29542)
@@ -72,13 +77,7 @@ def test_sharding_in_one_process_is_one_line_before_the_model_loads(tmp_path, ca
 def test_ssah_align_sharded_trains_only_its_budget(tmp_path, capsys):
     """`ssah align --budget G:RU --shard fsdp2` under torchrun: every entry outside the budget is kept."""
     tiny = ["--model", "tiny:llama"]
-    for data, extra, name in (("harmful:calibration", ["--responses", "refusals"], "S"),
-                              ("benign:calibration", [], "U")):
-        assert run_cli(capsys, "score", *tiny, "--data", data, "--limit", "6", *extra,
-                       "--out", str(tmp_path / name)).code == 0
-    assert run_cli(capsys, "groups", "--safety", str(tmp_path / "S"), "--utility", str(tmp_path / "U"),
-                   "--sizes", "scu=0.1,ucu=0.1,ru=0.3", "--out", str(tmp_path / "g")).code == 0
-    spec = f"{tmp_path / 'g'}:RU"
+    spec = _groups(tmp_path, capsys, "scu=0.1,ucu=0.1,ru=0.3", "RU")
     proc = _torchrun("-m", "ssah", "align", *tiny, "--budget", spec, "--limit", "6", "--shard", "fsdp2",
                      "--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--out", str(tmp_path / "al"),
                      port=29543)
