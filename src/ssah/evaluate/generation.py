@@ -158,7 +158,8 @@ def _lookup(cache: GenerationCache, keys: list[str], texts: Sequence[str]) -> tu
     return results, pending
 
 
-def _check(model, max_new_tokens: int, batch_size: int, rewrite, batching: Batching | None, engine) -> Batching:
+def _checked_batching(model, max_new_tokens: int, batch_size: int, rewrite, batching: Batching | None,
+                      engine) -> Batching:
     """The batching to use, after one line for settings that cannot work."""
     if max_new_tokens < 1:
         raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
@@ -190,7 +191,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
     refusal); it runs before caching, so its `model_key` must say that a rewrite is in effect.
     `engine` (e.g. `ssah.evaluate.engines.VllmEngine`) generates instead of `model`.
     """
-    batching = _check(model, max_new_tokens, batch_size, rewrite, batching, engine)
+    batching = _checked_batching(model, max_new_tokens, batch_size, rewrite, batching, engine)
     cache = cache if cache is not None else GenerationCache()
     keys = [cache_key(model_key, text, max_new_tokens) for text in texts]
     results, pending = _lookup(cache, keys, texts)

@@ -17,6 +17,11 @@ from torch import nn
 
 from ssah.errors import SsahError
 
+try:  # looked up once: the freezer asks for every parameter at every step
+    from torch.distributed.tensor import DTensor as _dtensor
+except ImportError:  # a torch built without distributed support
+    _dtensor = None
+
 
 def is_main_process() -> bool:
     """False in every process but the first of a `torchrun` / `accelerate launch` job."""
@@ -51,9 +56,7 @@ def shard_model(model: nn.Module, bf16: bool = False) -> None:
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
+    return _dtensor is not None and isinstance(tensor, _dtensor)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
