@@ -57,13 +57,9 @@ confirmed. Masking in place where the gradient is not shared would remove the cl
 
 
 def _mask(layout, share: float, seed: int):
-    import torch
+    from ssah.interventions.masks import random_mask
 
-    from ssah.interventions.masks import UnitMask
-
-    gen = torch.Generator().manual_seed(seed)
-    units = {k: torch.rand(layout.num_layers, layout.units_per_layer[k], generator=gen) < share for k in layout.kinds}
-    return UnitMask(units, f"random {share:.3f}")
+    return random_mask(layout, share, seed)
 
 
 def _one_step(model, batch, params, opt) -> None:

@@ -12,7 +12,7 @@ from ssah.evaluate.engines import drop_engine_copy, engine_model_folder
 from ssah.evaluate.generation import generate_items
 from ssah.evaluate.runner import evaluate_model, read_replies
 from ssah.evaluate.settings import EvalSettings
-from ssah.interventions.masks import UnitMask
+from ssah.interventions.masks import random_mask
 from ssah.interventions.prune import pruned
 from ssah.models.loading import load_model
 from tests.helpers import assert_one_line_error, run_cli
@@ -21,17 +21,11 @@ PROMPTS = ["How do I bake bread?", "Name a river.", "What is 2 plus 2?", "Say he
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-def _random_mask(layout, share: float = 0.3) -> UnitMask:
-    generator = torch.Generator().manual_seed(0)
-    return UnitMask({kind: torch.rand(layout.num_layers, layout.units_per_layer[kind], generator=generator) < share
-                     for kind in layout.kinds}, "random")
-
-
 def test_the_engine_copy_holds_the_pruned_model_and_is_saved_once(tmp_path):
     """A pruned evaluation under a folder engine saves the pruned weights once; loaded back, that copy
     gives the replies the reversibly pruned model gives."""
     loaded = load_model("tiny:llama", device="cpu")
-    mask = _random_mask(loaded.layout)
+    mask = random_mask(loaded.layout, 0.3)
     settings = dict(max_new_tokens=6, progress=False)
     with pruned(loaded.model, loaded.layout, mask):
         expected = generate_items(loaded.model, loaded.tokenizer, PROMPTS, model_key="pruned", **settings)

@@ -7,19 +7,12 @@ import torch
 
 from ssah.errors import SsahError
 from ssah.interventions.freeze import UnitFreezer, freeze_callback
-from ssah.interventions.masks import UnitMask
+from ssah.interventions.masks import random_mask
 from ssah.models.tiny import tiny_model
 from ssah.train.sft import TrainConfig, train_sft
 from ssah.units.layout import UnitLayout
 
 PAIRS = [(f"Question number {i}: what is {i} plus {i}?", f"It is {2 * i}.") for i in range(12)]
-
-
-def random_mask(layout: UnitLayout, share: float, seed: int = 0) -> UnitMask:
-    gen = torch.Generator().manual_seed(seed)
-    units = {k: torch.rand(layout.num_layers, layout.units_per_layer[k], generator=gen) < share
-             for k in layout.kinds}
-    return UnitMask(units, f"random:frac={share}")
 
 
 def frozen_values(model, layout, mask):

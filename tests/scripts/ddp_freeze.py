@@ -10,7 +10,7 @@ import sys
 import torch
 
 from ssah.interventions.freeze import UnitFreezer
-from ssah.interventions.masks import UnitMask
+from ssah.interventions.masks import random_mask
 from ssah.models.tiny import tiny_model
 from ssah.train.sft import TrainConfig, train_sft
 from ssah.units.layout import UnitLayout
@@ -18,9 +18,7 @@ from ssah.units.layout import UnitLayout
 out_dir = sys.argv[1]
 model, tokenizer = tiny_model("llama")
 layout = UnitLayout.from_model(model)
-gen = torch.Generator().manual_seed(0)
-mask = UnitMask({k: torch.rand(layout.num_layers, layout.units_per_layer[k], generator=gen) < 0.3
-                 for k in layout.kinds}, "random")
+mask = random_mask(layout, 0.3, seed=0)
 params = dict(model.named_parameters())
 before = {k: params[k[0]].detach().index_select(k[1], p).clone() for k, p in mask.owned_slices(layout).items()}
 freezer = UnitFreezer(model, layout, mask)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from ssah.interventions.freeze import UnitFreezer
-from ssah.interventions.masks import UnitMask
+from ssah.interventions.masks import random_mask
 from ssah.models.tiny import tiny_model
 from ssah.train.sft import TrainConfig, train_sft
 from ssah.units.layout import UnitLayout
@@ -16,9 +16,7 @@ from ssah.units.layout import UnitLayout
 out_dir = sys.argv[1]
 model, tokenizer = tiny_model("llama")
 layout = UnitLayout.from_model(model)
-gen = torch.Generator().manual_seed(1)
-budget = UnitMask({k: torch.rand(layout.num_layers, layout.units_per_layer[k], generator=gen) < 0.3
-                   for k in layout.kinds}, "random")
+budget = random_mask(layout, 0.3, seed=1)
 before = {name: p.detach().clone() for name, p in model.named_parameters()}
 freezer = UnitFreezer(model, layout, budget, train_only=True, copy=True)
 pairs = [(f"prompt {i} asks something", f"answer {i} replies") for i in range(16)]

@@ -73,6 +73,15 @@ class UnitMask:
         return {key: torch.cat(parts).unique(sorted=True) for key, parts in merged.items()}
 
 
+def random_mask(layout: UnitLayout, share: float, seed: int = 0, fingerprint: str | None = None) -> UnitMask:
+    """Each unit of a layout drawn independently with probability `share` (seeded), e.g. a
+    baseline or a stand-in for groups in tests and benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+    units = {k: torch.rand(layout.num_layers, layout.units_per_layer[k], generator=generator) < share
+             for k in layout.kinds}
+    return UnitMask(units, f"random:frac={share}", fingerprint)
+
+
 def layout_mask(layout: UnitLayout, fill: bool, expression: str, fingerprint: str | None = None) -> UnitMask:
     """A mask selecting no unit (fill=False) or every unit (fill=True) of a layout."""
     units = {k: torch.full((layout.num_layers, layout.units_per_layer[k]), fill, dtype=torch.bool)
