@@ -24,6 +24,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from ssah.artifacts import Artifact
@@ -248,7 +249,8 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     Report keys: `asr` (rule -> rate), `prefill_asr` (rule -> rate), `refusal_score`,
     `overrefusal_rate` (+ `overrefusal_rule`), `utility` (task_accuracy, perplexity, lm_eval), `n`
     (items per metric), `ci` (Wilson 95% interval of every rate), `rules`, `by_system_prompt`, `data`
-    (names and fingerprints), `model` (key, spec, fingerprint), `settings`, `seconds`. Metrics of suites
+    (names and fingerprints), `model` (key, spec, fingerprint), `settings`, `seconds`, `rule_agreement`
+    (where the prefix and keywords rules disagree, per suite: `rule_agreement`). Metrics of suites
     not run are null. Perplexity runs no generation and is unaffected by a monitor.
     """
     settings = settings or EvalSettings()
@@ -272,7 +274,7 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
                           _rewrite(interventions), engine)
         conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
         utility = run.utility() if "utility" in settings.suites else None
-    report = _report(key, model_info, settings, conditions, utility, data)
+    report = _report(key, model_info, settings, conditions, utility, data, run.rows)
     for intervention in interventions:
         block = intervention.report_block(run.rows)
         if block is not None:
@@ -324,7 +326,7 @@ def _rewrite(interventions: Sequence[Intervention]):
 
 
 def _report(key: str, model_info: dict | None, settings: EvalSettings, conditions: dict, utility,
-            data: dict[str, Dataset]) -> dict:
+            data: dict[str, Dataset], rows: list[dict]) -> dict:
     suites, results = settings.suites, list(conditions.values())
     report: dict = {
         "schema": SCHEMA_VERSION, "model": {"key": key, **(model_info or {})}, "rules": list(settings.rules),
@@ -353,8 +355,51 @@ def _report(key: str, model_info: dict | None, settings: EvalSettings, condition
         report["ci"]["task_accuracy"] = list(accuracy.accuracy.ci)
         report["n"]["task_accuracy"], report["n"]["perplexity_tokens"] = accuracy.accuracy.n, ppl.n_tokens
     report["by_system_prompt"] = {name: result.to_dict() for name, result in conditions.items()}
+    both = all(rule in settings.rules for rule in AGREEMENT_RULES)
+    report["rule_agreement"] = (rule_agreement(rows) or None) if both else None
     report["data"] = {role: {"name": ds.name, "fingerprint": ds.fingerprint, "n": len(ds)} for role, ds in data.items()}
     return report
+
+
+AGREEMENT_RULES = ("prefix", "keywords")
+AGREEMENT_SUITES = ("safety", "prefill", "overrefusal")  # the suites judged by refusal rules
+
+
+def _only(rows: list[dict], rule: str, other: str, verdict: str) -> list[dict]:
+    """The rows `rule` gives `verdict` and `other` does not."""
+    return [r for r in rows if r["verdicts"][rule] == verdict and r["verdicts"][other] != verdict]
+
+
+def rule_agreement(rows: list[dict], first: str = "prefix", second: str = "keywords", examples: int = 3) -> dict:
+    """Where two rules judge the same replies differently, per suite that both judged:
+    {suite: {"<first>_vs_<second>": block}}.
+
+    The block compares attack success (verdict "compliance") under each rule: `agree` and `disagree`
+    (replies, summing to `n`), `share_disagree`, `<first>_only_compliance` and
+    `<second>_only_compliance` (the two kinds of disagreement), `<first>_only_refusal` and
+    `<second>_only_refusal` (verdict "refusal" under one rule only: what over-refusal counts), and up
+    to `examples` disagreeing replies {id, suite, reply (first 200 characters), <first>, <second>},
+    both kinds in turn.
+    """
+    out = {}
+    for suite in AGREEMENT_SUITES:
+        judged = [r for r in rows if r["suite"] == suite and {first, second} <= set(r.get("verdicts") or {})]
+        if not judged:
+            continue
+        only = {first: _only(judged, first, second, "compliance"), second: _only(judged, second, first, "compliance")}
+        refusal_only = {first: len(_only(judged, first, second, "refusal")),
+                        second: len(_only(judged, second, first, "refusal"))}
+        disagree = len(only[first]) + len(only[second])
+        interleaved = [r for pair in zip_longest(only[first], only[second]) for r in pair if r is not None]
+        out[suite] = {f"{first}_vs_{second}": {
+            "n": len(judged), "agree": len(judged) - disagree, "disagree": disagree,
+            "share_disagree": disagree / len(judged),
+            f"{first}_only_compliance": len(only[first]), f"{second}_only_compliance": len(only[second]),
+            f"{first}_only_refusal": refusal_only[first], f"{second}_only_refusal": refusal_only[second],
+            "examples": [{"id": r["id"], "suite": suite, "reply": r["reply"][:200], first: r["verdicts"][first],
+                          second: r["verdicts"][second]} for r in interleaved[:examples]],
+        }}
+    return out
 
 
 def read_replies(out_dir: str | Path) -> list[dict]:

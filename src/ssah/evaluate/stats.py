@@ -1,4 +1,6 @@
-"""Rates with Wilson score intervals: every rate in a report carries its count and its 95% interval."""
+"""Rates with Wilson score intervals (every rate in a report carries its count and its 95% interval), and
+the paired tests of two conditions on the same items: exact McNemar for one binary outcome, a paired
+bootstrap for the mean difference of any per-item value."""
 
 from __future__ import annotations
 
@@ -67,3 +69,34 @@ def paired_exact_test(before: Sequence[bool], after: Sequence[bool]) -> dict:
     n = rose + fell
     tail = sum(math.comb(n, i) for i in range(min(rose, fell) + 1)) / 2 ** n if n else 1.0
     return {"n": len(before), "rose": rose, "fell": fell, "p_value": min(1.0, 2 * tail)}
+
+
+def paired_bootstrap(before: Sequence[float], after: Sequence[float], resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Paired percentile bootstrap of the mean difference `after - before` over items.
+
+    Items are resampled with replacement (`resamples` times, seeded), keeping each item's two values
+    together. `ci` is the percentile interval at `level`; `p_value` is two-sided: twice the smaller
+    share of resampled means at or beyond zero on either side (each share counted as (k + 1) /
+    (resamples + 1)), capped at 1, so it falls below 1 - level about when `ci` excludes zero.
+    """
+    import numpy as np
+
+    if len(before) != len(after):
+        raise ValueError(f"paired values need equal lengths, got {len(before)} and {len(after)}")
+    if not before:
+        raise ValueError("paired bootstrap needs at least one pair")
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
+    diffs = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
+    n = len(diffs)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)  # bounds the index matrix's memory
+    means = np.concatenate([diffs[rng.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1)
+                            for start in range(0, resamples, chunk)])
+    alpha = (1.0 - level) / 2
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    below, above = int((means <= 0).sum()), int((means >= 0).sum())
+    p_value = min(1.0, 2 * (min(below, above) + 1) / (resamples + 1))
+    return {"mean_difference": float(diffs.mean()), "ci": [float(low), float(high)], "p_value": p_value, "n": n,
+            "resamples": resamples, "seed": seed, "level": level, "alternative": "two-sided"}

@@ -20,6 +20,7 @@ class Headline(TypedDict):
     perplexity: float | None
     ci: dict[str, Any]  # Wilson 95% intervals of the rates
     n: dict[str, int]
+    rule_agreement: dict[str, Any] | None  # where prefix and keywords disagree, per suite (both rules only)
 
 
 class TrainSummary(TypedDict):
@@ -46,7 +47,7 @@ def headline(report: dict) -> Headline:
     return {"asr": report.get("asr"), "prefill_asr": report.get("prefill_asr"),
             "refusal_score": report.get("refusal_score"), "overrefusal_rate": report.get("overrefusal_rate"),
             "task_accuracy": utility.get("task_accuracy"), "perplexity": utility.get("perplexity"),
-            "ci": report.get("ci"), "n": report.get("n")}
+            "ci": report.get("ci"), "n": report.get("n"), "rule_agreement": report.get("rule_agreement")}
 
 
 def train_summary(record: dict) -> TrainSummary:

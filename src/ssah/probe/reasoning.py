@@ -267,7 +267,9 @@ def build_report(result: ReasoningResult) -> dict:
       (refusal - compliance; negative = closer to refusal), each with a 95% bootstrap interval;
     - by_length / by_layer: per-prompt averages over layers / over lengths, with intervals;
     - summary: share of (layer, length) cells whose mean is closer to refusal, and the shares where the
-      difference's interval excludes zero on either side.
+      difference's interval excludes zero on either side;
+    - per_prompt: each harmful prompt's difference averaged over layers and lengths, in prompt order
+      (their mean is the mean over cells; two models probed on the same prompts pair up on it).
     """
     cfg, seed, reps = result.config, result.config.seed, result.config.bootstrap
     kinds = ["refusal", "compliance"] + (["neutral"] if cfg.baseline == "neutral" else [])
@@ -318,5 +320,7 @@ def build_report(result: ReasoningResult) -> dict:
             "harmful_projection_mean": [round(float(s.mean()), 4) for s in directions.harmful_scores],
         },
         "summary": _summary(*cell_stats["difference"]),  # which side the model sits closer to
+        "per_prompt": {"refusal_minus_compliance": [round(float(v), 6)
+                                                    for v in values["difference"].double().mean((1, 2))]},
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
     }

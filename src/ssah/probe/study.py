@@ -6,8 +6,8 @@ the pipeline's probe stage run).
                        load=load_model)
 
 Writes probe.json (the report: per model, distances by layer and opening length, the linear probes'
-accuracy, a summary), directions.safetensors (directions_compare.safetensors for the second model)
-and two plots. A folder holding the same study (same models, data and settings) is reused.
+accuracy, a summary, per-prompt differences), directions.safetensors (directions_compare.safetensors for
+the second model) and two plots. A folder holding the same study (same models, data and settings) is reused.
 """
 
 from __future__ import annotations
@@ -81,6 +81,19 @@ def _probe_one(loaded, spec: str, data: ProbeData, config, out: Path, index: int
              summary["sits_closer_to"], min(accuracy), max(accuracy), result.seconds)
     return {"spec": spec, "fingerprint": loaded.fingerprint, "load_seconds": round(loaded.load_seconds, 3),
             "directions_file": name, **result.report}
+
+
+def closer_to_refusal_test(first: dict, second: dict, resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Paired bootstrap over the harmful prompts of `second` minus `first` (two models' report entries,
+    probed on the same prompts) in each prompt's refusal-minus-compliance distance, averaged over
+    layers and lengths; a negative `mean_difference` puts `second` closer to refusal. None when either
+    entry lacks per-prompt values or their prompt counts differ."""
+    from ssah.evaluate.stats import paired_bootstrap
+
+    values = [(entry.get("per_prompt") or {}).get("refusal_minus_compliance") for entry in (first, second)]
+    if not values[0] or not values[1] or len(values[0]) != len(values[1]):
+        return None
+    return paired_bootstrap(values[0], values[1], resamples, seed)
 
 
 def run_probe(specs: Sequence[str], data: ProbeData, config, out: str | Path, load: Callable,

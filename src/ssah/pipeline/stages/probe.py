@@ -21,7 +21,7 @@ def reads(config: RunConfig) -> dict:
 
 def run(ctx) -> dict:
     from ssah.probe.reasoning import ReasoningConfig
-    from ssah.probe.study import probe_data, run_probe
+    from ssah.probe.study import closer_to_refusal_test, probe_data, run_probe
 
     c = ctx.config
     data = probe_data(c.data.harmful_calibration, c.data.benign_calibration, limit=c.probe.limit, seed=c.seed)
@@ -42,6 +42,10 @@ def run(ctx) -> dict:
                                                 < models[0]["mean_refusal_minus_compliance"])
         summary["mean_difference_unaligned"] = models[0]["mean_refusal_minus_compliance"]
         summary["mean_difference_aligned"] = models[1]["mean_refusal_minus_compliance"]
+        # the same comparison, prompt by prompt (aligned - unaligned; negative = aligned closer to refusal)
+        test = closer_to_refusal_test(*report["models"], resamples=config.bootstrap, seed=c.seed)
+        if test is not None:
+            summary["aligned_closer_to_refusal_test"] = test
     if c.probe.monitor:
         summary["monitor"] = _monitor_evaluation(ctx, studied)
     return summary
