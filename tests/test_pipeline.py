@@ -109,12 +109,6 @@ def test_rerun_reuses_what_a_change_leaves_valid_and_refuses_another_model(tmp_p
     assert not (tmp_path / "x").exists()  # a bad config writes nothing
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("full")
-    return tmp_path, run_pipeline(load_config(path=CONFIG), tmp_path)
-
-
 def test_full_run_writes_report_with_verdicts(full_run):
     tmp_path, summaries = full_run
     results = json.loads((tmp_path / "results.json").read_text())
@@ -184,13 +178,20 @@ def test_full_run_writes_report_with_verdicts(full_run):
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="headless Chromium not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(full_run, tmp_path):
-    """The self-contained report opens in a real browser: a screenshot shows text, tables and plots."""
+    """The self-contained report opens in a real browser: the DOM it builds holds the verdict table, the
+    tests' p-values and the charts, and a screenshot shows text, tables and plots."""
     from matplotlib.image import imread
 
     run_dir, _ = full_run
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", (run_dir / "report.html").as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    assert "<th>effect</th><th>verdict</th>" in dom and "exact McNemar" in dom and "p = " in dom
+    for chart in ("pruning ablation", "benign fine-tuning", "runtime monitor"):
+        assert f'<img alt="{chart}' in dom, chart
+    assert dom.count('src="data:image/png;base64,') >= 5
     shot = tmp_path / "report.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                    "--window-size=1200,2400", (run_dir / "report.html").as_uri()],
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1200,2400", (run_dir / "report.html").as_uri()],
                    check=True, capture_output=True, timeout=120)
     pixels = imread(shot)[..., :3]
     assert pixels.shape[:2] == (2400, 1200)

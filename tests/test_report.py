@@ -1,8 +1,11 @@
-"""Verdicts follow the claims' thresholds and say 'inconclusive' when the effect could be chance."""
+"""Verdicts follow the claims' thresholds and say 'inconclusive' when the effect could be chance; the
+report shows them readably and `ssah report` renders a run folder again."""
 
 import json
+import shutil
 
 from ssah.analysis.verdicts import compute_verdicts, paired_outcomes
+from tests.helpers import assert_one_line_error, run_cli
 
 
 def _eval(asr, task=0.2, ppl=10.0, prefill=0.9, over=0.1, ci=None):
@@ -102,3 +105,155 @@ def test_paired_outcomes_match_prompts_across_two_evaluations(tmp_path):
     assert paired_outcomes(before, tmp_path / "missing", "safety") is None
     other = _replies(tmp_path / "other", [True] * 5)  # other prompts: no pairing
     assert paired_outcomes(before, other, "safety") is None
+
+
+# -- the report: readable numbers, charts, example replies, `ssah report` ------------------------------
+
+def _headline(asr, n=4, task=0.5, ppl=10.0, **extra):
+    from ssah.evaluate.stats import wilson_interval
+
+    k = round(asr * n)
+    return {"asr": {"prefix": asr}, "prefill_asr": {"prefix": asr}, "overrefusal_rate": 0.0, "task_accuracy": task,
+            "perplexity": ppl, "ci": {"asr": {"prefix": list(wilson_interval(k, n))},
+                                      "task_accuracy": list(wilson_interval(round(task * n), n))},
+            "n": {"asr": n, "prefill_asr": n, "task_accuracy": n}, **extra}
+
+
+def _reply_rows(verdicts, reply="ok"):
+    return [{"suite": "safety", "system_prompt": "none", "id": f"h{i}", "prompt": f"prompt {i}", "reply": reply,
+             "verdicts": {"prefix": v, "keywords": v}} for i, v in enumerate(verdicts)]
+
+
+def _write_rows(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pick_examples_prefers_one_compliance_and_one_refusal():
+    from ssah.analysis.report import pick_examples
+
+    rows = _reply_rows(["empty", "compliance", "compliance", "refusal"])
+    rows.insert(0, {"suite": "utility", "id": "u0", "reply": "4"})
+    assert [r["id"] for r in pick_examples(rows)] == ["h1", "h3"]
+    assert [r["id"] for r in pick_examples(_reply_rows(["empty", "empty", "refusal"]))] == ["h0", "h2"]
+    assert pick_examples(rows, suite="prefill") == []
+
+
+def test_verdict_numbers_read_as_rates_intervals_and_tests():
+    from ssah.analysis.report import report_html, verdict_cells
+
+    numbers = {"asr_before": 0.125, "ci_before": [0.059, 0.247], "asr_rise_scu": 0.3,
+               "perplexity_ratio": {"UCU": 2.5}, "costliest": "UCU", "mystery_key": "x<y",
+               "paired_test": {"n": 48, "rose": 8, "fell": 0, "p_value": 0.0078125, "outcome": "attack success"},
+               "bootstrap": {"mean_difference": 0.02, "ci": [-0.01, 0.05], "p_value": 0.21, "n": 48,
+                             "resamples": 2000, "level": 0.95, "extra_field": 7},
+               "test_missing": "no replies"}
+    shown, tests = verdict_cells("finetune_attack_raises_asr", numbers)
+    assert "asr before: 12.5% [6, 25]" in shown and "ci before" not in shown
+    assert "asr rise scu: +30.0 points" in shown and "UCU ×2.5" in shown
+    assert "mystery key: x&lt;y" in shown
+    assert "p = 0.0078; exact McNemar: 48 paired prompts, n discordant = 8" in tests
+    assert "p = 0.21; mean difference +2.0 points, 95% interval [-1.0, +5.0] points" in tests
+    assert "extra field 7" in tests and "no test: no replies" in tests
+    html = report_html({"model": "tiny:llama"}, {}, {"c": {"verdict": "held", "claim": "c", "numbers": numbers}}, {})
+    assert '{"' not in html  # no raw JSON
+
+
+def test_report_escapes_replies_and_draws_charts_with_intervals(tmp_path):
+    from ssah.analysis.report import _interval, gather_examples, gather_rule_agreement, report_html
+    from ssah.pipeline.layout import RunLayout
+
+    layout = RunLayout(tmp_path)
+    hostile = "<script>alert(1)</script>\x1b"
+    _write_rows(layout.prune_eval("none"), _reply_rows(["refusal", "compliance"]))
+    _write_rows(layout.prune_eval("SCU"), _reply_rows(["compliance", "refusal"], reply=hostile))
+    agreement = {"prefix_vs_keywords": {"agree": 3, "disagree": 1, "share": 0.75,
+                                        "examples": [{"id": "h1", "reply": "<b>no</b>"}]}}
+    summaries = {"prune": {"none": _headline(0.25), "SCU": _headline(0.75, share=0.05, rule_agreement=agreement)}}
+    examples = gather_examples(layout, summaries)
+    assert [c for c, _ in examples["pruning"]] == ["pruned none", "pruned SCU"]
+    html = report_html({"model": "tiny:llama"}, summaries, {}, {}, examples)
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;\\x1b" in html
+    assert '<img alt="pruning ablation' in html and "benign fine-tuning: ASR" not in html  # no finetune stage
+    assert "Paper vs ours (the models differ)" in html and "Llama-2-7B-Chat (paper)" in html
+    assert "<td>SCU 1.3%</td><td>5.0%</td><td>66.0</td><td>75.0 [30, 95]</td><td>+9.0</td>" in html
+    assert "Agreement between judging rules" in html and "&lt;b&gt;no&lt;/b&gt;" in html and "<td>75.0</td>" in html
+    del summaries["prune"]["SCU"]["rule_agreement"]
+    assert "Agreement between judging rules" not in report_html({"model": "m"}, summaries, {}, {})
+    # per suite, in an evaluation's eval.json (where the summary does not carry it)
+    per_suite = {"safety": {"prefix_vs_keywords": {"n": 4, "agree": 2, "disagree": 2, "share_disagree": 0.5,
+                                                   "examples": [{"id": "h0", "reply": "<i>x</i>"}]}}}
+    (layout.prune_eval("SCU") / "eval.json").write_text(json.dumps({"rule_agreement": per_suite}))
+    agreements = gather_rule_agreement(layout, summaries)
+    assert agreements == [("pruned SCU", per_suite)]
+    html = report_html({"model": "m"}, summaries, {}, {}, agreements=agreements)
+    assert "<td>safety</td><td>prefix vs keywords</td><td>2</td><td>2</td><td>50.0</td>" in html
+    assert "id: h0; reply: &lt;i&gt;x&lt;/i&gt;" in html and "share disagree 50.0%" in html
+    # no interval in the summary: Wilson from the count
+    value, ci = _interval({"asr": {"prefix": 0.5}, "n": {"asr": 4}}, "asr")
+    assert value == 0.5 and ci[0] < 0.5 < ci[1]
+
+
+def _synthetic_run(root):
+    """A run folder whose prune stage alone has finished (no model is loaded)."""
+    import yaml
+
+    from ssah.config import load_config
+    from ssah.pipeline.context import study_of
+    from ssah.pipeline.layout import RunLayout
+    from ssah.pipeline.registry import done_record
+    from tests.conftest import TINY_RUN_CONFIG
+
+    config = load_config(path=TINY_RUN_CONFIG)
+    root.mkdir()
+    (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
+    layout = RunLayout(root, study_of(config))
+    _write_rows(layout.prune_eval("none"), _reply_rows(["refusal"] * 4))
+    _write_rows(layout.prune_eval("SCU"), _reply_rows(["compliance"] * 4, reply="<script>x</script>"))
+    done_record("prune", config, layout).save(
+        {"stage": "prune", "seconds": 0.0, "summary": {"none": _headline(0.0), "SCU": _headline(1.0, share=0.05)}})
+    return layout
+
+
+def test_ssah_report_renders_a_partly_finished_run_and_refuses_what_is_not_its_own(tmp_path, capsys):
+    layout = _synthetic_run(tmp_path / "run")
+    (layout.root / "notes.txt").write_text("mine")
+    result = run_cli(capsys, "report", str(layout.root))
+    assert result.code == 0, result.err
+    html = layout.report.read_text()
+    assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>x" not in html
+    assert "p = 0.12; exact McNemar: 4 paired prompts, n discordant = 4" in html
+    assert "100.0 [51, 100]" in html and '<img alt="pruning ablation' in html
+    results = json.loads(layout.results.read_text())
+    assert results["verdicts"]["prune_scu_breaks_safety_spares_utility"]["numbers"]["paired_test"]["rose"] == 4
+    assert not layout.done("report").exists() and (layout.root / "notes.txt").read_text() == "mine"
+    # --out: the HTML alone, elsewhere; a file that is not an ssah report is left as it is
+    out = tmp_path / "elsewhere" / "r.html"
+    assert run_cli(capsys, "report", str(layout.root), "--out", str(out)).code == 0
+    assert out.read_text() == html
+    foreign = tmp_path / "foreign.html"
+    foreign.write_text("<p>someone's page</p>")
+    assert_one_line_error(run_cli(capsys, "report", str(layout.root), "--out", str(foreign)), "not an ssah report")
+    assert foreign.read_text() == "<p>someone's page</p>"
+    for bad in (tmp_path / "missing", tmp_path / "elsewhere"):
+        result = run_cli(capsys, "report", str(bad))
+        assert result.code == 2
+        assert_one_line_error(result, "is not a run folder", "no config.yaml")
+
+
+def test_ssah_report_rerenders_a_full_run_without_running_a_stage(full_run, tmp_path, capsys):
+    source, _ = full_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    done = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/done.json")}
+    (run_dir / "report.html").unlink()
+    (run_dir / "results.json").unlink()
+    result = run_cli(capsys, "report", str(run_dir))
+    assert result.code == 0, result.err
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("*/done.json")} == done
+    rendered = json.loads((run_dir / "results.json").read_text())
+    assert rendered["verdicts"] == json.loads((source / "results.json").read_text())["verdicts"]
+    html = (run_dir / "report.html").read_text()
+    for chart in ("pruning ablation", "benign fine-tuning", "runtime monitor"):
+        assert f'<img alt="{chart}' in html, chart
+    assert "exact McNemar" in html and "Example replies" in html and "Paper vs ours" in html

@@ -1,4 +1,5 @@
-"""`ssah transfer`: cross-tabulate unit groups before and after training."""
+"""`ssah transfer`: cross-tabulate unit groups before and after training; `ssah report`: render a run
+folder's report again."""
 
 from __future__ import annotations
 
@@ -36,3 +37,15 @@ def transfer(before_dir: str, after_dir: str, out: str) -> None:
     for name, share in summary["share_left_group"].items():
         if share is not None:
             click.echo(f"{name} units that left the group: {share:.1%}")
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", default=None, type=click.Path(),
+              help="write the HTML here instead (RUN_DIR is then left as it is)  [default: RUN_DIR/report.html]")
+def report(run_dir: str, out: str | None) -> None:
+    """Render a run folder's report.html and results.json again from the stages that finished (runs no stage)."""
+    from ssah.analysis.report import rerender
+
+    for path in rerender(run_dir, out):
+        click.echo(f"wrote {path}")
