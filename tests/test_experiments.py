@@ -211,3 +211,19 @@ def test_committed_results_match_their_script(name):
         assert run["source"] == "measured by this script" or run["source"].startswith("transcribed from")
         assert run["date"] and run["rows"] and run["decision"]["kind"] in ("choice", "measurement")
         assert run["smoke"] is False  # smoke numbers mean nothing and stay out of the committed files
+
+
+def test_group_definition(tmp_path):
+    run = run_script("group_definition", tmp_path, "--out", str(tmp_path / "tables"))
+    rows = run["rows"]
+    assert [r["definition"] for r in rows] == ["variance/rank/global", "variance/rank/per-layer"]
+    for r in rows:
+        models = [r["tiny:llama"], r["tiny:qwen2"]]
+        assert r["meets_ru_everywhere"] == all(m["meets_ru"] for m in models)
+        assert r["min_scu_excess"] == min(m["scu_excess_asr_rise"] for m in models)
+    both = [r for r in rows if r["meets_both_everywhere"]]
+    pool = both or [r for r in rows if r["meets_ru_everywhere"]]
+    expected = max(pool, key=lambda r: r["min_scu_excess"])["definition"] if pool else None
+    assert run["decision"]["chosen"] == expected
+    table = json.loads((tmp_path / "tables" / "table-1" / "faithfulness.json").read_text())
+    assert table["spec"]["safety_data"] == "harmful:calibration"  # calibration, never test

@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("ssah.data.cli", "data", "List and show built-in datasets; inspect any dataset spec."),
     "score": ("ssah.units.cli", "score", "Score every unit's importance on a dataset (paper Eq. 1 and others)."),
     "groups": ("ssah.units.cli", "groups", "Sort units into SCU / UCU / CU / RU from a safety and a utility score."),
+    "faithfulness": ("ssah.units.cli", "faithfulness",
+                     "Which score finds safety units: prune SCU/UCU/RU per scorer x normalisation x ranking."),
     "eval": ("ssah.evaluate.cli", "eval_command", "Evaluate safety, prefill attacks, over-refusal and utility."),
     "prune": ("ssah.interventions.cli", "prune", "Zero a unit mask permanently and save a Hugging Face folder."),
     "finetune": ("ssah.train.cli", "finetune", "Supervised fine-tuning, optionally with frozen units or LoRA."),
@@ -31,7 +33,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "probe": ("ssah.probe.cli", "probe", "Reasoning-direction probe: refusal vs compliance per layer and step."),
     "transfer": ("ssah.analysis.cli", "transfer", "Cross-tabulate unit groups before and after training."),
     "run": ("ssah.run_cli", "run", "Run the whole SSAH study from a preset or config; resumable."),
-    "report": ("ssah.run_cli", "report", "Render a run folder's report again (results.json, report.html)."),
+    "report": ("ssah.analysis.cli", "report", "Render a run folder's report again (results.json, report.html)."),
     "demo": ("ssah.run_cli", "demo", "The demo study on the built-in model into runs/demo."),
     "config": ("ssah.run_cli", "config", "Show experiment presets (ssah config show demo)."),
 }

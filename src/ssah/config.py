@@ -335,9 +335,9 @@ def _extended(data: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
     return _merged(_extended(base, f"preset {parent}", (*seen, parent)), data)
 
 
-def load_config(preset: str | None = None, path: str | Path | None = None) -> RunConfig:
+def load_config(preset: str | None = None, path: str | Path | None = None, model: str | None = None) -> RunConfig:
     """A RunConfig from a preset name or a YAML file (exactly one); one line for any problem. A config
-    may start from a preset (`extends: demo`) and change only what differs."""
+    may start from a preset (`extends: demo`) and change only what differs; `model` replaces its model."""
     if (preset is None) == (path is None):
         raise SsahError("give exactly one of --preset NAME or --config FILE.yaml")
     if path is not None:
@@ -346,7 +346,10 @@ def load_config(preset: str | None = None, path: str | Path | None = None) -> Ru
         import yaml
 
         data, where = yaml.safe_load(preset_text(preset)) or {}, f"preset {preset}"
-    return RunConfig.from_dict(_extended(data, where), where)
+    data = _extended(data, where)
+    if model is not None:
+        data = {**data, "model": model}
+    return RunConfig.from_dict(data, where)
 
 
 def config_hash(section: Any) -> str:

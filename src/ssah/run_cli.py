@@ -1,4 +1,4 @@
-"""`ssah run`, `ssah demo`, `ssah report` and `ssah config show`: the end-to-end experiment."""
+"""`ssah run`, `ssah demo` and `ssah config show`: the end-to-end experiment."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from ssah.defaults import PRESETS
 
 
 def _run(preset: str | None, config_file: str | None, out: str, from_stage: str | None, force: tuple[str, ...],
-         only: tuple[str, ...]) -> None:
+         only: tuple[str, ...], model: str | None = None) -> None:
     from ssah.config import load_config
     from ssah.pipeline import run_pipeline
 
-    config = load_config(preset, config_file)
+    config = load_config(preset, config_file, model=model)
     run_pipeline(config, out, from_stage=from_stage, force=force, only=only or None)
 
 
@@ -32,11 +32,13 @@ def stage_options(func):
 @click.command("run")
 @click.option("--preset", default=None, help=f"a built-in preset: {', '.join(PRESETS)}")
 @click.option("--config", "config_file", default=None, type=click.Path(), help="a YAML config file")
+@click.option("--model", default=None, metavar="SPEC",
+              help="study this model instead of the config's (a folder, a GGUF file or a hub id)")
 @click.option("--out", required=True, type=click.Path(), help="the run folder (RUN_DIR)")
 @stage_options
-def run(preset, config_file, out, from_stage, force, only) -> None:
+def run(preset, config_file, model, out, from_stage, force, only) -> None:
     """Run the whole SSAH study; a rerun resumes, skipping finished stages."""
-    _run(preset, config_file, out, from_stage, force, only)
+    _run(preset, config_file, out, from_stage, force, only, model)
 
 
 @click.command("demo")
@@ -45,22 +47,6 @@ def run(preset, config_file, out, from_stage, force, only) -> None:
 def demo(out, from_stage, force, only) -> None:
     """The `demo` preset on the built-in model (about 20 minutes on 2 CPU cores)."""
     _run("demo", None, out, from_stage, force, only)
-
-
-@click.command("report")
-@click.argument("run_dir", type=click.Path())
-def report(run_dir: str) -> None:
-    """Render a finished run's results.json and report.html again, from its config.yaml."""
-    from pathlib import Path
-
-    from ssah.config import load_config
-    from ssah.errors import SsahError
-    from ssah.pipeline import run_pipeline
-
-    config_path = Path(run_dir) / "config.yaml"
-    if not config_path.is_file():
-        raise SsahError(f"{run_dir} is not a run folder (no config.yaml); give the --out folder of ssah run")
-    run_pipeline(load_config(path=config_path), run_dir, force=("report",), only=("report",))
 
 
 @click.group("config")

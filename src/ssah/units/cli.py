@@ -206,3 +206,54 @@ def _recorded_model(scores) -> str:
     if not spec:
         raise SsahError("the safety scores do not record their model; pass --model")
     return spec
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@click.command("faithfulness")
+@model_options
+@click.option("--out", required=True, type=click.Path(), help="output folder")
+@click.option("--scorers", default="variance,wanda,activation", show_default=True,
+              help="comma-separated registered scorers")
+@click.option("--normalizations", default=",".join(NORMALIZATIONS), show_default=True,
+              help="comma-separated normalisations of S and U")
+@click.option("--rankings", default=",".join(RANKINGS), show_default=True, help="comma-separated rankings")
+@click.option("--sizes", default="scu=0.013,ucu=0.133,ru=0.148", show_default=True,
+              help="group sizes, fractions of all units (the paper's for Llama-2-7B-Chat)")
+@click.option("--score-limit", type=click.IntRange(min=1), default=64, show_default=True,
+              help="records of each scoring dataset (harmful:calibration with refusals, benign:calibration)")
+@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="harmful prompts, checkable tasks and reference answers each that every state is measured on")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="reply tokens for the ASR (prefix rule)")
+@click.option("--draws", type=click.IntRange(min=1), default=2, show_default=True,
+              help="seeded random draws per group size")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def faithfulness(model_args: dict, out: str, scorers: str, normalizations: str, rankings: str, sizes: str,
+                 score_limit: int, samples: int, max_new_tokens: int, draws: int, batch_size: int,
+                 seed: int) -> None:
+    """Which score finds safety units: prune SCU, UCU and RU of every scorer x normalisation x ranking
+    against random units on calibration data; writes faithfulness.json and faithfulness.png."""
+    from ssah.units.faithfulness import FAITHFULNESS, FaithfulnessSpec, faithfulness_table, format_rows, summary_rows
+    from ssah.units.sizes import parse_sizes
+
+    spec = FaithfulnessSpec(scorers=_names(scorers), normalizations=_names(normalizations),
+                            rankings=_names(rankings), sizes=parse_sizes(sizes), score_limit=score_limit,
+                            samples=samples, max_new_tokens=max_new_tokens, draws=draws, batch_size=batch_size,
+                            seed=seed)
+    spec.check()  # bad names fail before the model loads
+    check_model_spec(model_args)
+    folder = output_folder(out, FAITHFULNESS, inputs=[model_args["spec"]])
+    loaded = load_from_options(model_args)
+    start = time.perf_counter()
+    with folder:
+        table = faithfulness_table(loaded, spec, out)
+    base = table["unpruned"]
+    click.echo(f"unpruned: ASR {base['asr']:.0%}, task accuracy {base['accuracy']:.0%}, perplexity "
+               f"{base['perplexity']:.3g} ({table['items']['safety_prompts']} prompts, {table['items']['tasks']} "
+               f"tasks, {table['items']['answers']} answers); {time.perf_counter() - start:.0f} s")
+    click.echo(format_rows(summary_rows(table)))
+    click.echo(f"wrote  {out}/faithfulness.json, {out}/faithfulness.png")
