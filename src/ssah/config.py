@@ -19,6 +19,8 @@ from pydantic import Field, field_validator, model_validator
 from ssah.artifacts import fingerprint
 from ssah.defaults import (
     DEFAULT_MODEL,
+    DEFAULT_NORMALIZATION,
+    DEFAULT_RANKING,
     DEFAULT_SCORER,
     DEFAULT_SIZES,
     PRESETS,
@@ -95,8 +97,8 @@ def _sizes(value: dict[str, float] | None) -> dict[str, float] | None:
 class GroupConfig(Settings):
     # fractions of all units, or "auto": a pruning sweep on calibration data (ssah.units.size_sweep)
     sizes: dict[str, float] | Literal["auto"] = Field(default_factory=lambda: dict(DEFAULT_SIZES))
-    normalize: Normalization = "rank"  # see ssah.units.groups: mean is skewed by a few outlier neurons
-    ranking: Ranking = "global"
+    normalize: Normalization = DEFAULT_NORMALIZATION  # see ssah.units.groups: mean is skewed by outlier neurons
+    ranking: Ranking = DEFAULT_RANKING
 
     @field_validator("sizes")
     @classmethod

@@ -31,10 +31,12 @@ GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")  # label codes 0..3, i
 SIZE_KEYS: tuple[str, ...] = ("scu", "ucu", "ru")
 DEFAULT_SIZES: dict[str, float] = {"scu": 0.013, "ucu": 0.133, "ru": 0.148}
 DEFAULT_SIZES_TEXT = "scu=0.013,ucu=0.133,ru=0.148"
-Normalization = Literal["rank", "mean", "zscore-per-layer"]  # the first is the default
+Normalization = Literal["rank", "mean", "zscore-per-layer"]
 NORMALIZATIONS: tuple[str, ...] = get_args(Normalization)
 Ranking = Literal["global", "per-layer"]
 RANKINGS: tuple[str, ...] = get_args(Ranking)
+DEFAULT_NORMALIZATION = "rank"
+DEFAULT_RANKING = "global"
 AttnUnit = Literal["channel", "head"]
 ATTN_UNITS: tuple[str, ...] = get_args(AttnUnit)
 

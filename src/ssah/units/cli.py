@@ -10,6 +10,8 @@ import click
 from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
 from ssah.defaults import (
     ATTN_UNITS,
+    DEFAULT_NORMALIZATION,
+    DEFAULT_RANKING,
     DEFAULT_SCORER,
     DEFAULT_SIZES_TEXT,
     DTYPES,
@@ -115,10 +117,10 @@ def _echo_scores(result, out: str, seconds: float) -> None:
 @click.option("--sizes", default=DEFAULT_SIZES_TEXT, show_default=True,
               help="fractions of all units (or percentages, e.g. scu=1.3%); CU is the rest. 'auto': choose "
               "each size by a pruning sweep on the model (see --sweep-*)")
-@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=NORMALIZATIONS[0], show_default=True,
+@click.option("--normalize", type=click.Choice(NORMALIZATIONS), default=DEFAULT_NORMALIZATION, show_default=True,
               help="how S and U are made comparable before subtracting (per unit kind): "
               "percentiles, division by the mean, or z-scores per layer")
-@click.option("--ranking", type=click.Choice(RANKINGS), default=RANKINGS[0], show_default=True,
+@click.option("--ranking", type=click.Choice(RANKINGS), default=DEFAULT_RANKING, show_default=True,
               help="rank units across all layers, or within each layer")
 @click.option("--model", "model_spec", default=None, metavar="SPEC",
               help="--sizes auto: the scored model (default: the spec recorded with the safety scores)")

@@ -63,7 +63,15 @@ from typing import Any
 import torch
 
 from ssah.artifacts import Artifact
-from ssah.defaults import DEFAULT_SIZES, GROUP_NAMES, NORMALIZATIONS, RANKINGS, SIZE_KEYS
+from ssah.defaults import (
+    DEFAULT_NORMALIZATION,
+    DEFAULT_RANKING,
+    DEFAULT_SIZES,
+    GROUP_NAMES,
+    NORMALIZATIONS,
+    RANKINGS,
+    SIZE_KEYS,
+)
 from ssah.errors import SsahError
 from ssah.io import atomic_write
 from ssah.units.scores import Scores, read_manifest, read_tensors
@@ -274,7 +282,7 @@ def _assign(s: torch.Tensor, u: torch.Tensor, counts: dict[str, int]) -> torch.T
 
 
 def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None = None,
-                normalize: str = "rank", ranking: str = "global") -> Groups:
+                normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING) -> Groups:
     """Label every unit SCU, UCU, CU or RU from safety and utility scores of the same model.
 
     `sizes` maps scu/ucu/ru to fractions of all units (default: the paper's Llama-2 sizes);

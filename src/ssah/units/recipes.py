@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssah.artifacts import Artifact
+from ssah.defaults import DEFAULT_NORMALIZATION, DEFAULT_RANKING, DEFAULT_SCORER
 from ssah.errors import SsahError
 from ssah.outputs import OutputKind
 from ssah.units.groups import GROUPS_FILE, META_FILE, PLOT_FILE, SWEEP_PLOT_FILE, Groups, check_compatible, make_groups
@@ -54,7 +55,7 @@ def _sweep_probe(sweep: SweepSpec, safety: Scores, utility: Scores):
 
 
 def group_units(safety: Scores, utility: Scores, out: str | Path, sizes: dict[str, float] | str, *,
-                normalize: str = "rank", ranking: str = "global", sweep: SweepSpec | None = None,
+                normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING, sweep: SweepSpec | None = None,
                 force: bool = False, replace: bool = False) -> Groups:
     """Groups of the units of `safety`/`utility` (same model) saved in `out`: of fixed `sizes`, or of
     sizes a pruning sweep chooses (`sizes="auto"`, which needs `sweep`). Reused when `out` holds
@@ -91,9 +92,9 @@ def group_units(safety: Scores, utility: Scores, out: str | Path, sizes: dict[st
 
 
 def score_and_group(loaded, out: str | Path, *, harmful: str, benign: str, sizes: dict[str, float] | str,
-                    normalize: str = "rank", ranking: str = "global", scorer: str = "variance",
-                    limit: int | None = None, batch_size: int = 8, max_length: int = 256, token_scope: str = "all",
-                    seed: int = 0, replace: bool = False) -> Groups:
+                    normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING,
+                    scorer: str = DEFAULT_SCORER, limit: int | None = None, batch_size: int = 8,
+                    max_length: int = 256, token_scope: str = "all", seed: int = 0, replace: bool = False) -> Groups:
     """Score `loaded` on `harmful` prompts answered with refusals (safety) and on `benign` prompts with
     their answers (utility), the first `limit` records of each, into OUT/scores-safety and
     OUT/scores-utility; group the units into OUT/groups (see `group_units`)."""

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ssah.defaults import DEFAULT_SIZES, SIZE_KEYS
+from ssah.defaults import DEFAULT_NORMALIZATION, DEFAULT_RANKING, DEFAULT_SIZES, SIZE_KEYS
 from ssah.errors import SsahError
 from ssah.io import save_png
 from ssah.units.groups import make_groups
@@ -231,8 +231,9 @@ def _check_grids(grids: dict[str, Sequence[float]]) -> dict[str, tuple[float, ..
     return out
 
 
-def sweep_sizes(loaded, safety: Scores, utility: Scores, probe: AttributeProbe, *, normalize: str = "rank",
-                ranking: str = "global", thresholds: SweepThresholds | None = None,
+def sweep_sizes(loaded, safety: Scores, utility: Scores, probe: AttributeProbe, *,
+                normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING,
+                thresholds: SweepThresholds | None = None,
                 grids: dict[str, Sequence[float]] | None = None) -> SizeSweep:
     """Choose SCU, UCU and RU sizes by the rule in the module docstring; the model is left unchanged.
     Each measurement is logged (logger `ssah.units.size_sweep`)."""
