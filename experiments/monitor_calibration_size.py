@@ -3,8 +3,11 @@ r"""How many calibration prompts the runtime monitor needs, judged on calibratio
 Question: With how many prompts per calibration set (harmful, benign, borderline) should the demo's
 runtime monitor be calibrated?
 
+`--preset maker-aligned --model PATH` asks the same of a maker-aligned model with that preset's
+monitor settings.
+
 For each `calibration_limit` and each threshold set, the monitor is calibrated on the given model with
-the demo preset's monitor settings; a row holds the layer, the threshold and the share of each
+the preset's monitor settings (demo by default); a row holds the layer, the threshold and the share of each
 calibration set flagged at it ("borderline_flag_rate" is the threshold set's when there is one). No
 test prompt is read.
 
@@ -44,7 +47,8 @@ def main() -> None:
     parser.add_argument("--limits", type=int, nargs="+", default=[64, 128], help="calibration_limit values")
     parser.add_argument("--threshold-sets", nargs="+", default=["preset"],
                         help="threshold_calibration values to try: a dataset spec, 'none' (half of the borderline "
-                        "prompts set the threshold) or 'preset' (the demo preset's)")
+                        "prompts set the threshold) or 'preset' (the preset's)")
+    parser.add_argument("--preset", default="demo", help="the preset whose monitor settings and data are used")
     args = parser.parse_args()
     if args.model is None and not args.smoke:
         parser.error("--model is required (unless --smoke)")
@@ -56,7 +60,7 @@ def main() -> None:
     from ssah.models.loading import load_model
     from ssah.probe.monitor import calibrate_named
 
-    run_config = load_config("demo")
+    run_config = load_config(args.preset)
     if args.smoke:
         run_config.probe.monitor_settings = common.merged(run_config.probe.monitor_settings,
                                                           common.SMOKE_CONFIG["probe"]["monitor_settings"])
