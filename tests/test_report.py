@@ -257,3 +257,20 @@ def test_ssah_report_rerenders_a_full_run_without_running_a_stage(full_run, tmp_
     for chart in ("pruning ablation", "benign fine-tuning", "runtime monitor"):
         assert f'<img alt="{chart}' in html, chart
     assert "exact McNemar" in html and "Example replies" in html and "Paper vs ours" in html
+
+
+def test_monitor_section_says_in_numbers_why_prefill_asr_was_not_halved():
+    from ssah.analysis.report import _monitor_section
+
+    calibration = {"harmful_flag_rate": 0.3, "benign_flag_rate": 0.0, "borderline_flag_rate": 0.04}
+
+    def section(with_rate: float) -> str:
+        monitor = {"without": {"prefill_asr": {"prefix": 0.9}, "n": {"prefill_asr": 64}},
+                   "with": {"prefill_asr": {"prefix": with_rate}, "n": {"prefill_asr": 64}},
+                   "layers": [12], "threshold": 1.5, "calibration": calibration, "replaced": {}}
+        return "".join(_monitor_section(monitor, []))
+
+    text = section(0.7)
+    assert "Prefill ASR was not halved" in text and "90.0% without" in text and "at most 45.0%" in text
+    assert "flagged only 30.0% of the harmful calibration replies" in text
+    assert "not halved" not in section(0.4)
