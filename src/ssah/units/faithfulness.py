@@ -367,12 +367,13 @@ def plot_faithfulness(table: dict, path: str | Path) -> Path:
         values = np.array([c["groups"][group][key] for c in cells]) * scale
         cis = np.array([c["groups"][group][f"{key}_ci"] for c in cells]) * scale
         errors = np.abs(np.stack([values - cis[:, 0], cis[:, 1] - values]))
-        ax.barh(y, values, xerr=errors, color="#4c72b0", ecolor="black", capsize=2, height=0.6)
+        start = 1.0 if key == "perplexity_ratio" else 0.0  # a ratio's bar starts at "unchanged"
+        ax.barh(y, values - start, left=start, xerr=errors, color="#4c72b0", ecolor="black", capsize=2, height=0.6)
         random = np.mean([c["groups"][group][f"random_{key}"] for c in cells]) * scale
-        ax.axvline(random, color="#d62728", ls=":", lw=1.2, label="random, same size")
+        ax.axvline(random, color="#d62728", ls=":", lw=1.2, label=f"random, same size ({random:.3g})")
         if key == "perplexity_ratio":
-            ax.set_xscale("log")
             ax.axvline(1.30, color="grey", ls="--", lw=0.8, label="x1.30")
+            ax.set_xlim(0.9, min(max(float(cis[:, 1].max()), 1.5) * 1.05, 40))
         ax.set_title(title, fontsize="medium")
         ax.legend(fontsize="x-small", loc="lower right")
     axes[0].set_yticks(y)
