@@ -130,7 +130,7 @@ def _write_rows(folder, rows):
 
 
 def test_pick_examples_prefers_one_compliance_and_one_refusal():
-    from ssah.analysis.report import pick_examples
+    from ssah.analysis.report_data import pick_examples
 
     rows = _reply_rows(["empty", "compliance", "compliance", "refusal"])
     rows.insert(0, {"suite": "utility", "id": "u0", "reply": "4"})
@@ -140,7 +140,8 @@ def test_pick_examples_prefers_one_compliance_and_one_refusal():
 
 
 def test_verdict_numbers_read_as_rates_intervals_and_tests():
-    from ssah.analysis.report import report_html, verdict_cells
+    from ssah.analysis.report_format import verdict_cells
+    from ssah.analysis.report_html import report_html
 
     numbers = {"asr_before": 0.125, "ci_before": [0.059, 0.247], "asr_rise_scu": 0.3,
                "perplexity_ratio": {"UCU": 2.5}, "costliest": "UCU", "mystery_key": "x<y",
@@ -160,7 +161,9 @@ def test_verdict_numbers_read_as_rates_intervals_and_tests():
 
 
 def test_report_escapes_replies_and_draws_charts_with_intervals(tmp_path):
-    from ssah.analysis.report import _interval, gather_examples, gather_rule_agreement, report_html
+    from ssah.analysis.report_data import gather_examples, gather_rule_agreement
+    from ssah.analysis.report_format import rate_interval
+    from ssah.analysis.report_html import report_html
     from ssah.pipeline.layout import RunLayout
 
     layout = RunLayout(tmp_path)
@@ -190,7 +193,7 @@ def test_report_escapes_replies_and_draws_charts_with_intervals(tmp_path):
     assert "<td>safety</td><td>prefix vs keywords</td><td>2</td><td>2</td><td>50.0</td>" in html
     assert "id: h0; reply: &lt;i&gt;x&lt;/i&gt;" in html and "share disagree 50.0%" in html
     # no interval in the summary: Wilson from the count
-    value, ci = _interval({"asr": {"prefix": 0.5}, "n": {"asr": 4}}, "asr")
+    value, ci = rate_interval({"asr": {"prefix": 0.5}, "n": {"asr": 4}}, "asr")
     assert value == 0.5 and ci[0] < 0.5 < ci[1]
 
 
@@ -260,7 +263,7 @@ def test_ssah_report_rerenders_a_full_run_without_running_a_stage(full_run, tmp_
 
 
 def test_monitor_section_says_in_numbers_why_prefill_asr_was_not_halved():
-    from ssah.analysis.report import _monitor_section
+    from ssah.analysis.report_html import _monitor_section
 
     calibration = {"harmful_flag_rate": 0.3, "benign_flag_rate": 0.0, "borderline_flag_rate": 0.04}
 

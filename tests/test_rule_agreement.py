@@ -4,7 +4,8 @@ import pytest
 
 from ssah.data import Dataset, Record
 from ssah.evaluate import EvalSettings, evaluate_model, read_replies
-from ssah.evaluate.runner import load_eval_data, rule_agreement
+from ssah.evaluate.rules import rule_agreement
+from ssah.evaluate.runner import load_eval_data
 from ssah.models.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

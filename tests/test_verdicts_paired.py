@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from ssah.analysis.report import paired_claims
 from ssah.analysis.verdicts import compute_verdicts, next_costliest, paired_tests
 from ssah.pipeline.layout import RunLayout
-from ssah.pipeline.stages.report import paired_claims
 from ssah.probe.study import closer_to_refusal_test
 
 

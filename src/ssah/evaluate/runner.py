@@ -24,7 +24,6 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import zip_longest
 from pathlib import Path
 
 from ssah.artifacts import Artifact
@@ -33,6 +32,7 @@ from ssah.errors import SsahError
 from ssah.evaluate.engines import ENGINE_MODEL_DIR
 from ssah.evaluate.generation import GenerationCache
 from ssah.evaluate.refusal import RefusalScore, refusal_score
+from ssah.evaluate.rules import AGREEMENT_RULES, rule_agreement
 from ssah.evaluate.safety import OVERREFUSAL_RULE, SafetyRun, prefill_openings, run_prompts
 from ssah.evaluate.settings import DATA_ROLES, EvalSettings
 from ssah.evaluate.stats import Rate
@@ -359,47 +359,6 @@ def _report(key: str, model_info: dict | None, settings: EvalSettings, condition
     report["rule_agreement"] = (rule_agreement(rows) or None) if both else None
     report["data"] = {role: {"name": ds.name, "fingerprint": ds.fingerprint, "n": len(ds)} for role, ds in data.items()}
     return report
-
-
-AGREEMENT_RULES = ("prefix", "keywords")
-AGREEMENT_SUITES = ("safety", "prefill", "overrefusal")  # the suites judged by refusal rules
-
-
-def _only(rows: list[dict], rule: str, other: str, verdict: str) -> list[dict]:
-    """The rows `rule` gives `verdict` and `other` does not."""
-    return [r for r in rows if r["verdicts"][rule] == verdict and r["verdicts"][other] != verdict]
-
-
-def rule_agreement(rows: list[dict], first: str = "prefix", second: str = "keywords", examples: int = 3) -> dict:
-    """Where two rules judge the same replies differently, per suite that both judged:
-    {suite: {"<first>_vs_<second>": block}}.
-
-    The block compares attack success (verdict "compliance") under each rule: `agree` and `disagree`
-    (replies, summing to `n`), `share_disagree`, `<first>_only_compliance` and
-    `<second>_only_compliance` (the two kinds of disagreement), `<first>_only_refusal` and
-    `<second>_only_refusal` (verdict "refusal" under one rule only: what over-refusal counts), and up
-    to `examples` disagreeing replies {id, suite, reply (first 200 characters), <first>, <second>},
-    both kinds in turn.
-    """
-    out = {}
-    for suite in AGREEMENT_SUITES:
-        judged = [r for r in rows if r["suite"] == suite and {first, second} <= set(r.get("verdicts") or {})]
-        if not judged:
-            continue
-        only = {first: _only(judged, first, second, "compliance"), second: _only(judged, second, first, "compliance")}
-        refusal_only = {first: len(_only(judged, first, second, "refusal")),
-                        second: len(_only(judged, second, first, "refusal"))}
-        disagree = len(only[first]) + len(only[second])
-        interleaved = [r for pair in zip_longest(only[first], only[second]) for r in pair if r is not None]
-        out[suite] = {f"{first}_vs_{second}": {
-            "n": len(judged), "agree": len(judged) - disagree, "disagree": disagree,
-            "share_disagree": disagree / len(judged),
-            f"{first}_only_compliance": len(only[first]), f"{second}_only_compliance": len(only[second]),
-            f"{first}_only_refusal": refusal_only[first], f"{second}_only_refusal": refusal_only[second],
-            "examples": [{"id": r["id"], "suite": suite, "reply": r["reply"][:200], first: r["verdicts"][first],
-                          second: r["verdicts"][second]} for r in interleaved[:examples]],
-        }}
-    return out
 
 
 def read_replies(out_dir: str | Path) -> list[dict]:

@@ -297,7 +297,6 @@ def build_report(result: ReasoningResult) -> dict:
         row.update({kind: _interval(*stats, li) for kind, stats in layer_stats.items()})
         by_layer.append(row)
 
-    directions = result.directions
     return {
         "n_prompts": int(values["refusal"].shape[0]),
         "openings_used": {kind: len(set(texts)) for kind, texts in result.openings.items()},
@@ -310,6 +309,17 @@ def build_report(result: ReasoningResult) -> dict:
         "cells": cells,
         "by_length": by_length,
         "by_layer": by_layer,
+        **_direction_report(result.directions),
+        "summary": _summary(*cell_stats["difference"]),  # which side the model sits closer to
+        "per_prompt": {"refusal_minus_compliance": [round(float(v), 6)
+                                                    for v in values["difference"].double().mean((1, 2))]},
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+    }
+
+
+def _direction_report(directions) -> dict:
+    """The linear probes' accuracy and the harmful-vs-benign direction's separation, per layer."""
+    return {
         "linear_probe": {
             "accuracy": [round(float(a), 4) for a in directions.probe.accuracy],
             "n_train": directions.probe.n_train, "n_test": directions.probe.n_test,
@@ -319,8 +329,4 @@ def build_report(result: ReasoningResult) -> dict:
             "benign_projection_mean": [round(float(s.mean()), 4) for s in directions.benign_scores],
             "harmful_projection_mean": [round(float(s.mean()), 4) for s in directions.harmful_scores],
         },
-        "summary": _summary(*cell_stats["difference"]),  # which side the model sits closer to
-        "per_prompt": {"refusal_minus_compliance": [round(float(v), 6)
-                                                    for v in values["difference"].double().mean((1, 2))]},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
     }

@@ -239,7 +239,7 @@ def faithfulness(model_args: dict, out: str, scorers: str, normalizations: str, 
                  seed: int) -> None:
     """Which score finds safety units: prune SCU, UCU and RU of every scorer x normalisation x ranking
     against random units on calibration data; writes faithfulness.json and faithfulness.png."""
-    from ssah.units.faithfulness import FAITHFULNESS, FaithfulnessSpec, faithfulness_table, format_rows, summary_rows
+    from ssah.units.faithfulness import FAITHFULNESS, FaithfulnessSpec, faithfulness_table
     from ssah.units.sizes import parse_sizes
 
     spec = FaithfulnessSpec(scorers=_names(scorers), normalizations=_names(normalizations),
@@ -257,5 +257,33 @@ def faithfulness(model_args: dict, out: str, scorers: str, normalizations: str, 
     click.echo(f"unpruned: ASR {base['asr']:.0%}, task accuracy {base['accuracy']:.0%}, perplexity "
                f"{base['perplexity']:.3g} ({table['items']['safety_prompts']} prompts, {table['items']['tasks']} "
                f"tasks, {table['items']['answers']} answers); {time.perf_counter() - start:.0f} s")
-    click.echo(format_rows(summary_rows(table)))
+    click.echo(_format_rows(_summary_rows(table)))
     click.echo(f"wrote  {out}/faithfulness.json, {out}/faithfulness.png")
+
+
+def _summary_rows(table: dict) -> list[dict]:
+    """One flat row per cell of a faithfulness table."""
+    from ssah.units.plots import cell_name
+
+    rows = []
+    for cell in table["cells"]:
+        g = cell["groups"]
+        rows.append({"cell": cell_name(cell), "scu_asr_rise": g["SCU"]["asr_rise"],
+                     "scu_random_asr_rise": g["SCU"]["random_asr_rise"], "scu_task_drop": g["SCU"]["task_drop"],
+                     "ucu_task_drop": g["UCU"]["task_drop"], "ucu_perplexity_ratio": g["UCU"]["perplexity_ratio"],
+                     "ru_perplexity_ratio": g["RU"]["perplexity_ratio"], "ru_asr_rise": g["RU"]["asr_rise"],
+                     "meets_scu": cell["meets"]["scu"], "meets_ru": cell["meets"]["ru"]})
+    return rows
+
+
+def _format_rows(rows: list[dict]) -> str:
+    head = (f"{'cell':<40} {'SCU ASR+':>9} {'rand':>6} {'SCU task-':>9} {'UCU task-':>9} {'UCU ppl':>8} "
+            f"{'RU ppl':>8} {'RU ASR+':>8}  SCU RU")
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['cell']:<40} {100 * r['scu_asr_rise']:>+9.1f} {100 * r['scu_random_asr_rise']:>+6.1f} "
+                     f"{100 * r['scu_task_drop']:>+9.1f} {100 * r['ucu_task_drop']:>+9.1f} "
+                     f"{r['ucu_perplexity_ratio']:>8.3g} {r['ru_perplexity_ratio']:>8.3g} "
+                     f"{100 * r['ru_asr_rise']:>+8.1f}  {'yes' if r['meets_scu'] else 'no ':<3} "
+                     f"{'yes' if r['meets_ru'] else 'no'}")
+    return "\n".join(lines)

@@ -37,7 +37,7 @@ import torch
 
 from ssah.defaults import NORMALIZATIONS, RANKINGS
 from ssah.errors import SsahError
-from ssah.io import save_png, write_json_atomic
+from ssah.io import write_json_atomic
 from ssah.outputs import OutputKind
 
 log = logging.getLogger(__name__)
@@ -266,73 +266,104 @@ def judge_cell(cell: dict) -> dict[str, bool]:
 
 # -- the table ----------------------------------------------------------------------------------------
 
-def faithfulness_table(loaded, spec: FaithfulnessSpec, out: str | Path, progress: bool = True) -> dict:
-    """Score, group, prune and measure every cell of `spec` on `loaded`; writes OUT/faithfulness.json
-    (returned), OUT/faithfulness.png, the scores (OUT/scores-SCORER-safety|utility, reused when
-    they match) and OUT/measurements.json. The model is left unchanged."""
-    from ssah.data import load_dataset
-    from ssah.interventions.masks import mask_from_expression
-    from ssah.interventions.prune import pruned
-    from ssah.units.groups import make_groups
-    from ssah.units.scores import score_dataset
+@dataclass
+class _Measurer:
+    """Measures the model with a mask pruned, once per distinct mask (`MeasurementStore`)."""
 
-    spec.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    probe = ItemProbe.build(loaded, spec)
-    store = MeasurementStore(out / MEASUREMENTS_FILE, probe.identity)
+    loaded: Any
+    probe: ItemProbe
+    store: MeasurementStore
 
-    def first(name: str):
-        data = load_dataset(name)
-        return data.take(spec.score_limit) if spec.score_limit else data
+    def unpruned(self) -> dict:
+        model = self.loaded.model
+        return self.store.get("none", lambda: {**self.probe.measure(model, self.loaded.tokenizer), "label": "none",
+                                               "units": 0})
 
-    def measured(mask, label: str) -> dict:
+    def pruned(self, mask, label: str) -> dict:
+        from ssah.interventions.prune import pruned
+
         def run() -> dict:
-            with pruned(model, loaded.layout, mask, check=False):
-                row = probe.measure(model, tokenizer)
+            with pruned(self.loaded.model, self.loaded.layout, mask, check=False):
+                row = self.probe.measure(self.loaded.model, self.loaded.tokenizer)
             row["label"], row["units"] = label, mask.count()
             p = _point(row)
             log.info("  %-44s ASR %3.0f%%  tasks %3.0f%%  perplexity %.3g", label, 100 * p["asr"],
                      100 * p["accuracy"], p["perplexity"])
             return row
 
-        return store.get(_units_key(mask), run)
+        return self.store.get(_units_key(mask), run)
 
-    was_training = model.training
-    model.eval()
+
+def _scores(loaded, spec: FaithfulnessSpec, scorer: str, out: Path, progress: bool):
+    """The safety and utility scores of one scorer (as the pipeline's groups stage makes them)."""
+    from ssah.data import load_dataset
+    from ssah.units.scores import score_dataset
+
+    def first(name: str):
+        data = load_dataset(name)
+        return data.take(spec.score_limit) if spec.score_limit else data
+
+    common = dict(scorer=scorer, batch_size=spec.score_batch_size, max_length=spec.score_max_length,
+                  seed=spec.seed, progress=progress, replace=True)
+    safety = score_dataset(loaded, first(spec.score_harmful), responses="refusals",
+                           out=out / f"scores-{scorer}-safety", **common)
+    utility = score_dataset(loaded, first(spec.score_benign), responses="dataset",
+                            out=out / f"scores-{scorer}-utility", **common)
+    return safety, utility
+
+
+def _cell(groups, spec: FaithfulnessSpec, measurer: _Measurer, base_row: dict, randoms: dict,
+          resample: _Resample) -> dict:
+    """One cell: each group pruned, against random units of its size (drawn once per size)."""
+    from ssah.interventions.masks import mask_from_expression
+
+    meta = groups.meta
+    cell = {"scorer": meta["scorer"], "normalize": meta["normalize"], "ranking": meta["ranking"], "groups": {}}
+    for group in GROUPS:
+        size = spec.sizes[group.lower()]
+        if size not in randoms:
+            randoms[size] = [measurer.pruned(mask_from_expression(groups, f"random:frac={size},seed={seed}"),
+                                             f"random {size:g} seed {seed}")
+                             for seed in range(spec.seed, spec.seed + spec.draws)]
+        row = measurer.pruned(mask_from_expression(groups, group), f"{cell_label(cell)} {group}")
+        cell["groups"][group] = {"units": row["units"], **_effect_block(row, base_row, randoms[size], resample)}
+    cell["meets"] = judge_cell(cell)
+    return cell
+
+
+def cell_label(cell: dict) -> str:
+    return f"{cell['scorer']}/{cell['normalize']}/{cell['ranking']}"
+
+
+def faithfulness_table(loaded, spec: FaithfulnessSpec, out: str | Path, progress: bool = True) -> dict:
+    """Score, group, prune and measure every cell of `spec` on `loaded`; writes OUT/faithfulness.json
+    (returned), OUT/faithfulness.png, the scores (OUT/scores-SCORER-safety|utility, reused when
+    they match) and OUT/measurements.json. The model is left unchanged."""
+    from ssah.units.groups import make_groups
+    from ssah.units.plots import plot_faithfulness
+
+    spec.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = ItemProbe.build(loaded, spec)
+    measurer = _Measurer(loaded, probe, MeasurementStore(out / MEASUREMENTS_FILE, probe.identity))
+    was_training = loaded.model.training
+    loaded.model.eval()
     try:
-        with torch.inference_mode():
-            base_row = store.get("none", lambda: {**probe.measure(model, tokenizer), "label": "none", "units": 0})
+        base_row = measurer.unpruned()
         log.info("  unpruned: ASR %.0f%%, tasks %.0f%%, perplexity %.3g", *(
             v * (100 if k != "perplexity" else 1) for k, v in _point(base_row).items()))
         resample = _Resample.draw(base_row, spec.resamples, spec.seed)
         cells, randoms = [], {}
         for scorer in spec.scorers:
-            common = dict(scorer=scorer, batch_size=spec.score_batch_size, max_length=spec.score_max_length,
-                          seed=spec.seed, progress=progress, replace=True)
-            safety = score_dataset(loaded, first(spec.score_harmful), responses="refusals",
-                                   out=out / f"scores-{scorer}-safety", **common)
-            utility = score_dataset(loaded, first(spec.score_benign), responses="dataset",
-                                    out=out / f"scores-{scorer}-utility", **common)
+            safety, utility = _scores(loaded, spec, scorer, out, progress)
             for normalize in spec.normalizations:
                 for ranking in spec.rankings:
                     groups = make_groups(safety, utility, spec.sizes, normalize=normalize, ranking=ranking)
-                    cell = {"scorer": scorer, "normalize": normalize, "ranking": ranking, "groups": {}}
-                    for group in GROUPS:
-                        size = spec.sizes[group.lower()]
-                        if size not in randoms:
-                            randoms[size] = [measured(mask_from_expression(
-                                groups, f"random:frac={size},seed={spec.seed + draw}"),
-                                f"random {size:g} seed {spec.seed + draw}") for draw in range(spec.draws)]
-                        row = measured(mask_from_expression(groups, group),
-                                       f"{scorer}/{normalize}/{ranking} {group}")
-                        cell["groups"][group] = {"units": row["units"],
-                                                 **_effect_block(row, base_row, randoms[size], resample)}
-                    cell["meets"] = judge_cell(cell)
-                    cells.append(cell)
+                    groups.meta["scorer"] = scorer
+                    cells.append(_cell(groups, spec, measurer, base_row, randoms, resample))
     finally:
-        model.train(was_training)
+        loaded.model.train(was_training)
     table = {"format": FORMAT, "model": loaded.spec, "model_fingerprint": loaded.fingerprint,
              "spec": asdict(spec), "criteria": CRITERIA, "unpruned": _point(base_row),
              "items": {"safety_prompts": len(base_row["attack"]), "tasks": len(base_row["correct"]),
@@ -342,70 +373,3 @@ def faithfulness_table(loaded, spec: FaithfulnessSpec, out: str | Path, progress
     write_json_atomic(out / TABLE_FILE, table)
     plot_faithfulness(table, out / PLOT_FILE)
     return table
-
-
-def cell_name(cell: dict) -> str:
-    return f"{cell['scorer']} / {cell['normalize']} / {cell['ranking']}"
-
-
-def plot_faithfulness(table: dict, path: str | Path) -> Path:
-    """Three panels, one row per cell: SCU's ASR rise, UCU's task-accuracy drop, RU's perplexity ratio,
-    each with its 95% interval; the dotted line is random units of the group's size."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cells = table["cells"]
-    names = [cell_name(c) for c in cells]
-    panels = (("SCU", "asr_rise", "SCU pruned: ASR rise (points)", 100),
-              ("UCU", "task_drop", "UCU pruned: task-accuracy drop (points)", 100),
-              ("RU", "perplexity_ratio", "RU pruned: perplexity ratio", 1))
-    figure = Figure(figsize=(13, 1.2 + 0.32 * len(cells)), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(1, 3, sharey=True)
-    y = np.arange(len(cells))
-    for ax, (group, key, title, scale) in zip(axes, panels):
-        values = np.array([c["groups"][group][key] for c in cells]) * scale
-        cis = np.array([c["groups"][group][f"{key}_ci"] for c in cells]) * scale
-        errors = np.abs(np.stack([values - cis[:, 0], cis[:, 1] - values]))
-        start = 1.0 if key == "perplexity_ratio" else 0.0  # a ratio's bar starts at "unchanged"
-        ax.barh(y, values - start, left=start, xerr=errors, color="#4c72b0", ecolor="black", capsize=2, height=0.6)
-        random = np.mean([c["groups"][group][f"random_{key}"] for c in cells]) * scale
-        ax.axvline(random, color="#d62728", ls=":", lw=1.2, label=f"random, same size ({random:.3g})")
-        if key == "perplexity_ratio":
-            ax.axvline(1.30, color="grey", ls="--", lw=0.8, label="x1.30")
-            ax.set_xlim(0.9, min(max(float(cis[:, 1].max()), 1.5) * 1.05, 40))
-        ax.set_title(title, fontsize="medium")
-        ax.legend(fontsize="x-small", loc="lower right")
-    axes[0].set_yticks(y)
-    axes[0].set_yticklabels(names, fontsize="small")
-    axes[0].invert_yaxis()
-    figure.suptitle(f"Faithfulness of unit scores: {table['model']}", fontsize="medium")
-    figure.tight_layout()
-    return save_png(figure, path)
-
-
-def summary_rows(table: dict) -> list[dict[str, Any]]:
-    """One flat row per cell (for printing and the README)."""
-    rows = []
-    for cell in table["cells"]:
-        g = cell["groups"]
-        rows.append({"cell": cell_name(cell), "scu_asr_rise": g["SCU"]["asr_rise"],
-                     "scu_random_asr_rise": g["SCU"]["random_asr_rise"], "scu_task_drop": g["SCU"]["task_drop"],
-                     "ucu_task_drop": g["UCU"]["task_drop"], "ucu_perplexity_ratio": g["UCU"]["perplexity_ratio"],
-                     "ru_perplexity_ratio": g["RU"]["perplexity_ratio"], "ru_asr_rise": g["RU"]["asr_rise"],
-                     "meets_scu": cell["meets"]["scu"], "meets_ru": cell["meets"]["ru"]})
-    return rows
-
-
-def format_rows(rows: list[dict]) -> str:
-    head = (f"{'cell':<40} {'SCU ASR+':>9} {'rand':>6} {'SCU task-':>9} {'UCU task-':>9} {'UCU ppl':>8} "
-            f"{'RU ppl':>8} {'RU ASR+':>8}  SCU RU")
-    lines = [head]
-    for r in rows:
-        lines.append(f"{r['cell']:<40} {100 * r['scu_asr_rise']:>+9.1f} {100 * r['scu_random_asr_rise']:>+6.1f} "
-                     f"{100 * r['scu_task_drop']:>+9.1f} {100 * r['ucu_task_drop']:>+9.1f} "
-                     f"{r['ucu_perplexity_ratio']:>8.3g} {r['ru_perplexity_ratio']:>8.3g} "
-                     f"{100 * r['ru_asr_rise']:>+8.1f}  {'yes' if r['meets_scu'] else 'no ':<3} "
-                     f"{'yes' if r['meets_ru'] else 'no'}")
-    return "\n".join(lines)
-
