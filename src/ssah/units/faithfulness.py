@@ -143,21 +143,13 @@ class ItemProbe:
         from ssah.evaluate.generation import generate_replies
         from ssah.evaluate.rules import is_refusal
         from ssah.evaluate.utility import task_accuracy
+        from ssah.units.scoring import response_nll
 
         replies = generate_replies(model, tokenizer, self.safety_prompts, model_key="faithfulness",
                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
         tasks = task_accuracy(model, tokenizer, self.tasks, model_key="faithfulness",
                               max_new_tokens=self.task_tokens, batch_size=self.batch_size, progress=False)
-        device = next(model.parameters()).device
-        nll, tokens = [], []
-        for batch in self.answer_batches:
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-            targets = batch["input_ids"][:, 1:].to(device)
-            keep = batch["response_mask"][:, 1:].to(device).bool()
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            nll += (-(logprobs * keep)).sum(dim=1).tolist()
-            tokens += keep.sum(dim=1).tolist()
+        nll, tokens = response_nll(model, self.answer_batches)
         return {"attack": [not is_refusal(reply) for reply in replies], "correct": list(tasks.correct),
                 "nll": nll, "tokens": tokens}
 

@@ -68,6 +68,24 @@ def make_batches(tokenizer, pairs: Sequence[Pair], batch_size: int = 8, max_leng
             for start in range(0, len(order), batch_size)]
 
 
+@torch.inference_mode()
+def response_nll(model, batches: list[dict[str, torch.Tensor]]) -> tuple[list[float], list[int]]:
+    """Per pair of `make_batches` batches: the negative log-likelihood summed over its response tokens,
+    and their count (teacher-forced)."""
+    device = next(model.parameters()).device
+    nll, tokens = [], []
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                       use_cache=False).logits
+        # position t predicts token t+1: score the response tokens from the logits one step earlier
+        targets = batch["input_ids"][:, 1:].to(device)
+        keep = batch["response_mask"][:, 1:].to(device).bool()
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        nll += (-(logprobs * keep)).sum(dim=1).tolist()
+        tokens += keep.sum(dim=1).tolist()
+    return nll, tokens
+
+
 def scope_mask(batch: dict[str, torch.Tensor], token_scope: str) -> torch.Tensor:
     """Boolean [B, T] mask of the tokens a scorer sees: all non-padding, prompt or response tokens."""
     if token_scope == "all":

@@ -145,20 +145,12 @@ class AttributeProbe:
     def measure(self, model, tokenizer) -> Attributes:
         from ssah.evaluate.generation import generate_replies
         from ssah.evaluate.rules import is_refusal
+        from ssah.units.scoring import response_nll
 
         replies = generate_replies(model, tokenizer, self.safety_prompts, model_key="size-sweep", system=self.system,
                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
-        device = next(model.parameters()).device
-        total, tokens = 0.0, 0
-        for batch in self.utility_batches:
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
-            # position t predicts token t+1: score the response tokens from the logits one step earlier
-            targets = batch["input_ids"][:, 1:].to(device)
-            keep = batch["response_mask"][:, 1:].to(device).bool()
-            logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            total -= float(logprobs[keep].sum())
-            tokens += int(keep.sum())
+        nll, counts = response_nll(model, self.utility_batches)
+        total, tokens = sum(nll), sum(counts)
         if tokens == 0:
             raise SsahError("the size sweep's utility batches hold no response tokens; raise max_length")
         return Attributes(sum(map(is_refusal, replies)) / len(replies), total / tokens)
