@@ -201,7 +201,7 @@ class _Resample:
         return cls(pick(len(base["attack"])), pick(len(base["correct"])), pick(len(base["nll"])))
 
     def stats(self, row: dict) -> dict[str, np.ndarray]:
-        """Each statistic on every resample (and, at index -1 after `point`, on the items as asked)."""
+        """Each statistic of `row` on every resample of the items."""
         attack, correct = np.asarray(row["attack"], float), np.asarray(row["correct"], float)
         nll, tokens = np.asarray(row["nll"], float), np.asarray(row["tokens"], float)
         return {"asr": attack[self.attack].mean(axis=1), "accuracy": correct[self.correct].mean(axis=1),
