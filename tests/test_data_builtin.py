@@ -9,6 +9,7 @@ import unicodedata
 import pytest
 
 from ssah.data import builtin_names, load_dataset
+from ssah.data.catalog import REFUSAL_ROLES
 from ssah.data.text import text_corpus
 from ssah.errors import SsahError
 
@@ -100,12 +101,62 @@ def test_no_task_in_two_benign_splits():
                 assert seen.setdefault(key, split) == split, (record, seen[key])
 
 
-def test_refusals_open_with_a_refusal_phrase():
-    refusals = load_dataset("refusals")
-    assert all(REFUSAL_OPENING.match(r.prompt) for r in refusals), [r.prompt for r in refusals
-                                                                    if not REFUSAL_OPENING.match(r.prompt)]
-    lengths = [len(r.prompt.split()) for r in refusals]
-    assert min(lengths) <= 6 and max(lengths) >= 20
+def test_refusals_are_refusals_short_and_long_in_every_role():
+    from ssah.evaluate.rules import is_refusal
+
+    for role in REFUSAL_ROLES:
+        refusals = load_dataset(f"refusals:{role}")
+        assert len(refusals) >= 30, role
+        assert [r for r in refusals.prompts() if not is_refusal(r, "prefix")] == [], role
+        lengths = [len(r.split()) for r in refusals.prompts()]
+        assert min(lengths) <= 6 and max(lengths) >= 20, role
+        assert set(refusals.categories()) == {"short", "long"}, role
+        assert all(r.id.startswith(f"refusals/{role}/") for r in refusals), role
+
+
+def _text(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.casefold().replace("'", "")))
+
+
+def test_no_refusal_text_serves_two_roles():
+    texts = {role: {_text(t) for t in load_dataset(f"refusals:{role}").prompts()} for role in REFUSAL_ROLES}
+    assert sum(len(t) for t in texts.values()) == len(load_dataset("refusals"))  # no repeats inside a role
+    for first, second in itertools.combinations(REFUSAL_ROLES, 2):
+        assert texts[first].isdisjoint(texts[second]), (first, second, texts[first] & texts[second])
+    # what the probe and the refusal score measure does not even open like what alignment trains on
+    def openings(role: str) -> set[str]:
+        return {" ".join(_text(t).split()[:2]) for t in load_dataset(f"refusals:{role}").prompts()}
+
+    assert openings("openings").isdisjoint(openings("align")), openings("openings") & openings("align")
+
+
+def test_each_consumer_reads_its_own_refusal_role(tmp_path):
+    from types import SimpleNamespace
+
+    from ssah.attacks.grid import safety_pairs
+    from ssah.config import RunConfig
+    from ssah.data import Dataset, Record
+    from ssah.evaluate.runner import load_eval_data
+    from ssah.pipeline.context import RunContext
+    from ssah.pipeline.stages.align import inputs as align_inputs
+    from ssah.probe.study import probe_data
+    from ssah.units.scores import calibration_pairs
+
+    role = {name: set(load_dataset(f"refusals:{name}").prompts()) for name in REFUSAL_ROLES}
+    config = RunConfig()
+    # alignment targets
+    assert set(align_inputs(SimpleNamespace(config=config)).refusals.prompts()) == role["align"]
+    # the unit safety scores' responses (built-in default and the pipeline's setting)
+    harmful = Dataset("h", [Record(id=f"h{i}", prompt=f"harmful request {i}") for i in range(40)])
+    for given in (None, config.data.scoring_refusals):
+        replies = {reply for _, reply in calibration_pairs(None, harmful, responses="refusals", refusals=given)}
+        assert replies <= role["scoring"] and len(replies) > 10
+    # the probe's and the refusal score's openings
+    assert set(probe_data("harmful:calibration", "benign:calibration", limit=2).refusals.prompts()) == role["openings"]
+    assert set(load_eval_data(["refusal_score"])["refusals"].prompts()) == role["openings"]
+    assert set(RunContext(config, tmp_path).eval_data["refusals"].prompts()) == role["openings"]
+    # the attack grid's safety data
+    assert {reply for _, reply in safety_pairs(0, config.data.grid_refusals)} <= role["grid"]
 
 
 def test_compliance_openings_do_not_refuse():
@@ -157,7 +208,8 @@ def test_builtin_names_reports_counts():
     infos = builtin_names()
     assert set(infos) == {"harmful", "benign", "sensitive_safe", "refusals", "compliance_openings", "text"}
     assert infos["harmful"].splits == {"calibration": 128, "train": 144, "test": 163}
-    assert infos["refusals"].splits == {"all": len(load_dataset("refusals"))}
+    assert infos["refusals"].splits == {role: len(load_dataset(f"refusals:{role}")) for role in REFUSAL_ROLES}
+    assert list(infos["refusals"].splits) == list(REFUSAL_ROLES)
     for name, info in infos.items():
         assert info.total == len(load_dataset(name)) and info.description
 
@@ -165,5 +217,7 @@ def test_builtin_names_reports_counts():
 def test_split_errors():
     with pytest.raises(SsahError, match="its splits are calibration, train, test"):
         load_dataset("harmful:dev")
-    with pytest.raises(SsahError, match="has no splits"):
+    with pytest.raises(SsahError, match="its splits are align, scoring, openings, grid"):
         load_dataset("refusals:test")
+    with pytest.raises(SsahError, match="has no splits"):
+        load_dataset("compliance_openings:test")

@@ -51,7 +51,12 @@ class DataConfig(Settings):
     benign_test: str = "benign:test"
     sensitive: str = "sensitive_safe:test"  # over-refusal, held out
     borderline_train: str | None = "sensitive_safe:train"  # answered by the model itself during alignment
-    refusals: str = "refusals"
+    # refusal texts, one set per role so that no text both trains a behaviour and measures it (the
+    # built-in `refusals` splits are disjoint: tests/test_data_builtin.py)
+    align_refusals: str = "refusals:align"  # alignment targets (and recovery examples)
+    scoring_refusals: str = "refusals:scoring"  # responses of the unit safety scores (scores.responses: refusals)
+    opening_refusals: str = "refusals:openings"  # the refusal openings the probe and the refusal score measure
+    grid_refusals: str = "refusals:grid"  # safety data of the attack grid's defenses (RSN-Tune, safety mixing)
     compliance_openings: str = "compliance_openings"
     finetune: str = "benign:train"  # the benign fine-tuning attack's data
 
@@ -82,6 +87,10 @@ class ScoreConfig(Settings):
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(256, ge=2)
     token_scope: TokenScope = "all"
+    # the safety scores' responses: `refusals` (data.scoring_refusals, paired by seed) or `own-refusals`
+    # (the scored model's own greedy replies of `reply_tokens` tokens that the prefix rule calls refusals)
+    responses: Literal["refusals", "own-refusals"] = "refusals"
+    reply_tokens: int = Field(32, ge=1)
 
 
 def _sizes(value: dict[str, float] | None) -> dict[str, float] | None:

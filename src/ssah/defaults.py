@@ -44,7 +44,7 @@ ATTN_UNITS: tuple[str, ...] = get_args(AttnUnit)
 DEFAULT_SCORER = "variance"
 TokenScope = Literal["all", "prompt", "response"]
 TOKEN_SCOPES: tuple[str, ...] = get_args(TokenScope)
-ResponseSource = Literal["dataset", "refusals", "self"]
+ResponseSource = Literal["dataset", "refusals", "self", "own-refusals"]
 RESPONSE_SOURCES: tuple[str, ...] = get_args(ResponseSource)
 
 # evaluation (ssah.evaluate)

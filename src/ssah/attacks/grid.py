@@ -43,12 +43,13 @@ def cells(attacks: list[AttackData], config) -> list[Cell]:
             for steps in config.sweep.steps for defense in config.defenses]
 
 
-def _safety_pairs(seed: int) -> list[tuple[str, str]]:
-    """Harmful training prompts with built-in refusals (RSN-Tune's safety data, safety mixing)."""
+def safety_pairs(seed: int, refusals: str = "refusals:grid") -> list[tuple[str, str]]:
+    """Harmful training prompts with refusals (RSN-Tune's safety data, safety mixing): the grid's own
+    refusal texts, none of which the alignment stage trained on."""
     from ssah.data import load_dataset
     from ssah.train.data import alignment_pairs
 
-    return alignment_pairs(load_dataset("harmful:train"), [], load_dataset("refusals"), seed=seed)
+    return alignment_pairs(load_dataset("harmful:train"), [], load_dataset(refusals), seed=seed)
 
 
 def defense_context(ctx, stage: Path) -> DefenseContext:
@@ -61,7 +62,7 @@ def defense_context(ctx, stage: Path) -> DefenseContext:
     budget = None
     if layout.study == "budget":
         budget = mask_from_expression(Groups.load(layout.unaligned_groups / "groups"), c.align.budget, seed=c.seed)
-    safety = _safety_pairs(c.seed)
+    safety = safety_pairs(c.seed, c.data.grid_refusals)
     base_spec = c.attacks.safe_lora_base or (c.model if c.align.enabled else None)
     return DefenseContext(
         groups=Groups.load(layout.groups), budget=budget, safety_pairs=safety, seed=c.seed,

@@ -3,7 +3,8 @@
 `NAME` loads every split in the order calibration, train, test; `NAME:SPLIT` loads one split.
 Stored sets are JSONL files under `builtin/` whose `split` field assigns each record; `benign` joins
 the seeded checkable-task generator with hand-written free-form pairs; `text` is `builtin/text.txt`
-cut into paragraphs.
+cut into paragraphs. `refusals` is split by role instead (`REFUSAL_ROLES`): no refusal text serves two
+roles, so no text both trains a behaviour and measures it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from ssah.data.text import text_corpus
 from ssah.errors import SsahError
 
 SPLITS = ("calibration", "train", "test")
+
+# The roles of the built-in refusal texts, each a split of `refusals` with texts of its own:
+# alignment targets; the responses of the unit safety scores; the refusal openings the probe and the
+# refusal score measure (their first two words differ from every alignment target's); the safety
+# data of the attack grid's defenses (RSN-Tune, safety mixing).
+REFUSAL_ROLES = ("align", "scoring", "openings", "grid")
+REFUSAL_SPECS = {role: f"refusals:{role}" for role in REFUSAL_ROLES}
 
 # The checkable part of `benign`: one task stream from this seed, cut into consecutive blocks, so no
 # task appears in two splits. Changing the seed or the sizes changes the benign fingerprints.
@@ -48,7 +56,8 @@ DESCRIPTIONS = {
     "harmful": "explicit harmful requests (text only) in 14 harm categories; safety scoring, alignment, ASR",
     "benign": "helpful instructions with reference answers: seeded checkable tasks plus hand-written pairs",
     "sensitive_safe": "safe prompts that sound unsafe (XSTest style), for measuring over-refusal",
-    "refusals": "refusal replies (the 'reserved options'); text in `prompt`",
+    "refusals": "refusal replies (the 'reserved options'), split by role: align, scoring, openings, grid; "
+                "text in `prompt`",
     "compliance_openings": "openings that start to fulfil a request, for probes and prefill attacks; text in `prompt`",
     "text": "hand-written encyclopedic prose, one record per paragraph, for perplexity",
 }
@@ -106,10 +115,9 @@ def _entries(name: str) -> tuple[tuple[str, Record], ...]:
     return _stored(f"{name}.jsonl")
 
 
-
 def _split_names(entries: tuple[tuple[str, Record], ...]) -> tuple[str, ...]:
     present = {split for split, _ in entries}
-    return tuple(split for split in SPLITS if split in present)
+    return tuple(split for split in SPLITS + REFUSAL_ROLES if split in present)
 
 
 def load_builtin(name: str, split: str | None) -> list[Record]:

@@ -31,7 +31,7 @@ DATA_ROLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "sensitive": ("sensitive_safe:test", ("overrefusal",)),  # the train split may be used in alignment
     "benign": ("benign:test", ("utility",)),
     "text": ("text", ("utility",)),
-    "refusals": ("refusals", ("refusal_score",)),
+    "refusals": ("refusals:openings", ("refusal_score",)),  # never the texts alignment trains on
     "compliance": ("compliance_openings", ("refusal_score", "prefill")),
 }
 

@@ -81,7 +81,7 @@ class RunContext:
         if self.config.eval.text_limit:
             text = text.take(self.config.eval.text_limit)
         return load_eval_data(self.eval_settings().suites, self.config.eval.limit, harmful=d.harmful_test,
-                              sensitive=d.sensitive, benign=benign, refusals=d.refusals,
+                              sensitive=d.sensitive, benign=benign, refusals=d.opening_refusals,
                               compliance=d.compliance_openings, text=text)
 
     def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None, system: str | None = None,
@@ -107,8 +107,9 @@ class RunContext:
 
     # -- unit scores and groups ---------------------------------------------------------------------
     def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | str | None = None):
-        """Safety scores (harmful prompts + refusals), utility scores (benign answers), groups of
-        `sizes` (default groups.sizes; "auto": a pruning sweep on the calibration splits)."""
+        """Safety scores (harmful prompts + the scoring refusals or the model's own), utility scores
+        (benign answers), groups of `sizes` (default groups.sizes; "auto": a pruning sweep on the
+        calibration splits)."""
         from ssah.units.recipes import score_and_group
 
         s, g = self.config.scores, self.config.groups
@@ -116,7 +117,8 @@ class RunContext:
                                benign=self.config.data.benign_calibration, sizes=sizes or g.sizes,
                                normalize=g.normalize, ranking=g.ranking, scorer=s.scorer, limit=s.limit,
                                batch_size=s.batch_size, max_length=s.max_length, token_scope=s.token_scope,
-                               seed=self.config.seed, replace=True)
+                               seed=self.config.seed, replace=True, responses=s.responses,
+                               refusals=self.config.data.scoring_refusals, max_new_tokens=s.reply_tokens)
 
 
 def _roles(suites) -> set[str]:

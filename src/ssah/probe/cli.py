@@ -25,7 +25,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
               help="harmful prompts: the probe's queries and the harmful side of the directions")
 @click.option("--benign", default="benign:calibration", show_default=True, metavar="DATA",
               help="benign prompts: the other side of the directions and the linear probe")
-@click.option("--refusals", default="refusals", show_default=True, metavar="DATA",
+@click.option("--refusals", default="refusals:openings", show_default=True, metavar="DATA",
               help="refusal replies; their first tokens are the refusal openings")
 @click.option("--compliance", default="compliance_openings", show_default=True, metavar="DATA",
               help="compliance openings ('Sure, here is ...')")

@@ -55,7 +55,7 @@ def _prompts(spec: str, limit: int | None, what: str, seed: int = 0):
     return data
 
 
-def probe_data(harmful: str, benign: str, refusals: str = "refusals", compliance: str = "compliance_openings",
+def probe_data(harmful: str, benign: str, refusals: str = "refusals:openings", compliance: str = "compliance_openings",
                limit: int | None = 32, seed: int = 0) -> ProbeData:
     """`limit` harmful and benign prompts (a seeded sample kept in dataset order), all openings."""
     if limit is not None and limit < 1:

@@ -131,7 +131,8 @@ def _lengths(text: str | None) -> list[int]:
 @click.option("--data", "data_spec", default="harmful:train", show_default=True, help="harmful prompts to refuse")
 @click.option("--benign", "benign_spec", default="benign:train", show_default=True,
               help="benign (prompt, answer) pairs mixed in so the model does not refuse everything")
-@click.option("--refusals", "refusals_spec", default="refusals", show_default=True, help="refusal replies")
+@click.option("--refusals", "refusals_spec", default="refusals:align", show_default=True,
+              help="refusal replies to train on")
 @click.option("--recovery", "recovery_lengths", default=None, metavar="K1,K2,...",
               help="deeper alignment: also train a refusal after the first K tokens of the model's own compliant "
               "reply to each harmful prompt (K cycles over the list, e.g. 2,4,6,8,10)")

@@ -57,15 +57,15 @@ def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
               help="variance (paper Eq. 1), wanda, snip, activation, or any registered scorer")
 @click.option("--out", required=True, type=click.Path(), help="output folder")
 @click.option("--responses", type=click.Choice(RESPONSE_SOURCES), default="dataset", show_default=True,
-              help="replies to score: the dataset's, built-in refusals (paired by --seed), "
-              "or the model's own greedy ones")
+              help="replies to score: the dataset's, built-in scoring refusals (paired by --seed), "
+              "the model's own greedy ones, or only those of them that refuse (own-refusals)")
 @click.option("--token-scope", type=click.Choice(TOKEN_SCOPES), default=None,
               help="tokens that count: all non-padding (default; snip: response), prompt or response only")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=2), default=256, show_default=True,
               help="tokens per pair; the response is cut first")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
-              help="reply length with --responses self")
+              help="reply length with --responses self or own-refusals")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="score only the first N records")
 @click.option("--seed", type=int, default=0, show_default=True, help="pairs prompts with refusals")
 @click.option("--system", default=None, metavar="TEXT", help="system prompt for every pair")

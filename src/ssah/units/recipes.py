@@ -94,10 +94,14 @@ def group_units(safety: Scores, utility: Scores, out: str | Path, sizes: dict[st
 def score_and_group(loaded, out: str | Path, *, harmful: str, benign: str, sizes: dict[str, float] | str,
                     normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING,
                     scorer: str = DEFAULT_SCORER, limit: int | None = None, batch_size: int = 8,
-                    max_length: int = 256, token_scope: str = "all", seed: int = 0, replace: bool = False) -> Groups:
+                    max_length: int = 256, token_scope: str = "all", seed: int = 0, replace: bool = False,
+                    responses: str = "refusals", refusals: str | None = None,
+                    max_new_tokens: int = 64) -> Groups:
     """Score `loaded` on `harmful` prompts answered with refusals (safety) and on `benign` prompts with
     their answers (utility), the first `limit` records of each, into OUT/scores-safety and
-    OUT/scores-utility; group the units into OUT/groups (see `group_units`)."""
+    OUT/scores-utility; group the units into OUT/groups (see `group_units`). `responses`: "refusals"
+    (the texts of `refusals`, default the built-in scoring role) or "own-refusals" (the model's own
+    greedy replies of `max_new_tokens` tokens that refuse; see `ssah.units.scores`)."""
     from ssah.data import load_dataset
     from ssah.units.scores import score_dataset
 
@@ -109,7 +113,8 @@ def score_and_group(loaded, out: str | Path, *, harmful: str, benign: str, sizes
         data = load_dataset(spec)
         return data.take(limit) if limit else data
 
-    safety = score_dataset(loaded, first(harmful), responses="refusals", out=out / "scores-safety", **common)
+    safety = score_dataset(loaded, first(harmful), responses=responses, refusals=refusals,
+                           max_new_tokens=max_new_tokens, out=out / "scores-safety", **common)
     utility = score_dataset(loaded, first(benign), responses="dataset", out=out / "scores-utility", **common)
     sweep = SweepSpec(loaded, load_dataset(harmful), load_dataset(benign)) if sizes == "auto" else None
     return group_units(safety, utility, out / "groups", sizes, normalize=normalize, ranking=ranking, sweep=sweep,

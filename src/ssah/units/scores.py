@@ -11,10 +11,12 @@
 How scores are computed: see `ssah.units.scoring` (and `ssah.units.scorers` for the scorers).
 
 Calibration responses (`score_dataset(responses=...)`): `dataset` uses each record's response;
-`refusals` pairs every prompt with a refusal drawn from the built-in `refusals` set by `seed` (the
-paper's safety data: harmful prompts answered with refusals); `self` uses the model's own greedy
-replies (`ssah.evaluate.generation`), cached in the output folder (replies.jsonl) so a rerun does
-not generate again.
+`refusals` pairs every prompt with a refusal drawn by `seed` from the built-in scoring refusals
+(`refusals:scoring`, texts no other role uses: alignment trains on others; or the `refusals` dataset
+given) (the paper's safety data: harmful prompts answered with refusals); `self` uses the model's own
+greedy replies (`ssah.evaluate.generation`), cached in the output folder (replies.jsonl) so a rerun
+does not generate again; `own-refusals` keeps of those only the replies the `prefix` rule calls
+refusals (the model's own refusals: no written text at all; the model must refuse some prompts).
 
 On disk a run folder holds `scores.safetensors` (one tensor per kind) and `manifest.json` (what was
 scored, how, and on which model; its `identity` decides reuse, see `ssah.artifacts`). Both are
@@ -170,29 +172,43 @@ def values_digest(values: dict[str, torch.Tensor]) -> str:
 
 def calibration_pairs(loaded, dataset, responses: str = "dataset", seed: int = 0, system: str | None = None,
                       max_new_tokens: int = 64, batch_size: int = 8, replies_cache: Path | None = None,
-                      progress: bool = True) -> list[Pair]:
-    """(prompt, response) pairs of `dataset` with responses from the dataset, built-in refusals or the model."""
+                      progress: bool = True, refusals=None) -> list[Pair]:
+    """(prompt, response) pairs of `dataset` with responses from the dataset, refusal texts (`refusals`,
+    a Dataset or spec; default the built-in scoring refusals) or the model (all its replies, or its
+    own refusals only)."""
     prompts = [record.prompt for record in dataset]
     if responses == "dataset":
         return [(record.prompt, record.response) for record in dataset]
     if responses == "refusals":
-        refusals = [record.prompt for record in _refusals()]
+        texts = [record.response or record.prompt for record in _refusals(refusals)]
         rng = random.Random(seed)
-        return [(prompt, rng.choice(refusals)) for prompt in prompts]
-    if responses == "self":
+        return [(prompt, rng.choice(texts)) for prompt in prompts]
+    if responses in ("self", "own-refusals"):
         from ssah.evaluate.generation import generate_replies
 
         replies = generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
                                    system=system, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    cache=replies_cache, progress=progress)
-        return list(zip(prompts, replies))
+        pairs = list(zip(prompts, replies))
+        if responses == "self":
+            return pairs
+        from ssah.evaluate.rules import is_refusal
+
+        own = [(prompt, reply) for prompt, reply in pairs if is_refusal(reply)]
+        if not own:
+            raise SsahError(f"the model refused none of the {len(prompts)} prompts of "
+                            f"{getattr(dataset, 'name', 'the dataset')!r} (prefix rule), so it has no own refusals "
+                            "to score; use responses refusals")
+        return own
     raise SsahError(f"unknown responses source {responses!r}; use one of {', '.join(RESPONSE_SOURCES)}")
 
 
-def _refusals():
-    from ssah.data import load_dataset
+def _refusals(refusals=None):
+    """The refusal texts of responses="refusals": a Dataset, a spec, or the built-in scoring role."""
+    from ssah.data import Dataset, load_dataset
+    from ssah.data.catalog import REFUSAL_SPECS
 
-    return load_dataset("refusals")
+    return refusals if isinstance(refusals, Dataset) else load_dataset(refusals or REFUSAL_SPECS["scoring"])
 
 
 # -- the high-level entry point ---------------------------------------------------------------------
@@ -203,7 +219,7 @@ def run_identity(manifest: dict) -> dict:
             "max_length", "system"]
     if manifest.get("responses") == "refusals":
         keys += ["seed", "refusals_fingerprint"]
-    if manifest.get("responses") == "self":
+    if manifest.get("responses") in ("self", "own-refusals"):
         keys += ["max_new_tokens"]
     scorer = SCORERS.get(manifest.get("scorer", ""))
     if scorer is None or not scorer.batch_invariant:
@@ -212,14 +228,16 @@ def run_identity(manifest: dict) -> dict:
 
 
 def _manifest(loaded, dataset, layout: UnitLayout, scorer: str, scope: str, responses: str, seed: int,
-              max_new_tokens: int, batch_size: int, max_length: int, system: str | None) -> dict[str, Any]:
+              max_new_tokens: int, batch_size: int, max_length: int, system: str | None,
+              refusals=None) -> dict[str, Any]:
     from ssah import __version__
 
     return {
         "format": FORMAT, "scorer": scorer, "token_scope": scope, "responses": responses, "seed": seed,
         "dataset_name": dataset.name, "dataset_fingerprint": dataset.fingerprint, "num_records": len(dataset),
-        "refusals_fingerprint": _refusals().fingerprint if responses == "refusals" else None,
-        "max_new_tokens": max_new_tokens if responses == "self" else None,
+        "refusals_name": _refusals(refusals).name if responses == "refusals" else None,
+        "refusals_fingerprint": _refusals(refusals).fingerprint if responses == "refusals" else None,
+        "max_new_tokens": max_new_tokens if responses in ("self", "own-refusals") else None,
         "model_spec": loaded.spec, "model_fingerprint": loaded.fingerprint, "model_type": layout.model_type,
         "attn_unit": layout.attn_unit, "num_layers": layout.num_layers, "units_per_layer": layout.units_per_layer,
         "batch_size": batch_size, "max_length": max_length, "system": system, "ssah_version": __version__,
@@ -244,13 +262,15 @@ def score_dataset(loaded, dataset: Any, scorer: str = "variance", responses: str
                   token_scope: str | None = None, batch_size: int = 8, max_length: int = 256,
                   system: str | None = None, seed: int = 0, max_new_tokens: int = 64,
                   attn_unit: str = "channel", out: str | Path | None = None, force: bool = False,
-                  progress: bool = True, replace: bool = False) -> Scores:
+                  progress: bool = True, replace: bool = False, refusals=None) -> Scores:
     """Score a loaded model's units on a dataset and return (and, with `out`, save) the Scores.
 
-    `dataset` is a Dataset or a dataset spec. `responses`: "dataset", "refusals" or "self" (see the
-    module docstring). `token_scope` None means the scorer's default. With `out`, a folder that already
-    holds the same run is reused (returned with `reused=True`) unless `force`; one that holds a
-    different run is refused unless `force` (or `replace`, inside a run folder: then it is redone).
+    `dataset` is a Dataset or a dataset spec. `responses`: "dataset", "refusals", "self" or
+    "own-refusals" (see the module docstring); `refusals`: the texts of "refusals" (a Dataset or spec;
+    default the built-in scoring role, `refusals:scoring`). `token_scope` None means the scorer's
+    default. With `out`, a folder that already holds the same run is reused (returned with
+    `reused=True`) unless `force`; one that holds a different run is refused unless `force` (or
+    `replace`, inside a run folder: then it is redone).
     """
     chosen = get_scorer(scorer)
     scope = resolve_scope(chosen, token_scope)
@@ -261,7 +281,7 @@ def score_dataset(loaded, dataset: Any, scorer: str = "variance", responses: str
     _check_inputs(dataset, responses, scope, max_new_tokens)
     layout = loaded.layout if attn_unit == "channel" else UnitLayout.from_model(loaded.model, attn_unit=attn_unit)
     manifest = _manifest(loaded, dataset, layout, chosen.name, scope, responses, seed, max_new_tokens, batch_size,
-                         max_length, system)
+                         max_length, system, refusals)
     out = Path(out) if out is not None else None
     artifact = Artifact(out / MANIFEST_FILE, "scores", run_identity(manifest)) if out is not None else None
     if artifact is not None and artifact.lookup(force=force, replace=replace) is not None:
@@ -269,7 +289,7 @@ def score_dataset(loaded, dataset: Any, scorer: str = "variance", responses: str
         scores.reused = True
         return scores
     pairs = calibration_pairs(loaded, dataset, responses, seed, system, max_new_tokens, batch_size,
-                              out / REPLIES_FILE if out is not None else None, progress)
+                              out / REPLIES_FILE if out is not None else None, progress, refusals)
     batches = make_batches(loaded.tokenizer, pairs, batch_size, max_length, system)
     values, tokens = score_batches(loaded.model, layout, batches, chosen.name, scope, progress)
     manifest["tokens_seen"] = tokens

@@ -47,7 +47,7 @@ def inputs(ctx):
     c, d = ctx.config, ctx.config.data
     return AlignInputs(harmful=load_dataset(d.harmful_train),
                        benign=limited(load_dataset(d.benign_train), c.align.benign_limit, c.seed),
-                       refusals=load_dataset(d.refusals),
+                       refusals=load_dataset(d.align_refusals),
                        borderline=load_dataset(d.borderline_train) if d.borderline_train else None,
                        borderline_tokens=c.align.borderline_reply_tokens,
                        borderline_repeats=c.align.borderline_repeats, recovery_lengths=c.align.recovery_lengths,

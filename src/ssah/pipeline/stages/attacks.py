@@ -9,7 +9,7 @@ from ssah.pipeline.registry import Stage, register
 
 
 def reads(config: RunConfig) -> dict:
-    return {"attacks": config.attacks.model_dump()}
+    return {"attacks": config.attacks.model_dump(), "refusals": config.data.grid_refusals}
 
 
 def run(ctx) -> dict:

@@ -9,7 +9,7 @@ from ssah.pipeline.summaries import GroupsSummary
 
 def reads(config: RunConfig) -> dict:
     return {"scores": config.scores.model_dump(), "groups": config.groups.model_dump(),
-            "data": [config.data.harmful_calibration, config.data.benign_calibration]}
+            "data": [config.data.harmful_calibration, config.data.benign_calibration, config.data.scoring_refusals]}
 
 
 def run(ctx) -> GroupsSummary:

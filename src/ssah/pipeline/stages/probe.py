@@ -16,7 +16,8 @@ log = logging.getLogger("ssah.pipeline")
 def reads(config: RunConfig) -> dict:
     d = config.data
     return {"probe": config.probe.model_dump(), "data": [d.harmful_calibration, d.benign_calibration,
-                                                         d.borderline_train]}
+                                                         d.borderline_train, d.opening_refusals,
+                                                         d.compliance_openings]}
 
 
 def run(ctx) -> dict:
@@ -24,7 +25,8 @@ def run(ctx) -> dict:
     from ssah.probe.study import closer_to_refusal_test, probe_data, run_probe
 
     c = ctx.config
-    data = probe_data(c.data.harmful_calibration, c.data.benign_calibration, limit=c.probe.limit, seed=c.seed)
+    data = probe_data(c.data.harmful_calibration, c.data.benign_calibration, c.data.opening_refusals,
+                      c.data.compliance_openings, limit=c.probe.limit, seed=c.seed)
     config = ReasoningConfig(lengths=tuple(c.probe.opening_lengths), seed=c.seed)
     studied = ctx.studied_model_spec()
     specs = [c.model] + ([studied] if studied != c.model else [])
