@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from ssah.evaluate.batching import BatchingStats, _shared_prefix, continuous_generate
+from ssah.errors import SsahError
+from ssah.evaluate.batching import BatchingStats, _shared_prefix, choose_slots, continuous_generate, length_buckets
 from ssah.evaluate.generation import GenerationCache, _encode_text, generate_items, generate_replies, render_prompts
 from ssah.models.tiny import TINY_FAMILIES as FAMILIES
 from ssah.models.tiny import tiny_model
@@ -61,9 +62,12 @@ def test_continuous_and_static_batches_equal_batch_size_one(family):
     single = generate_items(model, tokenizer, MANY, batch_size=1, batching="static", **settings)
     static = generate_items(model, tokenizer, MANY, batch_size=4, batching="static", **settings)
     continuous = generate_items(model, tokenizer, MANY, batch_size=4, **settings)
+    # More slots than prompts: every prompt enters at once, prefilled in groups of similar length.
+    wide = generate_items(model, tokenizer, MANY, slots=32, **settings)
     assert len({len(g.token_ids) for g in single}) >= 2  # rows did end at different steps
     assert [g.token_ids for g in static] == [g.token_ids for g in single]
     assert [g.token_ids for g in continuous] == [g.token_ids for g in single]
+    assert [g.token_ids for g in wide] == [g.token_ids for g in single]
 
 
 def test_continuous_batching_refills_finished_slots():
@@ -81,6 +85,43 @@ def test_continuous_batching_refills_finished_slots():
     # row-step. A row that keeps stepping after its end would add row-steps.
     assert stats.row_steps == sum(len(r) if len(r) < 9 else 8 for r in replies)
     assert stats.prefills > 1 and stats.tokens == sum(len(r) for r in replies)
+
+
+def test_length_buckets_keep_padding_small():
+    lengths = [40, 12, 38, 11, 100, 9, 31, 75]
+    groups = length_buckets(lengths)
+    assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+    for group in groups:
+        assert min(lengths[i] for i in group) >= 0.75 * max(lengths[i] for i in group)
+    assert groups == [[4, 7], [0, 2, 6], [1, 3, 5]]  # longest first, input order inside a group
+    assert length_buckets([5, 5, 5]) == [[0, 1, 2]]
+
+
+def test_auto_slots_are_measured_once_per_model_shape(tmp_path):
+    """`slots="auto"` measures decoding at growing slot counts once, then reads the choice back."""
+    cache_file = tmp_path / "slots.json"
+    model, tokenizer = tiny_model("llama")
+    first = choose_slots(model, cache_file)
+    assert first.measured and first.slots in first.rows_per_s and first.reason
+    assert min(first.rows_per_s) == 8 and all(rate > 0 for rate in first.rows_per_s.values())
+    again = choose_slots(model, cache_file)
+    assert not again.measured and again.slots == first.slots and again.rows_per_s == first.rows_per_s
+    other, _ = tiny_model("gpt2")  # another shape: measured on its own
+    assert choose_slots(other, cache_file).measured
+    assert len(json.loads(cache_file.read_text())) == 2
+
+
+def test_auto_slots_generate_the_batch_one_replies(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path))
+    model, tokenizer = tiny_model("qwen2")
+    settings = dict(model_key="m", max_new_tokens=5, progress=False)
+    auto = generate_items(model, tokenizer, MANY, slots="auto", **settings)
+    single = generate_items(model, tokenizer, MANY, batch_size=1, batching="static", **settings)
+    assert [g.token_ids for g in auto] == [g.token_ids for g in single]
+    assert (tmp_path / "slots.json").is_file()
+    for bad in (0, "fast", 2.5):
+        with pytest.raises(SsahError, match="slots"):
+            generate_items(model, tokenizer, MANY[:1], slots=bad, **settings)
 
 
 def test_system_prompt_and_prefill_change_the_input():

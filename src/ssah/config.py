@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from ssah.artifacts import fingerprint
 from ssah.defaults import (
@@ -73,6 +73,7 @@ class EvalConfig(Settings):
     limit: int | None = Field(64, ge=1)  # items per evaluation set (None: all)
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(16, ge=1)
+    slots: Literal["auto"] | PositiveInt = "auto"  # rows generated at once (ssah.evaluate.batching.choose_slots)
     rules: list[Rule] = Field(default_factory=lambda: ["prefix", "keywords"], min_length=1)
     system_prompt: SystemPromptMode = "none"
     text_limit: int | None = Field(24, ge=1)  # paragraphs of the `text` corpus for perplexity (None: all)

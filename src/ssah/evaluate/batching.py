@@ -6,11 +6,19 @@ decoding loop is ssah's own, over one `DynamicCache` of full-attention layers:
 
 - a row leaves the batch the step it emits EOS or reaches `max_new_tokens` (its cache rows are
   dropped, and cache columns that became padding for every row are cut off the left);
-- when at least `refill` slots are free, the next waiting prompts are prefilled together, their
-  caches left-padded to the running batch's length (or the other way round) and joined to it;
+- when at least `refill` slots are free, the next waiting prompts are prefilled, in groups of
+  similar length (`length_buckets`: little padding in the prefill), their caches left-padded to the
+  running batch's length (or the other way round) and joined to it;
+- the prompts' shared opening (a chat template's system turn) is computed once and its cache rows
+  open every new row's cache;
 - every row sees only its own tokens: padding is masked and position ids count each row's real
   tokens, so a greedy reply equals the batch-size-1 reply token for token (tested on the tiny models
   of every supported family in fp32).
+
+The slot count decides the speed on a CPU: a decoding step reads every weight once whatever
+the number of rows, so rows share that cost until the arithmetic dominates. `choose_slots` measures
+decoding steps at growing slot counts once per model shape and machine and caches the choice under
+the ssah cache folder (`slots.json`); `slots="auto"` in `ssah.evaluate.generation` uses it.
 
 transformers' own continuous-batching API (`generate_batch`, paged attention) gives the same replies
 but ran about twice as slowly as static batching on a 2-core CPU, hence this loop.
@@ -18,10 +26,15 @@ but ran about twice as slowly as static batching on a 2-core CPU, hence this loo
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
+import platform
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -191,9 +204,11 @@ def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: 
                         stats: BatchingStats | None = None) -> list[tuple[int, ...]]:
     """Greedy replies (new token ids up to EOS, excluded) to token-id prompts, in input order.
 
-    Prompts enter in the order given. `refill` (default: a quarter of `batch_size`, at least 1) is
-    how many slots must be free before waiting prompts are prefilled: prefilling one prompt at a time
-    costs a forward pass each. `on_finish` receives (index, tokens) of the rows that ended at a step.
+    Prompts enter in the order given (sort them by length first: prefill groups of similar length pad
+    little). Prompts entering together are prefilled in `length_buckets`. `refill` (default: a quarter
+    of `batch_size`, at least 1) is how many slots must be free before waiting prompts are prefilled:
+    prefilling one prompt at a time costs a forward pass each. `on_finish` receives (index, tokens) of
+    the rows that ended at a step.
     """
     stops = set(int(t) for t in eos_ids)
     refill = max(1, batch_size // 4) if refill is None else max(1, min(refill, batch_size))
@@ -205,16 +220,33 @@ def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: 
         free = batch_size - len(batch.rows)
         if waiting and (free >= refill or not batch.rows):
             taken, waiting = waiting[:free], waiting[free:]
-            batch.rows += [_Row(i, []) for i in taken]
-            stats.prefills += 1
-            start = len(batch.rows) - len(taken)
-            _advance(batch, batch.prefill([encoded[i] for i in taken]), start, stops, max_new_tokens,
-                     replies, on_finish, stats)
+            skip = len(batch.prefix)
+            for group in length_buckets([len(encoded[i]) - skip for i in taken]):
+                group = [taken[j] for j in group]
+                batch.rows += [_Row(i, []) for i in group]
+                stats.prefills += 1
+                start = len(batch.rows) - len(group)
+                _advance(batch, batch.prefill([encoded[i] for i in group]), start, stops, max_new_tokens,
+                         replies, on_finish, stats)
             continue
         stats.steps += 1
         stats.row_steps += len(batch.rows)
         _advance(batch, batch.step(), 0, stops, max_new_tokens, replies, on_finish, stats)
     return [reply if reply is not None else () for reply in replies]
+
+
+def length_buckets(lengths: Sequence[int], shortest_share: float = 0.75) -> list[list[int]]:
+    """Indices of `lengths` grouped for prefilling: a group's shortest prompt is at least
+    `shortest_share` of its longest, so padding stays under a quarter of a group's tokens. Groups
+    keep the input order inside them; the longest prompts' group comes first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and lengths[i] >= shortest_share * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(group) for group in groups]
 
 
 def _shared_prefix(encoded: Sequence[list[int]], least: int = 8) -> list[int]:
@@ -244,3 +276,146 @@ def _advance(batch: _Batch, tokens: torch.Tensor, start: int, stops: set[int], m
         batch.keep(keep)
         if on_finish is not None:
             on_finish(finished)
+
+
+SLOT_CANDIDATES = (8, 16, 32, 64, 128)  # a GPU's caller may pass larger counts
+SLOTS_FILE = "slots.json"
+
+
+@dataclass
+class SlotChoice:
+    """The slot count `choose_slots` settled on, the decoding row-steps per second it measured at each
+    count tried, and whether this call measured them (False: read from the cache file)."""
+
+    slots: int
+    rows_per_s: dict[int, float] = field(default_factory=dict)
+    measured: bool = False
+    reason: str = ""
+
+
+def _machine_key(model) -> str:
+    """What a measured slot count depends on: the model's shape and dtype, the device, torch's threads."""
+    import torch
+
+    config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
+    shape = {k: config.get(k) for k in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "vocab_size", "n_embd",
+                                        "n_layer", "n_head", "head_dim")}
+    parameter = next(model.parameters())
+    device = parameter.device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    payload = {"shape": shape, "dtype": str(parameter.dtype), "device": device.type, "where": where, "cpu": cpu,
+               "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _memory_cap(model, context: int) -> int:
+    """The most slots whose caches of `context` tokens fill at most a quarter of the free memory."""
+    import torch
+
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", None)
+                                                     or getattr(config, "n_embd", 64)) // heads
+    parameter = next(model.parameters())
+    per_row = 2 * layers * kv_heads * head_dim * context * parameter.element_size()
+    if parameter.device.type == "cuda":
+        free = torch.cuda.mem_get_info(parameter.device)[0]
+    else:
+        try:
+            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (OSError, ValueError, AttributeError):
+            free = 8 * 2**30
+    return max(1, int(free / 4 // max(1, per_row)))
+
+
+@torch.inference_mode()
+def measure_slots(model, *, context: int = 96, steps: int = 2, candidates: Sequence[int] = SLOT_CANDIDATES,
+                  step_budget_s: float = 1.0, gain: float = 1.1) -> SlotChoice:
+    """Decoding row-steps per second at growing slot counts; the choice is the last count that beat every
+    smaller one by at least `gain` (the next ones share too little more to be worth their memory).
+
+    Each count decodes `steps` steps (after one untimed) over a cache of `context` columns copied from
+    one prefilled row, so no prompt is prefilled per count. Counts stop where a step takes longer than
+    `step_budget_s` (a large model on a CPU), where the caches would fill a quarter of the free memory,
+    or at an out-of-memory error on a GPU.
+    """
+    cap = _memory_cap(model, context + 256)
+    vocab = int(getattr(model.config, "vocab_size", 256) or 256)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(min(3, vocab - 1), vocab, (context,), generator=generator).tolist()
+    probe = _Batch(model, pad_id=0)
+    probe.rows = [_Row(0, [])]
+    probe.prefill([prompt])
+    choice, reason = SlotChoice(slots=candidates[0]), "tried every count"
+    best = 0.0
+    for slots in candidates:
+        if slots > cap:
+            reason = f"{slots} slots' caches would fill a quarter of the free memory"
+            break
+        batch = _Batch(model, pad_id=0)
+        batch.rows, batch.mask, batch.pending = list(probe.rows), probe.mask, probe.pending
+        batch.cache = _growing_cache([(layer.keys, layer.values) for layer in probe.cache.layers])
+        try:
+            batch.keep([0] * slots)
+            batch.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                batch.step()
+            if torch.cuda.is_available() and batch.device.type == "cuda":
+                torch.cuda.synchronize(batch.device)
+            seconds = time.perf_counter() - start
+        except torch.OutOfMemoryError:
+            reason = f"{slots} slots ran out of memory"
+            break
+        finally:
+            del batch
+        rate = slots * steps / seconds
+        choice.rows_per_s[slots] = rate
+        if rate >= gain * best:
+            best, choice.slots = rate, slots
+        else:
+            reason = f"{slots} slots decoded less than {gain:g}x the row-steps/s of fewer"
+            break
+        if seconds / steps > step_budget_s:
+            reason = f"a step at {slots} slots took over {step_budget_s:g} s"
+            break
+    choice.measured, choice.reason = True, reason
+    return choice
+
+
+def choose_slots(model, cache_file: str | Path | None = None, **measure) -> SlotChoice:
+    """The slot count for continuous batching on this model and machine: measured once
+    (`measure_slots`) and kept in `cache_file` (default: `slots.json` in the ssah cache folder),
+    keyed by the model's shape and dtype, the device and torch's thread count."""
+    from ssah.models.loading import cache_dir
+
+    path = Path(cache_file) if cache_file is not None else cache_dir() / SLOTS_FILE
+    key = _machine_key(model)
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and isinstance(entry.get("slots"), int) and entry["slots"] >= 1:
+        return SlotChoice(entry["slots"], {int(k): v for k, v in entry.get("rows_per_s", {}).items()},
+                          measured=False, reason=entry.get("reason", ""))
+    choice = measure_slots(model, **measure)
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"slots": choice.slots, "rows_per_s": {str(k): v for k, v in choice.rows_per_s.items()},
+                  "reason": choice.reason}
+    try:  # a cache that cannot be written costs a measurement next time, nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.part")
+        partial.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        pass
+    return choice

@@ -14,6 +14,15 @@ from ssah.evaluate.settings import EvalSettings
 _DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field in EvalSettings.model_fields.items()}
 
 
+def _slots(_ctx, _param, value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a whole number nor auto") from None
+
+
 @click.command("eval")
 @model_options
 @click.option("--suite", "suites", default=",".join(_DEFAULTS["suites"]), show_default=True,
@@ -28,6 +37,8 @@ _DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field 
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="use the first N items of each set")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=_DEFAULTS["max_new_tokens"], show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=_DEFAULTS["batch_size"], show_default=True)
+@click.option("--slots", default=str(_DEFAULTS["slots"]), show_default=True, metavar="N|auto", callback=_slots,
+              help="rows the hf engine generates at once; auto: measured once per model and machine, then cached")
 @click.option("--system", "system_text", default=None, metavar="TEXT",
               help="system prompt text of the 'default' condition (default: Llama-2-Chat's)")
 @click.option("--system-prompt", "system_mode", default=_DEFAULTS["system_prompt"], show_default=True,
@@ -54,7 +65,7 @@ _DEFAULTS = {name: field.get_default(call_default_factory=True) for name, field 
                    "(pip install 'ssah[vllm]'; from the model folder, or a copy saved once under OUT)")
 @click.option("--force", is_flag=True, help="replace an output folder that holds another model's evaluation")
 def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
-                 batch_size, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
+                 batch_size, slots, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
                  lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, engine, force):
     """Evaluate safety (ASR per rule, refusal score), prefill attacks, over-refusal and utility.
 
@@ -69,7 +80,8 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
         raise SsahError("--system has no effect with --system-prompt none; drop one of them")
     settings = EvalSettings.from_dict(
         {"suites": _names(suites), "rules": _names(rules), "max_new_tokens": max_new_tokens,
-         "batch_size": batch_size, "system_prompt": system_mode, "limit": limit,
+         "batch_size": batch_size, "slots": slots,
+         "system_prompt": system_mode, "limit": limit,
          "lm_eval_tasks": list(_names(lm_eval_tasks or "")), "lm_eval_limit": lm_eval_limit,
          "lm_eval_include": lm_eval_include, "engine": engine,
          **({} if system_text is None else {"system": system_text})})

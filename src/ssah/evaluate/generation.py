@@ -4,8 +4,9 @@
   (`ssah.data.chat.format_prompt`), optionally with a system prompt and a prefilled reply opening.
 - Inputs are sorted by token length (longest first, so an out-of-memory error shows at once).
   Batching is continuous by default (`ssah.evaluate.batching`: a finished row's slot goes to the
-  next waiting prompt) and static under an intervention that watches `model.generate` (left-padded
-  batches through `model.generate`). Neither changes a reply: batched output equals batch-size-1
+  next waiting prompt; `slots="auto"` lets it pick its slot count for the model and machine) and
+  static under an intervention that watches `model.generate` (left-padded batches through
+  `model.generate`). Neither changes a reply: batched output equals batch-size-1
   output token for token (tested on the tiny models in fp32).
 - Finished replies are appended to a JSONL cache with flush + fsync, keyed by
   (model key, rendered input text, max new tokens): an interrupted run loses at most the rows in
@@ -28,9 +29,10 @@ from tqdm.auto import tqdm
 
 from ssah.data.chat import EncodedPair, collate_pairs, format_prompt, has_chat_template
 from ssah.errors import SsahError
-from ssah.evaluate.batching import continuous_generate
+from ssah.evaluate.batching import choose_slots, continuous_generate
 
 Batching = Literal["continuous", "static"]
+Slots = int | Literal["auto"] | None
 
 CACHE_VERSION = 1
 
@@ -159,12 +161,15 @@ def _lookup(cache: GenerationCache, keys: list[str], texts: Sequence[str]) -> tu
 
 
 def _checked_batching(model, max_new_tokens: int, batch_size: int, rewrite, batching: Batching | None,
-                      engine) -> Batching:
+                      engine, slots: Slots = None) -> Batching:
     """The batching to use, after one line for settings that cannot work."""
     if max_new_tokens < 1:
         raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise SsahError(f"batch size must be at least 1, got {batch_size}")
+    if slots is not None and slots != "auto" and (isinstance(slots, bool) or not isinstance(slots, int)
+                                                  or slots < 1):
+        raise SsahError(f"slots must be a positive whole number or auto, got {slots!r}")
     if batching is None:
         batching = "static" if rewrite is not None or _generate_is_watched(model) else "continuous"
     if rewrite is not None and (batching == "continuous" or engine is not None):
@@ -177,7 +182,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
                    desc: str = "generating",
                    on_batch: Callable[[list[Generation]], None] | None = None,
                    rewrite: Callable[[list[str]], list[str]] | None = None,
-                   batching: Batching | None = None, engine=None) -> list[Generation]:
+                   batching: Batching | None = None, engine=None, slots: Slots = None) -> list[Generation]:
     """Greedy replies to already rendered input texts, in input order.
 
     `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
@@ -189,9 +194,11 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
     batch (static) or per decoding step at which rows ended (continuous). `rewrite` maps the decoded
     replies of a batch to the replies to keep (e.g. a runtime monitor replacing flagged replies by a
     refusal); it runs before caching, so its `model_key` must say that a rewrite is in effect.
-    `engine` (e.g. `ssah.evaluate.engines.VllmEngine`) generates instead of `model`.
+    `engine` (e.g. `ssah.evaluate.engines.VllmEngine`) generates instead of `model`. `slots`: how many
+    rows continuous batching decodes at once: a number, `auto` (`ssah.evaluate.batching.choose_slots`:
+    measured once per model shape and machine, then cached), or None for `batch_size`.
     """
-    batching = _checked_batching(model, max_new_tokens, batch_size, rewrite, batching, engine)
+    batching = _checked_batching(model, max_new_tokens, batch_size, rewrite, batching, engine, slots)
     cache = cache if cache is not None else GenerationCache()
     keys = [cache_key(model_key, text, max_new_tokens) for text in texts]
     results, pending = _lookup(cache, keys, texts)
@@ -226,8 +233,9 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
                 finish(chunk, _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens,
                                               eos_ids))
         else:
+            width = choose_slots(model).slots if slots == "auto" else slots or batch_size
             continuous_generate(model, [encoded[k] for k in order], max_new_tokens=max_new_tokens,
-                                eos_ids=eos_ids, pad_id=_pad_id(tokenizer, eos_ids), batch_size=batch_size,
+                                eos_ids=eos_ids, pad_id=_pad_id(tokenizer, eos_ids), batch_size=width,
                                 on_finish=lambda rows: finish([order[i] for i, _ in rows], [t for _, t in rows]))
     return [results[key] for key in keys]
 
@@ -246,7 +254,7 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
                    cache: GenerationCache | None = None, progress: bool = True, desc: str = "generating",
                    on_batch: Callable[[list[Generation]], None] | None = None,
                    rewrite: Callable[[list[str]], list[str]] | None = None,
-                   batching: Batching | None = None, engine=None) -> list[Generation]:
+                   batching: Batching | None = None, engine=None, slots: Slots = None) -> list[Generation]:
     """Greedy replies to user prompts (chat template, optional system prompt and prefills), in order.
 
     With prefills, each reply is the model's continuation after the prefill text (which is not part
@@ -255,15 +263,17 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
     texts = render_prompts(tokenizer, prompts, system, prefills)
     return generate_texts(model, tokenizer, texts, model_key=model_key, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, cache=cache, progress=progress, desc=desc, on_batch=on_batch,
-                          rewrite=rewrite, batching=batching, engine=engine)
+                          rewrite=rewrite, batching=batching, engine=engine, slots=slots)
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,
                      prefills: Sequence[str] | None = None, max_new_tokens: int = 64, batch_size: int = 8,
-                     cache: GenerationCache | str | Path | None = None, progress: bool = True) -> list[str]:
+                     cache: GenerationCache | str | Path | None = None, progress: bool = True,
+                     slots: Slots = None) -> list[str]:
     """The reply text for each prompt (see `generate_items`); `cache` may be a JSONL path."""
     if cache is not None and not isinstance(cache, GenerationCache):
         cache = GenerationCache(cache)
     items = generate_items(model, tokenizer, prompts, model_key=model_key, system=system, prefills=prefills,
-                           max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache, progress=progress)
+                           max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache, progress=progress,
+                           slots=slots)
     return [item.reply for item in items]

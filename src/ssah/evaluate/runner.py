@@ -138,8 +138,8 @@ class _Evaluation:
         if engine is not None:  # its replies are cached apart from the hf engine's
             model_key = f"{model_key}|engine={engine.name}"
         self.gen = dict(model_key=model_key, max_new_tokens=settings.max_new_tokens,
-                        batch_size=settings.batch_size, cache=cache, progress=settings.progress, rewrite=rewrite,
-                        engine=engine)
+                        batch_size=settings.batch_size, slots=settings.slots, cache=cache,
+                        progress=settings.progress, rewrite=rewrite, engine=engine)
         self.rows: list[dict] = []
         self.seconds: dict[str, float] = {}
 

@@ -7,7 +7,9 @@ the two conditions and the report keeps each one.
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from ssah.defaults import DEFAULT_SUITES, Engine, Rule, Suite, SystemPromptMode
 from ssah.settings import Settings
@@ -47,6 +49,8 @@ class EvalSettings(Settings):
     rules: list[Rule] = Field(default_factory=lambda: ["prefix", "keywords"], min_length=1)
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
+    # rows the hf engine decodes at once (continuous batching); auto: measured once per model and machine
+    slots: Literal["auto"] | PositiveInt = "auto"
     system_prompt: SystemPromptMode = "both"  # which conditions: none, default or both
     system: str = DEFAULT_SYSTEM_PROMPT  # the text of the `default` condition
     limit: int | None = Field(None, ge=1)  # first N records of each dataset
@@ -78,5 +82,6 @@ class EvalSettings(Settings):
         return {mode: (None if mode == "none" else self.system) for mode in modes}
 
     def identity(self) -> dict:
-        """The settings an evaluation's numbers depend on (progress bars do not count)."""
-        return self.model_dump(exclude={"progress"})
+        """The settings an evaluation's numbers depend on (progress bars and slots, which change no reply,
+        do not count)."""
+        return self.model_dump(exclude={"progress", "slots"})

@@ -65,7 +65,7 @@ class RunContext:
         e = self.config.eval
         prompt = {"system_prompt": "default", "system": system} if system else {"system_prompt": e.system_prompt}
         return EvalSettings(suites=list(suites or e.suites), rules=list(e.rules), max_new_tokens=e.max_new_tokens,
-                            batch_size=e.batch_size, limit=limit or e.limit, max_openings=e.max_openings,
+                            batch_size=e.batch_size, slots=e.slots, limit=limit or e.limit, max_openings=e.max_openings,
                             engine=e.engine, vllm_gpu_memory=e.vllm_gpu_memory, progress=True, **prompt)
 
     @cached_property

@@ -38,9 +38,10 @@ def register(stage: Stage) -> Stage:
 
 
 def common(config: RunConfig) -> dict:
-    """What every evaluation depends on: the model, the seed, the data and the evaluation settings."""
+    """What every evaluation depends on: the model, the seed, the data and the evaluation settings (not
+    the slot count: replies are the same at any)."""
     return {"model": config.model, "seed": config.seed, "data": config.data.model_dump(),
-            "eval": config.eval.model_dump()}
+            "eval": config.eval.model_dump(exclude={"slots"})}
 
 
 def stage_identity(name: str, config: RunConfig) -> dict:

@@ -90,7 +90,7 @@ def _own_replies(loaded, prompts: list[str], max_new_tokens: int, batch_size: in
     from ssah.evaluate.generation import generate_replies
 
     return generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache)
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache, slots="auto")
 
 
 def alignment_data(loaded, harmful, benign, refusals, *, borderline=None, borderline_tokens: int = 48,
