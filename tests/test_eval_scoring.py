@@ -101,5 +101,10 @@ def test_perplexity_sliding_window():
     windowed = perplexity(model, tokenizer, text, window=128, stride=48, batch_size=3, progress=False)
     assert windowed.n_tokens == len(ids) - 1  # every token but the first scored exactly once
     assert windowed.perplexity == pytest.approx(whole.perplexity, rel=0.2)  # less context, similar value
+    # each scored window's NLL and token count, for an interval over windows; they sum to the aggregate
+    detail = windowed.to_dict()
+    assert len(detail["window_nll"]) == len(detail["window_tokens"]) > 1 and all(t > 0 for t in detail["window_tokens"])
+    assert sum(detail["window_tokens"]) == windowed.n_tokens and sum(detail["window_nll"]) == windowed.nll
+    assert whole.to_dict()["window_tokens"] == [len(ids) - 1]
     with pytest.raises(SsahError, match="stride"):
         perplexity(model, tokenizer, text, window=64, stride=65, progress=False)

@@ -100,17 +100,21 @@ def multiple_choice_accuracy(model, tokenizer, items: Sequence[MultipleChoiceIte
 
 @dataclass(frozen=True)
 class Perplexity:
-    """exp(mean NLL) over `n_tokens` scored tokens, with the window and stride used."""
+    """exp(mean NLL) over `n_tokens` scored tokens, with the window and stride used, and each scored
+    window's summed NLL and token count (what an interval for a ratio of two perplexities resamples)."""
 
     perplexity: float
     nll: float
     n_tokens: int
     window: int
     stride: int
+    window_nll: tuple[float, ...] = ()
+    window_tokens: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.nll / self.n_tokens, "n_tokens": self.n_tokens,
-                "window": self.window, "stride": self.stride}
+                "window": self.window, "stride": self.stride, "window_nll": list(self.window_nll),
+                "window_tokens": list(self.window_tokens)}
 
 
 def _max_context(model) -> int | None:
@@ -143,7 +147,7 @@ def perplexity(model, tokenizer, text: str, *, window: int = DEFAULT_WINDOW, str
             break
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total_nll, total_tokens = 0.0, 0
+    window_nll, window_tokens = [], []
     for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch",
                       disable=not progress, dynamic_ncols=True):
         chunk = spans[start:start + batch_size]
@@ -158,6 +162,8 @@ def perplexity(model, tokenizer, text: str, *, window: int = DEFAULT_WINDOW, str
             n = end - begin
             logprobs = torch.log_softmax(logits[row, first - 1:n - 1].float(), dim=-1)
             targets = input_ids[row, first:n].to(device)
-            total_nll -= float(logprobs.gather(-1, targets.unsqueeze(-1)).sum())
-            total_tokens += n - first
-    return Perplexity(math.exp(total_nll / total_tokens), total_nll, total_tokens, window, stride)
+            window_nll.append(-float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()))
+            window_tokens.append(n - first)
+    total_nll, total_tokens = sum(window_nll), sum(window_tokens)
+    return Perplexity(math.exp(total_nll / total_tokens), total_nll, total_tokens, window, stride,
+                      tuple(window_nll), tuple(window_tokens))
