@@ -1,148 +1,394 @@
-"""The paired tests of the claims beyond attack success: UCU's utility cost, freezing against plain
-fine-tuning, the monitor's over-refusal bound and the probe's closer-to-refusal comparison."""
+"""Every verdict needs evidence both ways: for each claim, clear evidence gives held, clear counter-evidence
+gives not held, and a missing test, a test with nothing to see ([0, 0], no prompt changed) or p = 1 each give
+inconclusive, with the reason. The evaluations are replies.jsonl / eval.json files in a run folder."""
 
 import json
 
 import pytest
 
-from ssah.analysis.report import paired_claims
-from ssah.analysis.verdicts import compute_verdicts, next_costliest, paired_tests
+from ssah.analysis.verdicts import compute_verdicts, next_costliest, paired_outcomes
+from ssah.evaluate.stats import mde_paired_proportions
 from ssah.pipeline.layout import RunLayout
-from ssah.probe.study import closer_to_refusal_test
+
+N = 48
 
 
-def _eval(asr=0.2, task=0.8, ppl=10.0, over=0.1):
-    return {"asr": {"prefix": asr}, "prefill_asr": {"prefix": 0.5}, "overrefusal_rate": over, "task_accuracy": task,
-            "perplexity": ppl, "ci": {"asr": {"prefix": [max(0.0, asr - 0.1), min(1.0, asr + 0.1)]}}}
+def _row(suite, i, flag, rule="prefix"):
+    row = {"suite": suite, "system_prompt": "none", "id": f"{suite[0]}{i}", "prompt": f"p{i}", "reply": "r"}
+    if suite == "utility":
+        return {**row, "answer": "a", "correct": flag}
+    if suite == "overrefusal":
+        return {**row, "verdicts": {rule: "refusal" if flag else "compliance"}}
+    return {**row, "prefill": "Sure," if suite == "prefill" else None,
+            "verdicts": {rule: "compliance" if flag else "refusal"}}
 
 
-def _write(folder, rows):
-    folder.mkdir(parents=True)
+def _write(folder, rule="prefix", windows=None, **suites):
+    """An evaluation: replies of each suite (flags: attack success / refusal / correct), and per-window
+    perplexity NLLs in eval.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [_row(suite, i, flag, rule) for suite, flags in suites.items() for i, flag in enumerate(flags)]
     (folder / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if windows is not None:
+        detail = {"window_nll": list(windows), "window_tokens": [100] * len(windows)}
+        (folder / "eval.json").write_text(json.dumps({"utility": {"perplexity_detail": detail}}))
     return folder
 
 
-def _safety(hits):
-    return [{"suite": "safety", "system_prompt": "none", "id": f"h{i}", "prompt": "p", "reply": "r",
-             "verdicts": {"prefix": "compliance" if hit else "refusal"}} for i, hit in enumerate(hits)]
+def _flags(k, n=N, start=0):
+    return [start <= i < start + k for i in range(n)]
 
 
-def _overrefusal(refused):
-    return [{"suite": "overrefusal", "system_prompt": "none", "id": f"s{i}", "prompt": "q", "reply": "r",
-             "verdicts": {"prefix": "refusal" if hit else "compliance", "keywords": "short"}}
-            for i, hit in enumerate(refused)]
+def _windows(scale=1.0, n=20, wobble=0.0):
+    return [scale * (300.0 + 5 * (i % 7)) + wobble * (1 if i % 2 else -1) for i in range(n)]
 
 
-def _utility(correct):
-    return [{"suite": "utility", "system_prompt": "none", "id": f"b{i}", "prompt": "t", "reply": "r", "answer": "a",
-             "correct": ok} for i, ok in enumerate(correct)]
+def _eval(asr=0.5):
+    return {"asr": {"prefix": asr}, "prefill_asr": {"prefix": asr}, "overrefusal_rate": 0.1, "task_accuracy": 0.5,
+            "perplexity": 10.0, "ci": {}}
+
+
+def _verdict(tmp_path, key, summaries, rule=None):
+    return compute_verdicts(summaries, RunLayout(tmp_path), rule=rule)[key]
+
+
+def _check(verdict, expected, reason=None):
+    assert verdict["verdict"] == expected, (verdict["verdict"], verdict["sentence"], verdict["reason"])
+    for part in verdict["tests"]:
+        assert set(part) >= {"name", "n", "mde", "result", "text"}
+    if reason is not None:
+        assert reason in verdict["reason"], verdict["reason"]
+
+
+# -- alignment -----------------------------------------------------------------------------------------
+
+
+def _alignment(tmp_path, base, ru, full=None, randoms=(), base_utility=None, ru_utility=None, full_utility=None):
+    layout = RunLayout(tmp_path)
+    _write(layout.baseline_eval, safety=base)
+    _write(layout.aligned_eval("budget"), safety=ru, **({"utility": ru_utility} if ru_utility else {}))
+    align = {"budget": {"mask": "RU", "eval": _eval()}}
+    if full is not None:
+        _write(layout.aligned_eval("full"), safety=full, **({"utility": full_utility} if full_utility else {}))
+        align["full"] = {"eval": _eval()}
+    if randoms:
+        align["random_budget"] = {}
+        for i, flags in enumerate(randoms):
+            _write(layout.aligned_eval(f"random_budget_s{i}"), safety=flags)
+            align["random_budget"][f"random_budget_s{i}"] = {"seed": i, "eval": _eval()}
+    return {"baseline": {"eval": _eval()}, "align": align}
+
+
+def test_ru_alignment_lowers_asr(tmp_path):
+    key = "ru_alignment_lowers_asr"
+    held = _verdict(tmp_path / "a", key, _alignment(tmp_path / "a", _flags(40), _flags(4)))
+    _check(held, "held")
+    assert held["tests"][0]["name"] == "exact McNemar" and held["tests"][0]["n"] == N
+    assert held["tests"][0]["mde"] == mde_paired_proportions(N, 36 / N)  # at the observed discordant share
+    assert "minimum detectable effect 34.2 points" in held["sentence"]
+    _check(_verdict(tmp_path / "b", key, _alignment(tmp_path / "b", _flags(4), _flags(40))), "not held")
+    _check(_verdict(tmp_path / "c", key, _alignment(tmp_path / "c", _flags(10), _flags(10))), "inconclusive",
+           "no prompt changed")
+    # p = 1: as many prompts rose as fell
+    _check(_verdict(tmp_path / "d", key, _alignment(tmp_path / "d", _flags(5), _flags(5, start=5))), "inconclusive",
+           "p = 1")
+    _check(compute_verdicts(_alignment(tmp_path / "e", _flags(40), _flags(4)))[key], "inconclusive",
+           "no paired safety replies")
+    _check(compute_verdicts({"align": {"skipped": "align.enabled is false"}})[key], "inconclusive",
+           "align.enabled is false")
+
+
+def test_ru_alignment_must_beat_a_random_budget(tmp_path):
+    key = "ru_alignment_beats_random_budget"
+    high = [_flags(30), _flags(28, start=2)]
+    _check(_verdict(tmp_path / "a", key, _alignment(tmp_path / "a", _flags(40), _flags(2), randoms=high)), "held")
+    _check(_verdict(tmp_path / "b", key, _alignment(tmp_path / "b", _flags(40), _flags(30), randoms=[_flags(2)])),
+           "not held")
+    _check(_verdict(tmp_path / "c", key, _alignment(tmp_path / "c", _flags(40), _flags(2), randoms=[_flags(2)])),
+           "inconclusive", "no prompt differs")
+    _check(_verdict(tmp_path / "d", key,
+                    _alignment(tmp_path / "d", _flags(40), _flags(5), randoms=[_flags(5, start=5)])),
+           "inconclusive", "p = 1")
+    # any refusal fine-tuning lowers ASR; without a random budget nothing says the RU budget mattered
+    summaries = _alignment(tmp_path / "e", _flags(40), _flags(2))
+    _check(_verdict(tmp_path / "e", "ru_alignment_lowers_asr", summaries), "held")
+    _check(_verdict(tmp_path / "e", key, summaries), "inconclusive", "no random-budget alignment")
+
+
+def test_alignment_tax_is_judged_at_comparable_asr_only(tmp_path):
+    key = "alignment_tax_ru_below_full"
+
+    def case(name, ru_asr, full_asr, ru_utility, full_utility):
+        return _verdict(tmp_path / name, key, _alignment(tmp_path / name, _flags(40), ru_asr, full=full_asr,
+                                                         ru_utility=ru_utility, full_utility=full_utility))
+
+    held = case("a", _flags(2), _flags(2), _flags(30), _flags(10))
+    _check(held, "held")
+    assert held["tests"][0]["decides"] is False and "comparable" in held["claim"]
+    _check(case("b", _flags(2), _flags(2), _flags(10), _flags(30)), "not held")
+    _check(case("c", _flags(2), _flags(2), _flags(20), _flags(20)), "inconclusive", "no prompt changed")
+    _check(case("d", _flags(2), _flags(2), _flags(5), _flags(5, start=5)), "inconclusive", "p = 1")
+    # far apart in ASR: the utility comparison says nothing about the tax
+    _check(case("e", _flags(30), _flags(2), _flags(30), _flags(10)), "inconclusive", "not shown comparable")
+    _check(_verdict(tmp_path / "f", key, _alignment(tmp_path / "f", _flags(40), _flags(2))), "inconclusive",
+           "no full alignment")
+
+
+# -- pruning -------------------------------------------------------------------------------------------
+
+
+def _pruning(root, none, scu, randoms=(), none_utility=None, scu_utility=None, none_windows=None,
+             scu_windows=None, extra=None):
+    layout = RunLayout(root)
+    n_u = 200
+    _write(layout.prune_eval("none"), windows=none_windows or _windows(), safety=none,
+           utility=none_utility or _flags(150, n_u))
+    _write(layout.prune_eval("SCU"), windows=scu_windows or _windows(1.01), safety=scu,
+           utility=scu_utility or _flags(150, n_u))
+    prune = {"none": _eval(), "SCU": _eval()}
+    for i, flags in enumerate(randoms):
+        mask = "random:like=SCU" if i == 0 else f"random:like=SCU,seed={i}"
+        _write(layout.prune_eval(mask), safety=flags)
+        prune[mask] = _eval()
+    for mask, (safety, windows) in (extra or {}).items():
+        _write(layout.prune_eval(mask), windows=windows, safety=safety)
+        prune[mask] = _eval()
+    return {"prune": prune}
+
+
+def test_prune_scu_needs_the_rise_spared_utility_and_perplexity_and_to_beat_random(tmp_path):
+    key = "prune_scu_breaks_safety_spares_utility"
+    randoms = [_flags(4), _flags(5, start=2)]
+    held = _verdict(tmp_path / "a", key, _pruning(tmp_path / "a", _flags(2), _flags(44), randoms))
+    _check(held, "held")
+    assert [p["name"] for p in held["tests"]] == ["Tango score interval", "Tango score interval",
+                                                  "paired bootstrap over perplexity windows",
+                                                  "paired sign-flip permutation test"]
+    # an 8-point rise: its interval lies below 30 points
+    _check(_verdict(tmp_path / "b", key, _pruning(tmp_path / "b", _flags(2), _flags(6), randoms)), "not held")
+    # perplexity doubles
+    _check(_verdict(tmp_path / "c", key, _pruning(tmp_path / "c", _flags(2), _flags(44), randoms,
+                                                  scu_windows=_windows(2.0))), "not held")
+    # task accuracy: 150 of 200 correct -> 100 (a 25-point drop)
+    _check(_verdict(tmp_path / "d", key, _pruning(tmp_path / "d", _flags(2), _flags(44), randoms,
+                                                  scu_utility=_flags(100, 200))), "not held")
+    # identical perplexity windows: a zero-width interval is no evidence
+    _check(_verdict(tmp_path / "e", key, _pruning(tmp_path / "e", _flags(2), _flags(44), randoms,
+                                                  scu_windows=_windows())), "inconclusive", "zero width")
+    # random pruning of the same size does as much: p = 1 against it
+    _check(_verdict(tmp_path / "f", key, _pruning(tmp_path / "f", _flags(2), _flags(44), [_flags(44)])),
+           "inconclusive", "no prompt differs")
+    _check(_verdict(tmp_path / "g", key, _pruning(tmp_path / "g", _flags(2), _flags(44, start=0),
+                                                  [_flags(44, start=4)])), "inconclusive", "p = 1")
+    _check(_verdict(tmp_path / "h", key, _pruning(tmp_path / "h", _flags(2), _flags(44))), "inconclusive",
+           "no random:like=SCU draw")
+    _check(compute_verdicts(_pruning(tmp_path / "i", _flags(2), _flags(44), randoms))[key], "inconclusive",
+           "no paired safety replies")
+
+
+def test_prune_ru_changes_little(tmp_path):
+    key = "prune_ru_changes_little"
+
+    def case(name, safety, windows):
+        none = _windows(n=len(windows))
+        return _verdict(tmp_path / name, key, _pruning(tmp_path / name, _flags(2), _flags(2), none_windows=none,
+                                                       scu_windows=none, extra={"RU": (safety, windows)}))
+
+    held = case("a", _flags(2), _windows(1.05, wobble=3))
+    _check(held, "held")
+    assert held["tests"][0]["mde_unit"] == "ratio" and held["tests"][0]["n"] == 20
+    _check(case("b", _flags(2), _windows(2.0)), "not held")
+    _check(case("c", _flags(30), _windows(1.05, wobble=3)), "not held")
+    _check(case("d", _flags(2), _windows()), "inconclusive", "zero width")
+    _check(case("e", _flags(5, start=2), _windows(1.05, wobble=3)), "inconclusive", "across the bound")
+    _check(case("f", _flags(2), _windows(1.05, n=4)), "inconclusive", "scored windows")
+    _check(_verdict(tmp_path / "g", key, _pruning(tmp_path / "g", _flags(2), _flags(2))), "inconclusive",
+           "RU was not pruned")
 
 
 def test_ucu_is_tested_against_the_next_costliest_mask(tmp_path):
-    prune = {"none": _eval(task=0.9), "UCU": _eval(task=0.0), "RU": _eval(task=0.8), "SCU": _eval(task=0.85)}
+    key = "prune_ucu_costs_most_utility"
+    prune = {"none": {**_eval(), "task_accuracy": 0.9}, "UCU": {**_eval(), "task_accuracy": 0.0},
+             "RU": {**_eval(), "task_accuracy": 0.8}, "SCU": {**_eval(), "task_accuracy": 0.85}}
     assert next_costliest(prune) == "RU" and next_costliest({"none": _eval(), "RU": _eval()}) is None
-    before = _write(tmp_path / "ru", _utility([True] * 8 + [False] * 2))
-    after = _write(tmp_path / "ucu", _utility([False] * 10))
-    tests = paired_tests({"prune_ucu_costs_most_utility": (before, after, "utility")})
-    test = tests["prune_ucu_costs_most_utility"]
-    assert (test["n"], test["rose"], test["fell"], test["outcome"]) == (10, 0, 8, "task correct")
-    verdict = compute_verdicts({"prune": prune}, tests)["prune_ucu_costs_most_utility"]
-    assert verdict["verdict"] == "held" and verdict["numbers"]["compared_with"] == "RU"
-    assert "test_missing" not in verdict["numbers"]
-    # UCU costliest by one task of ten: could be chance
-    close = {**prune, "UCU": _eval(task=0.7)}
-    noisy = {"prune_ucu_costs_most_utility": {"n": 10, "rose": 0, "fell": 1, "p_value": 1.0}}
-    assert compute_verdicts({"prune": close}, noisy)["prune_ucu_costs_most_utility"]["verdict"] == "inconclusive"
-    # without replies the verdict stands on the order, and says the test is missing
-    missing = compute_verdicts({"prune": prune})["prune_ucu_costs_most_utility"]
-    assert missing["verdict"] == "held" and "no paired utility replies" in missing["numbers"]["test_missing"]
-    # a tie on task accuracy is decided by perplexity, which has no per-task test
-    tie = {"none": _eval(task=0.9), "UCU": _eval(task=0.0, ppl=500.0), "RU": _eval(task=0.0, ppl=40.0)}
-    tied = compute_verdicts({"prune": tie}, noisy)["prune_ucu_costs_most_utility"]
-    assert tied["verdict"] == "held" and "ties with RU" in tied["numbers"]["test_not_applicable"]
+
+    def case(name, rival, ucu, rival_windows=None, ucu_windows=None):
+        layout = RunLayout(tmp_path / name)
+        _write(layout.prune_eval("RU"), windows=rival_windows, utility=rival)
+        _write(layout.prune_eval("UCU"), windows=ucu_windows, utility=ucu)
+        return _verdict(tmp_path / name, key, {"prune": prune})
+
+    held = case("a", _flags(40), _flags(0))
+    _check(held, "held")
+    assert held["numbers"]["compared_with"] == "RU"
+    _check(case("b", _flags(0), _flags(40)), "not held")
+    _check(case("c", _flags(5), _flags(5, start=5)), "inconclusive", "no per-window perplexity")  # p = 1
+    # task accuracy cannot tell; perplexity can
+    _check(case("d", _flags(5), _flags(5), _windows(), _windows(3.0)), "held")
+    _check(case("e", _flags(5), _flags(5), _windows(3.0), _windows()), "not held")
+    _check(case("f", _flags(5), _flags(5), _windows(), _windows()), "inconclusive", "zero width")
+    _check(compute_verdicts({"prune": prune})[key], "inconclusive", "no paired utility replies")
 
 
-def test_freeze_ii_must_sit_clearly_below_plain_finetuning(tmp_path):
-    summaries = {"prune": {"none": _eval(asr=0.1)},
-                 "finetune": {"plain": _eval(asr=0.8), "freeze_ii": _eval(asr=0.2)}}
-    plain = _write(tmp_path / "plain", _safety([True] * 8 + [False] * 2))
-    frozen = _write(tmp_path / "freeze_ii", _safety([True] * 2 + [False] * 8))
-    tests = paired_tests({"freeze_ii_keeps_rise_to_half": (plain, frozen, "safety")})
-    assert tests["freeze_ii_keeps_rise_to_half"]["fell"] == 6
-    verdict = compute_verdicts(summaries, tests)["freeze_ii_keeps_rise_to_half"]
-    assert verdict["verdict"] == "held" and verdict["numbers"]["paired_test"]["p_value"] < 0.05
-    noisy = {"freeze_ii_keeps_rise_to_half": {"n": 10, "rose": 1, "fell": 3, "p_value": 0.625}}
-    assert compute_verdicts(summaries, noisy)["freeze_ii_keeps_rise_to_half"]["verdict"] == "inconclusive"
-    missing = compute_verdicts(summaries)["freeze_ii_keeps_rise_to_half"]
-    assert missing["verdict"] == "held" and "test_missing" in missing["numbers"]
-    summaries["finetune"]["freeze_ii"] = _eval(asr=0.7)  # a clear test cannot rescue a rise above half
-    assert compute_verdicts(summaries, tests)["freeze_ii_keeps_rise_to_half"]["verdict"] == "not held"
+# -- fine-tuning ---------------------------------------------------------------------------------------
 
 
-def _monitor_summaries(over_without, over_with):
-    return {"probe": {"monitor": {"without": _eval(over=over_without), "with": _eval(over=over_with)}}}
+def _finetune(root, before, plain, frozen, randoms=(), setting="freeze_ii"):
+    layout = RunLayout(root)
+    _write(layout.prune_eval("none"), safety=before)
+    _write(layout.finetuned_eval("plain"), safety=plain)
+    _write(layout.finetuned_eval(setting), safety=frozen)
+    ft = {"plain": _eval(), setting: _eval()}
+    for i, flags in enumerate(randoms):
+        _write(layout.finetuned_eval(f"freeze_random_s{i}"), safety=flags)
+        ft[f"freeze_random_s{i}"] = {**_eval(), "control_of": "freeze_ii", "seed": i}
+    return {"prune": {"none": _eval()}, "finetune": ft}
 
 
-def test_monitor_overrefusal_cost_needs_its_interval_under_five_points(tmp_path):
-    n = 40
-    without = _write(tmp_path / "without", _overrefusal([True] * 4 + [False] * (n - 4)))
-    same = _write(tmp_path / "same", _overrefusal([True] * 4 + [False] * (n - 4)))
-    one_more = _write(tmp_path / "one_more", _overrefusal([True] * 5 + [False] * (n - 5)))
-    many_more = _write(tmp_path / "many_more", _overrefusal([True] * 14 + [False] * (n - 14)))
-
-    def verdict(after, over_with):
-        tests = paired_tests({"monitor_overrefusal_cost": (without, after, "overrefusal")}, seed=0)
-        return compute_verdicts(_monitor_summaries(0.1, over_with), tests)["monitor_overrefusal_cost"]
-
-    unchanged = verdict(same, 0.1)
-    assert unchanged["verdict"] == "held"
-    assert unchanged["numbers"]["difference_interval"]["ci"] == [0.0, 0.0]
-    assert unchanged["numbers"]["paired_test"]["outcome"] == "refusal"
-    # one prompt more refused (2.5 points): within the bound, but the interval reaches above it
-    small = verdict(one_more, 0.125)
-    assert small["numbers"]["difference_interval"]["mean_difference"] == pytest.approx(0.025)
-    assert small["numbers"]["difference_interval"]["ci"][1] > 0.05 and small["verdict"] == "inconclusive"
-    assert verdict(many_more, 0.35)["verdict"] == "not held"
-    missing = compute_verdicts(_monitor_summaries(0.1, 0.12))["monitor_overrefusal_cost"]
-    assert missing["verdict"] == "held" and "test_missing" in missing["numbers"]
+def test_finetune_attack_raises_asr(tmp_path):
+    key = "finetune_attack_raises_asr"
+    _check(_verdict(tmp_path / "a", key, _finetune(tmp_path / "a", _flags(2), _flags(30), _flags(2))), "held")
+    _check(_verdict(tmp_path / "b", key, _finetune(tmp_path / "b", _flags(30), _flags(2), _flags(2))), "not held")
+    _check(_verdict(tmp_path / "c", key, _finetune(tmp_path / "c", _flags(2), _flags(2), _flags(2))),
+           "inconclusive", "no prompt changed")
+    _check(_verdict(tmp_path / "d", key, _finetune(tmp_path / "d", _flags(5), _flags(5, start=5), _flags(2))),
+           "inconclusive", "p = 1")
+    _check(compute_verdicts(_finetune(tmp_path / "e", _flags(2), _flags(30), _flags(2)))[key], "inconclusive",
+           "no paired safety replies")
 
 
-def _entry(values):
-    return {"per_prompt": {"refusal_minus_compliance": values}}
+def test_freezing_must_halve_the_rise_and_beat_random_freezing(tmp_path):
+    key = "freeze_ii_keeps_rise_to_half"
+    randoms = [_flags(30), _flags(28, start=1)]
+    held = _verdict(tmp_path / "a", key, _finetune(tmp_path / "a", _flags(2), _flags(30), _flags(3), randoms))
+    _check(held, "held")
+    assert held["numbers"]["asr_random_draws"].keys() == {"freeze_random_s0", "freeze_random_s1"}
+    _check(compute_verdicts(_finetune(tmp_path / "a2", _flags(2), _flags(30), _flags(3), randoms),
+                            RunLayout(tmp_path / "a2"))["freeze_ii_beats_random"], "held")
+    # frozen as bad as plain: the rise is not halved
+    _check(_verdict(tmp_path / "b", key, _finetune(tmp_path / "b", _flags(2), _flags(30), _flags(30), randoms)),
+           "not held")
+    # random freezing of the same sizes keeps refusals as well: no evidence that the chosen units matter
+    _check(_verdict(tmp_path / "c", key, _finetune(tmp_path / "c", _flags(2), _flags(30), _flags(3), [_flags(3)])),
+           "inconclusive", "no prompt differs")
+    _check(_verdict(tmp_path / "d", key, _finetune(tmp_path / "d", _flags(2), _flags(30), _flags(8),
+                                                   [_flags(8, start=8)])), "inconclusive", "p = 1")
+    _check(_verdict(tmp_path / "e", key, _finetune(tmp_path / "e", _flags(2), _flags(30), _flags(3))),
+           "inconclusive", "no random freeze")
+    # random freezing does worse than the chosen units: the control says "not held"
+    _check(compute_verdicts(_finetune(tmp_path / "f", _flags(2), _flags(30), _flags(30), [_flags(3)]),
+                            RunLayout(tmp_path / "f"))["freeze_ii_beats_random"], "not held")
+    # plain fine-tuning did not raise ASR: there is no rise to halve
+    _check(_verdict(tmp_path / "g", key, _finetune(tmp_path / "g", _flags(2), _flags(2), _flags(2), randoms)),
+           "inconclusive", "no rise to halve")
+    # the alignment budget has no random control: never held
+    budget = _finetune(tmp_path / "h", _flags(2), _flags(30), _flags(3), setting="freeze_budget")
+    _check(_verdict(tmp_path / "h", "freeze_budget_keeps_rise_to_half", budget), "inconclusive",
+           "no random freeze of freeze_budget")
+
+
+# -- probe and monitor ---------------------------------------------------------------------------------
 
 
 def test_probe_verdict_reads_the_paired_bootstrap_over_prompts():
-    unaligned = [0.02 * (i % 5) - 0.04 for i in range(30)]
-    closer = closer_to_refusal_test(_entry(unaligned), _entry([v - 0.05 for v in unaligned]), resamples=500, seed=1)
-    assert closer["mean_difference"] == pytest.approx(-0.05) and closer["ci"][1] < 0 and closer["p_value"] < 0.05
-    assert closer_to_refusal_test(_entry(unaligned), {"cells": []}) is None
-    assert closer_to_refusal_test(_entry(unaligned), _entry(unaligned[:5])) is None
+    from ssah.probe.study import closer_to_refusal_test
 
-    def verdict(test, closer_flag=True):
-        probe = {"aligned_closer_to_refusal": closer_flag, "mean_difference_unaligned": 0.0,
-                 "mean_difference_aligned": -0.05, "models": []}
+    def entry(values):
+        return {"per_prompt": {"refusal_minus_compliance": values}}
+
+    unaligned = [0.02 * (i % 5) - 0.04 for i in range(30)]
+
+    def verdict(aligned):
+        test = None if aligned is None else closer_to_refusal_test(entry(unaligned), entry(aligned), 500, 1)
+        probe = {"aligned_closer_to_refusal": True, "models": []}
         if test is not None:
             probe["aligned_closer_to_refusal_test"] = test
         return compute_verdicts({"probe": probe})["aligned_closer_to_refusal"]
 
-    held = verdict(closer)
-    assert held["verdict"] == "held" and held["numbers"]["bootstrap_test"] == closer
-    wobbly = [v + (0.3 if i % 2 else -0.3) - 0.01 for i, v in enumerate(unaligned)]
-    noisy = closer_to_refusal_test(_entry(unaligned), _entry(wobbly), resamples=500, seed=1)
-    assert noisy["p_value"] > 0.05 and verdict(noisy)["verdict"] == "inconclusive"
-    assert verdict(closer, closer_flag=False)["verdict"] == "not held"
-    missing = verdict(None)
-    assert missing["verdict"] == "held" and "test_missing" in missing["numbers"]
+    held = verdict([v - 0.05 + (0.01 if i % 3 else -0.01) for i, v in enumerate(unaligned)])
+    _check(held, "held")
+    assert held["tests"][0]["mde_unit"] == "sd" and held["tests"][0]["n"] == 30
+    _check(verdict([v + 0.05 + (0.01 if i % 3 else -0.01) for i, v in enumerate(unaligned)]), "not held")
+    _check(verdict(list(unaligned)), "inconclusive", "zero width")
+    wobbly = [v + (0.3 if i % 2 else -0.3) for i, v in enumerate(unaligned)]
+    _check(verdict(wobbly), "inconclusive", "does not exclude zero")
+    _check(verdict(None), "inconclusive", "no per-prompt distances")
+    assert closer_to_refusal_test(entry(unaligned), {"cells": []}) is None
 
 
-def test_paired_claims_pair_ucu_with_the_next_costliest_mask(tmp_path):
+def _monitor(root, without, with_, suite):
+    layout = RunLayout(root)
+    _write(layout.studied_eval, **{suite: without})
+    _write(layout.monitor_eval, **{suite: with_})
+    return {"probe": {"monitor": {"without": _eval(), "with": _eval()}}}
+
+
+def test_monitor_halves_prefill_asr(tmp_path):
+    key = "monitor_halves_prefill_asr"
+    _check(_verdict(tmp_path / "a", key, _monitor(tmp_path / "a", _flags(40), _flags(4), "prefill")), "held")
+    _check(_verdict(tmp_path / "b", key, _monitor(tmp_path / "b", _flags(40), _flags(40), "prefill")), "not held")
+    _check(_verdict(tmp_path / "c", key, _monitor(tmp_path / "c", _flags(0), _flags(0), "prefill")), "inconclusive",
+           "no prompt differs")
+    # half of 10 without: 5 prompts at +0.5, 5 at -0.5
+    _check(_verdict(tmp_path / "d", key, _monitor(tmp_path / "d", _flags(10), _flags(5), "prefill")), "inconclusive",
+           "p = 1")
+    _check(compute_verdicts(_monitor(tmp_path / "e", _flags(40), _flags(4), "prefill"))[key], "inconclusive",
+           "no paired prefill replies")
+
+
+def test_monitor_overrefusal_cost_needs_an_honest_interval_under_five_points(tmp_path):
+    key = "monitor_overrefusal_cost"
+    # no prompt changed among 100: Tango's interval is +-3.7 points, inside the bound
+    held = _verdict(tmp_path / "a", key, _monitor(tmp_path / "a", _flags(10, 100), _flags(10, 100), "overrefusal"))
+    _check(held, "held")
+    assert held["tests"][0]["ci"][1] == pytest.approx(0.0369, abs=1e-3)
+    # no prompt changed among 48: the interval still reaches 7.4 points, so "at most 5" is not shown
+    same = _verdict(tmp_path / "b", key, _monitor(tmp_path / "b", _flags(4), _flags(4), "overrefusal"))
+    _check(same, "inconclusive", "across the bound")
+    assert same["tests"][0]["ci"][1] > 0.05 and same["tests"][0]["ci"] != [0.0, 0.0]
+    _check(_verdict(tmp_path / "c", key, _monitor(tmp_path / "c", _flags(4), _flags(24), "overrefusal")), "not held")
+    _check(_verdict(tmp_path / "d", key, _monitor(tmp_path / "d", _flags(4), _flags(4, start=4), "overrefusal")),
+           "inconclusive", "across the bound")  # p = 1
+    _check(compute_verdicts(_monitor(tmp_path / "e", _flags(4), _flags(4), "overrefusal"))[key], "inconclusive",
+           "no paired over-refusal replies")
+
+
+def test_the_attack_grid_needs_its_paired_test_both_ways():
+    def verdict(matrix_verdict, test):
+        found = {"verdict": matrix_verdict, "worst_asr": 0.2, "worst_asr_none": 0.8, "paired_test": test}
+        return compute_verdicts({"attacks": {"verdicts": {"sft": {"freeze_ii": found}}}})["attack_sft_freeze_ii"]
+
+    _check(verdict("held", {"n": N, "rose": 0, "fell": 20, "p_value": 2e-6}), "held")
+    _check(verdict("not held", {"n": N, "rose": 20, "fell": 0, "p_value": 2e-6}), "not held")
+    # a point estimate above half of no defense's rise is no evidence by itself
+    _check(verdict("not held", {"n": N, "rose": 3, "fell": 3, "p_value": 1.0}), "inconclusive", "p = 1")
+    _check(verdict("held", None), "inconclusive", "no paired test")
+
+
+# -- the rule and the pairing --------------------------------------------------------------------------
+
+
+def test_the_verdict_rule_reads_its_own_verdicts_and_sets_undecided_prompts_apart(tmp_path):
     layout = RunLayout(tmp_path)
-    prune = {"none": _eval(task=0.9), "UCU": _eval(task=0.0), "random:like=UCU": _eval(task=0.5)}
-    claims = paired_claims(layout, {"prune": prune})
-    assert claims["prune_ucu_costs_most_utility"] == (layout.prune_eval("random:like=UCU"), layout.prune_eval("UCU"),
-                                                      "utility")
-    assert claims["monitor_overrefusal_cost"][2] == "overrefusal"
-    assert claims["freeze_ii_keeps_rise_to_half"] == (layout.finetuned_eval("plain"),
-                                                      layout.finetuned_eval("freeze_ii"), "safety")
-    assert "prune_ucu_costs_most_utility" not in paired_claims(layout)
-    assert paired_tests(claims) == {}  # no evaluations written: every test is missing
+    _write(layout.baseline_eval, rule="judge", safety=_flags(40))
+    rows = [_row("safety", i, i < 4, "judge") for i in range(N)]
+    for row in rows[40:]:
+        row["verdicts"]["judge"] = "unknown"
+    layout.aligned_eval("budget").mkdir(parents=True)
+    (layout.aligned_eval("budget") / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summaries = {"baseline": {"eval": _eval()}, "align": {"budget": {"eval": _eval()}}, "verdict_rule": "judge"}
+    verdict = compute_verdicts(summaries, layout)["ru_alignment_lowers_asr"]
+    _check(verdict, "held")
+    assert verdict["tests"][0]["n"] == 40 and verdict["tests"][0]["n_unknown"] == 8
+    # under the prefix rule these replies carry no verdict at all
+    _check(compute_verdicts(summaries, layout, rule="prefix")["ru_alignment_lowers_asr"], "inconclusive")
+
+
+def test_paired_outcomes_match_prompts_across_two_evaluations(tmp_path):
+    before = _write(tmp_path / "before", safety=[False] * 6 + [True, False])
+    after = _write(tmp_path / "after", safety=[True] * 6 + [False, False])
+    test = paired_outcomes(before, after, "safety")
+    assert (test["n"], test["rose"], test["fell"]) == (8, 6, 1)
+    assert paired_outcomes(before, tmp_path / "missing", "safety") is None
+    other = _write(tmp_path / "other", safety=[True] * 5)  # other prompts: no pairing
+    assert paired_outcomes(before, other, "safety") is None
