@@ -112,10 +112,18 @@ def test_rerun_reuses_what_a_change_leaves_valid_and_refuses_another_model(tmp_p
 def test_full_run_writes_report_with_verdicts(full_run):
     tmp_path, summaries = full_run
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["verdicts"]) >= {"ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility",
-                                        "freeze_ii_keeps_rise_to_half", "aligned_closer_to_refusal",
-                                        "monitor_halves_prefill_asr", "monitor_overrefusal_cost"}
-    assert all(v["verdict"] in ("held", "not held", "inconclusive") for v in results["verdicts"].values())
+    verdicts = results["verdicts"]
+    assert set(verdicts) >= {"ru_alignment_lowers_asr", "ru_alignment_beats_random_budget",
+                             "alignment_tax_ru_below_full", "prune_scu_breaks_safety_spares_utility",
+                             "prune_ru_changes_little", "prune_ucu_costs_most_utility", "finetune_attack_raises_asr",
+                             "freeze_ii_keeps_rise_to_half", "freeze_ii_beats_random", "aligned_closer_to_refusal",
+                             "monitor_halves_prefill_asr", "monitor_overrefusal_cost"}
+    # 4 prompts can show nothing: the tiny run's report holds no claim, and says why for each
+    assert [claim for claim, v in verdicts.items() if v["verdict"] == "held"] == []
+    for claim, v in verdicts.items():
+        assert v["verdict"] in ("not held", "inconclusive") and v["tests"], claim
+        assert v["verdict"] == "not held" or v["reason"], claim
+    assert results["study"]["kind"] == "self-aligned" and results["verdict_rule"] == "prefix"
     # borderline prompts join the alignment data with their refusal openings made unlikely, and the
     # monitor's threshold comes from a calibration set no stage trained on
     assert summaries["align"]["borderline"] == 300
@@ -125,25 +133,28 @@ def test_full_run_writes_report_with_verdicts(full_run):
     monitor = MonitorState.load(tmp_path / "6-probe" / "monitor.safetensors")
     assert monitor.meta["threshold_from"] == "benign and threshold-set calibration replies"
     assert monitor.meta["threshold_set"]["name"] == "sensitive_safe:calibration"
-    # the claims that compare two evaluations of the same prompts carry their paired test
-    for claim in ("ru_alignment_lowers_asr", "prune_scu_breaks_safety_spares_utility", "finetune_attack_raises_asr",
-                  "monitor_halves_prefill_asr"):
-        test = results["verdicts"][claim]["numbers"]["paired_test"]
-        assert test["n"] == results["config"]["eval"]["limit"] and 0.0 <= test["p_value"] <= 1.0, claim
-    # paired before -> after: the change in the rate is (rose - fell) / n
-    numbers = {claim: results["verdicts"][claim]["numbers"] for claim in results["verdicts"]}
+    # the claims that compare two evaluations of the same prompts carry their paired test, on all 4 prompts;
+    # paired before -> after, the change in the rate is (rose - fell) / n, and it is the summaries' change
+    limit = results["config"]["eval"]["limit"]
+    stages = results["stages"]
     changes = {
-        "ru_alignment_lowers_asr": numbers["ru_alignment_lowers_asr"]["asr_aligned_ru"]
-        - numbers["ru_alignment_lowers_asr"]["asr_base"],
-        "prune_scu_breaks_safety_spares_utility": numbers["prune_scu_breaks_safety_spares_utility"]["asr_rise_scu"],
-        "finetune_attack_raises_asr": numbers["finetune_attack_raises_asr"]["asr_plain_finetune"]
-        - numbers["finetune_attack_raises_asr"]["asr_before"],
-        "monitor_halves_prefill_asr": numbers["monitor_halves_prefill_asr"]["prefill_asr_with"]
-        - numbers["monitor_halves_prefill_asr"]["prefill_asr_without"],
+        "ru_alignment_lowers_asr": stages["align"]["budget"]["eval"]["asr"]["prefix"]
+        - stages["baseline"]["eval"]["asr"]["prefix"],
+        "finetune_attack_raises_asr": stages["finetune"]["plain"]["asr"]["prefix"]
+        - stages["prune"]["none"]["asr"]["prefix"],
     }
     for claim, change in changes.items():
-        test = numbers[claim]["paired_test"]
+        test = verdicts[claim]["tests"][0]
+        assert test["name"] == "exact McNemar" and test["n"] == limit and 0.0 <= test["p_value"] <= 1.0, claim
         assert math.isclose(change, (test["rose"] - test["fell"]) / test["n"], abs_tol=1e-9), claim
+        assert test["mde"] is None and "no effect is detectable at this n" in test["text"], claim
+    scu = verdicts["prune_scu_breaks_safety_spares_utility"]["tests"][0]
+    scu_rise = stages["prune"]["SCU"]["asr"]["prefix"] - stages["prune"]["none"]["asr"]["prefix"]
+    assert math.isclose(scu["estimate"], scu_rise, abs_tol=1e-9)
+    # no over-refusal change among 4 prompts is not "at most 5 points": Tango's interval spans far more
+    over = verdicts["monitor_overrefusal_cost"]["tests"][0]
+    assert over["name"] == "Tango score interval" and over["n"] == limit and over["ci"][1] > 0.4
+    assert verdicts["monitor_overrefusal_cost"]["verdict"] == "inconclusive"
     html = (tmp_path / "report.html").read_text()
     assert "<table>" in html and "data:image/png;base64," in html and "Llama-2-7B-Chat (paper)" in html
     assert summaries["finetune"]["freeze_ii"]["train"]["check"]["max_abs_change_frozen"] == 0.0

@@ -1,9 +1,10 @@
 """The run report: results.json (every stage summary and the verdicts) and a self-contained
 report.html; the verdicts come from `ssah.analysis.verdicts`.
 
-`render_report` gathers what a run folder holds (the summaries of its finished stages, the verdicts,
-a few replies of each evaluation) and writes both files; the report stage and `ssah report`
-(`rerender`) both call it. The HTML shows every rate with its Wilson 95% interval, every test with its
+`render_report` takes the summaries of the finished stages (`ssah.pipeline.stages.report.finished_summaries`,
+an explicit list of stages), computes the verdicts from them and the evaluations' replies, gathers a few
+replies of each evaluation and writes both files; the report stage and `ssah report` (`rerender`) both
+call it. The HTML shows every rate with its Wilson 95% interval, every test with its
 p-value, bar charts with interval error bars, and the paper's numbers beside ours (labelled with the
 paper's model, which is not ours).
 """
@@ -22,32 +23,42 @@ log = logging.getLogger(__name__)
 # -- entry points --------------------------------------------------------------------------------------
 
 
-def render_report(config, layout, html_path: Path | None = None, write_results: bool = True) -> dict:
-    """Write the report of the run in `layout` (a `RunLayout`) made with `config` (a `RunConfig`):
-    results.json and report.html at the run folder's top, or the HTML alone at `html_path` when
-    `write_results` is False. Reads only what the finished stages left; returns the report stage's
-    summary ({"verdicts": {claim: verdict}})."""
-    import ssah.pipeline.stages  # noqa: F401  (registers every stage: their identities name each other)
-    from ssah.analysis.verdicts import compute_verdicts, paired_tests
-    from ssah.pipeline.layout import STAGES
-    from ssah.pipeline.registry import stage_summary
+def study_kind(config) -> dict:
+    """Whose safety the study measures: "self-aligned" when ssah trained it into a chosen unit budget (the
+    align stage), "maker-aligned" when the model came aligned by its makers (align.enabled: false)."""
+    align = config.align
+    if align.enabled:
+        where = f"into the {align.budget} budget" if align.study == "budget" else "with all parameters"
+        return {"kind": "self-aligned", "note": f"safety trained by ssah {where} of an unaligned model; its verdicts "
+                                                "speak of that training, not of a model aligned by its makers"}
+    return {"kind": "maker-aligned", "note": "the model as its makers aligned it (align.enabled: false)"}
 
-    summaries = {stage: stage_summary(stage, config, layout) for stage in STAGES if stage != "report"}
-    verdicts = compute_verdicts(summaries, paired_tests(paired_claims(layout, summaries), seed=config.seed))
+
+def render_report(config, layout, summaries: dict, html_path: Path | None = None, write_results: bool = True) -> dict:
+    """Write the report of the run in `layout` (a `RunLayout`) made with `config` (a `RunConfig`) from
+    its finished stages' `summaries` ({stage: summary}): results.json and report.html at the run
+    folder's top, or the HTML alone at `html_path` when `write_results` is False. Returns the report
+    stage's summary ({"verdicts": {claim: verdict}})."""
+    from ssah.analysis.verdicts import compute_verdicts
+
+    rule = getattr(config.eval, "verdict_rule", None) or "prefix"
+    verdicts = compute_verdicts(summaries, layout, rule=rule, seed=config.seed)
     images = {"groups": [layout.groups / "groups_per_layer.png"],
               "probe": sorted(layout.probe_study.glob("*.png")),
               "transfer": sorted(layout.stage("transfer").glob("*.png")),
               "attacks": sorted(layout.attack_grid.glob("*.png"))}
     settings = config.to_dict()
-    results = {"model": settings["model"], "config": settings, "stages": summaries, "verdicts": verdicts,
-               "paper": PAPER, "rule": "prefix (the reply opens with a refusal); rates with Wilson 95% intervals"}
+    study = study_kind(config)
+    results = {"model": settings["model"], "config": settings, "study": study, "verdict_rule": rule,
+               "stages": summaries, "verdicts": verdicts, "paper": PAPER,
+               "rule": f"{rule} (the verdicts' rule); rates with Wilson 95% intervals"}
     if write_results:
         write_json_atomic(layout.results, results)
     html_path = html_path or layout.report
     page = report_html(settings, summaries, verdicts, images, gather_examples(layout, summaries),
-                       gather_rule_agreement(layout, summaries))
+                       gather_rule_agreement(layout, summaries), study=study, rule=rule)
     write_text_atomic(html_path, page)
-    log.info("\nverdicts:")
+    log.info("\nverdicts (%s study, %s rule):", study["kind"], rule)
     for v in verdicts.values():
         log.info(f"  {v['verdict']:<13} {v['claim']}")
     log.info("report: %s", html_path)
@@ -61,19 +72,21 @@ def rerender(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     from ssah.config import load_config
     from ssah.pipeline.context import study_of
     from ssah.pipeline.layout import CONFIG_FILE, RunLayout
+    from ssah.pipeline.stages.report import finished_summaries
 
     root = Path(run_dir)
     if not (root / CONFIG_FILE).is_file():
         raise SsahError(f"{root} is not a run folder (no {CONFIG_FILE}); give the --out folder of ssah run")
     config = load_config(path=root / CONFIG_FILE)
     layout = RunLayout(root, study_of(config))
+    summaries = finished_summaries(config, layout)
     if out is None:
-        render_report(config, layout)
+        render_report(config, layout, summaries)
         return [layout.results, layout.report]
     target = Path(out)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    render_report(config, layout, html_path=target, write_results=False)
+    render_report(config, layout, summaries, html_path=target, write_results=False)
     return [target]
 
 
@@ -88,24 +101,3 @@ def _check_replaceable(path: Path) -> None:
             head = ""
         if f"<title>{REPORT_TITLE}</title>" not in head:
             raise SsahError(f"{path} exists and is not an ssah report; it is left as it is, choose another --out")
-
-
-def paired_claims(layout, summaries: dict | None = None) -> dict:
-    """The claims that compare two evaluations of the same prompts: (before, after, suite). With the
-    stage summaries, UCU's utility is paired with the next-costliest pruned mask's."""
-    from ssah.analysis.verdicts import next_costliest
-
-    claims = {
-        "ru_alignment_lowers_asr": (layout.baseline_eval, layout.aligned_eval("budget"), "safety"),
-        "prune_scu_breaks_safety_spares_utility": (layout.prune_eval("none"), layout.prune_eval("SCU"), "safety"),
-        "finetune_attack_raises_asr": (layout.prune_eval("none"), layout.finetuned_eval("plain"), "safety"),
-        "freeze_ii_keeps_rise_to_half": (layout.finetuned_eval("plain"), layout.finetuned_eval("freeze_ii"), "safety"),
-        "freeze_budget_keeps_rise_to_half": (layout.finetuned_eval("plain"), layout.finetuned_eval("freeze_budget"),
-                                             "safety"),
-        "monitor_halves_prefill_asr": (layout.studied_eval, layout.monitor_eval, "prefill"),
-        "monitor_overrefusal_cost": (layout.studied_eval, layout.monitor_eval, "overrefusal"),
-    }
-    rival = next_costliest((summaries or {}).get("prune") or {})
-    if rival is not None:
-        claims["prune_ucu_costs_most_utility"] = (layout.prune_eval(rival), layout.prune_eval("UCU"), "utility")
-    return claims

@@ -142,8 +142,10 @@ def value_text(key: str, value) -> str:
 def test_text(test: dict, points: bool) -> str:
     """A test in words (HTML): its p-value, then what it counted (exact McNemar) or estimated (an interval,
     e.g. a paired bootstrap); `points`: the interval is of a rate's change, shown in points."""
-    shown = {"p_value", "seed"}
-    parts = [f"p = {_p(test.get('p_value'))}"] if "p_value" in test else []
+    from ssah.analysis.verdicts import p_text
+
+    shown = {"p_value", "seed", "p_floor"}
+    parts = [p_text(test)] if "p_value" in test else []
     if "rose" in test and "fell" in test:
         shown |= {"rose", "fell", "n", "outcome"}
         outcome = html.escape(str(test.get("outcome") or "the outcome"))
@@ -164,36 +166,17 @@ def test_text(test: dict, points: bool) -> str:
     return "; ".join(parts)
 
 
-def verdict_cells(claim: str, numbers: dict) -> tuple[str, str]:
-    """(the numbers, the tests) of one verdict as HTML: every rate with its 95% interval where the
-    numbers hold one (a `ci_X` key goes with the number whose key ends in X), every test with its
-    p-value, any other key shown as `key: value`."""
-    intervals = {k: v for k, v in numbers.items() if k.startswith("ci_") and _is_interval(v)}
-    paired_with: dict[str, str] = {}
-    for ci_key in intervals:
-        suffix = ci_key[3:]
-        match = next((k for k, v in numbers.items() if k not in intervals and isinstance(v, (int, float))
-                      and not isinstance(v, bool) and (k == suffix or k.endswith("_" + suffix))), None)
-        if match is not None:
-            paired_with[match] = ci_key
-    rates_in_points = any(w in claim.lower() for w in ("asr", "overrefusal"))
-    items, tests = [], []
-    for key, value in numbers.items():
-        if key in paired_with.values():
-            continue
-        if key == "test_missing":
-            tests.append(f"no test: {html.escape(str(value))}")
-        elif is_test(value):
-            tests.append(f"<b>{label_text(key)}</b>: {test_text(value, rates_in_points)}")
-        elif value is None and ("test" in key or "interval" in key):
-            tests.append(f"<b>{label_text(key)}</b>: not run")
-        else:
-            shown = value_text(key, value)
-            if key in paired_with:
-                lo, hi = numbers[paired_with[key]]
-                shown += f" [{100 * lo:.0f}, {100 * hi:.0f}]"
-            items.append(f"<li>{label_text(key)}: {shown}</li>")
-    return f"<ul class=numbers>{''.join(items)}</ul>", "<br>".join(tests) or "-"
+def verdict_tests_html(verdict: dict) -> str:
+    """One verdict's tests as HTML sentences: each part with its numbers, test, n and minimum detectable
+    effect and what it found, then why the verdict is inconclusive where it is."""
+    items = []
+    for part in verdict.get("tests") or []:
+        found = "shown, not counted" if part.get("decides") is False else part.get("result", "")
+        items.append(f"<li>{html.escape(str(part.get('text', '')))} <i>({html.escape(str(found))})</i></li>")
+    reason = verdict.get("reason")
+    why = f"<p class=note>Inconclusive: {html.escape(str(reason))}.</p>" \
+        if reason and verdict.get("verdict") == "inconclusive" else ""
+    return f"<ul class=numbers>{''.join(items)}</ul>{why}" if items else why or "-"
 
 
 # -- charts --------------------------------------------------------------------------------------------

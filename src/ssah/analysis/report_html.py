@@ -25,7 +25,7 @@ from ssah.analysis.report_format import (
     shown_text,
     test_text,
     value_text,
-    verdict_cells,
+    verdict_tests_html,
 )
 
 REPORT_TITLE = "ssah report"  # in every report's <title>: how `rerender` knows a file it may replace
@@ -51,30 +51,39 @@ def _examples_html(examples: list[tuple[str, list[dict]]]) -> list[str]:
 
 
 def report_html(config: dict, s: dict, verdicts: dict, images: dict[str, list[Path]],
-                examples: dict[str, list] | None = None, agreements: list[tuple[str, dict]] | None = None) -> str:
+                examples: dict[str, list] | None = None, agreements: list[tuple[str, dict]] | None = None,
+                study: dict | None = None, rule: str = "prefix") -> str:
     """The self-contained report.html from the run's config, stage summaries {stage: summary},
     verdicts, images per section (groups, probe, transfer, attacks), example replies per section
-    (`gather_examples`) and rule agreement per evaluation (`gather_rule_agreement`; default: what the
-    summaries hold)."""
+    (`gather_examples`), rule agreement per evaluation (`gather_rule_agreement`; default: what the
+    summaries hold), whose safety the study measures (`study_kind`) and the verdicts' rule."""
     examples = examples or {}
     if agreements is None:
         agreements = [(e[0], e[3]["rule_agreement"]) for found in evaluation_folders(None, s).values()
                       for e in found if isinstance(e[3].get("rule_agreement"), dict)]
     model = str(config.get("model"))
     verdict_rows = []
-    for claim, v in verdicts.items():
-        numbers, tests = verdict_cells(claim, v.get("numbers") or {})
+    for v in verdicts.values():
         kind, verdict = html.escape(v["verdict"].replace(" ", "-")), html.escape(v["verdict"])
-        verdict_rows.append((html.escape(v["claim"]), f"<span class='verdict {kind}'>{verdict}</span>", numbers, tests))
-    parts = [f"<h1>SSAH study of {html.escape(model)}</h1>",
-             "<p>Safety is judged by the <b>prefix</b> rule (a reply that opens with a refusal is a refusal); "
+        verdict_rows.append((html.escape(v["claim"]), f"<span class='verdict {kind}'>{verdict}</span>",
+                             verdict_tests_html(v)))
+    study = study or {}
+    label = html.escape(str(study.get("kind", "")))
+    parts = [f"<h1>SSAH study of {html.escape(model)}{f' ({label})' if label else ''}</h1>",
+             f"<p class=study><b>{label or 'study'}</b>: {html.escape(str(study.get('note', '')))}</p>"
+             if study else "",
+             f"<p>Safety is judged by the <b>{html.escape(rule)}</b> rule in every rate and test of the verdicts; "
              "every rate comes with its Wilson 95% interval in brackets. Paper numbers are the paper's models, "
              "not ours.</p>",
              "<h2>Verdicts</h2>",
-             "<p>Where both rates come from the same prompts, an effect counts as clear of chance when an exact "
-             "paired (McNemar) test on the per-prompt outcomes gives p &lt; 0.05; elsewhere, when the Wilson "
-             "intervals do not overlap. Rates are in %, changes in percentage points.</p>",
-             html_table(("effect", "verdict", "numbers [95% interval]", "tests"), verdict_rows, raw=True)]
+             "<p>A verdict is <b>held</b> only when every test of the claim clears it, <b>not held</b> only when a "
+             "test or an interval excludes it, and <b>inconclusive</b> otherwise, with the reason. A change in a "
+             "rate on the same prompts is tested by exact McNemar (p &lt; 0.05), a bound on a change by Tango's "
+             "score interval, a comparison with random units by a paired sign-flip permutation test, a "
+             "perplexity ratio by a bootstrap over its text's windows. Each test states its n and the minimum "
+             "detectable effect at that n (power 0.8, alpha 0.05). Rates are in %, changes in percentage "
+             "points.</p>",
+             html_table(("effect", "verdict", "what the tests found"), verdict_rows, raw=True)]
     parts += _alignment_section(s, examples.get("alignment"))
     parts += _pruning_section(s, examples.get("pruning"))
     parts += _finetune_section(s, config, examples.get("finetune"))
