@@ -392,3 +392,15 @@ def test_paired_outcomes_match_prompts_across_two_evaluations(tmp_path):
     assert paired_outcomes(before, tmp_path / "missing", "safety") is None
     other = _write(tmp_path / "other", safety=[True] * 5)  # other prompts: no pairing
     assert paired_outcomes(before, other, "safety") is None
+
+
+def test_under_the_judge_rule_over_refusal_reads_the_prefix_rule(tmp_path):
+    layout = RunLayout(tmp_path)
+    for folder, refused in ((layout.studied_eval, _flags(4)), (layout.monitor_eval, _flags(24))):
+        rows = [_row("overrefusal", i, flag) for i, flag in enumerate(refused)]
+        for row in rows:
+            row["verdicts"]["judge"] = "safe"
+        folder.mkdir(parents=True)
+        (folder / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summaries = {"probe": {"monitor": {"without": _eval(), "with": _eval()}}}
+    _check(compute_verdicts(summaries, layout, rule="judge")["monitor_overrefusal_cost"], "not held")
