@@ -189,3 +189,36 @@ def test_monitor_section_says_in_numbers_why_prefill_asr_was_not_halved():
     assert "Prefill ASR was not halved" in text and "90.0% without" in text and "at most 45.0%" in text
     assert "flagged only 30.0% of the harmful calibration replies" in text
     assert "not halved" not in section(0.4)
+
+
+def test_report_rates_follow_the_verdict_rule_and_show_the_controls():
+    from ssah.analysis.report_html import report_html
+
+    def block(prefix, keywords, **extra):
+        rates = {"prefix": prefix, "keywords": keywords}
+        return {"asr": rates, "prefill_asr": rates,
+                "overrefusal_rate": 0.0, "task_accuracy": 0.5, "perplexity": 10.0, "ci": {}, "n": {"asr": 8}, **extra}
+
+    summaries = {"baseline": {"eval": block(0.875, 0.25)},
+                 "align": {"budget": {"mask": "RU", "share": 0.2, "eval": block(0.125, 0.0)},
+                           "random_budget": {"random_budget_s0": {"seed": 0, "eval": block(0.5, 0.125)}}},
+                 "prune": {"none": block(0.125, 0.0)},
+                 "finetune": {"plain": block(0.625, 0.375),
+                              "freeze_random_s0": block(0.5, 0.25, control_of="freeze_ii", seed=0)}}
+    html = report_html({"model": "m"}, summaries, {}, {}, rule="keywords")
+    assert "ASR % (keywords) [95% CI]" in html and "ASR % (prefix)" not in html
+    assert "<td>base model</td><td>25.0 [" in html  # the keywords rate, not the prefix one (87.5)
+    assert "aligned, random budget random_budget_s0 (control)</td><td>12.5 [" in html
+    assert "fine-tuned: freeze_random_s0 (control)</td><td>25.0 [" in html
+    assert "the studied model of this run, keywords rule" in html
+
+
+def test_a_study_is_self_aligned_only_when_ssah_trained_its_safety():
+    from ssah.analysis.report import study_kind
+    from ssah.config import load_config
+    from tests.conftest import TINY_RUN_CONFIG
+
+    config = load_config(path=TINY_RUN_CONFIG)
+    assert study_kind(config)["kind"] == "self-aligned" and "RU budget" in study_kind(config)["note"]
+    config.align.enabled = False
+    assert study_kind(config)["kind"] == "maker-aligned"

@@ -60,7 +60,9 @@ def evaluation_folders(layout, s: dict) -> dict[str, list[tuple[str, Path | None
     sections = {
         "alignment": [("base model", folder("baseline_eval"), "safety", (s.get("baseline") or {}).get("eval"))]
         + [(f"aligned: {kind}", folder("aligned_eval", kind), "safety", (align.get(kind) or {}).get("eval"))
-           for kind in ("budget", "full")],
+           for kind in ("budget", "full")]
+        + [(f"aligned: {name} (control)", folder("aligned_eval", name), "safety", (row or {}).get("eval"))
+           for name, row in sorted((align.get("random_budget") or {}).items()) if isinstance(row, dict)],
         "pruning": [(f"pruned {m}", folder("prune_eval", m), "safety", v) for m, v in (s.get("prune") or {}).items()],
         "finetune": [(f"fine-tuned: {k}", folder("finetuned_eval", k), "safety", v)
                      for k, v in (s.get("finetune") or {}).items()],

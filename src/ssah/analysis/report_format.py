@@ -62,11 +62,12 @@ def html_table(columns, rows, raw: bool = False) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def rate_interval(block: dict | None, key: str) -> tuple[float | None, list | None]:
-    """A rate and its 95% interval; Wilson from the count when the summary holds no interval."""
+def rate_interval(block: dict | None, key: str, rule: str = "prefix") -> tuple[float | None, list | None]:
+    """A rate (under `rule` where the summary holds one per rule) and its 95% interval; Wilson from the
+    count when the summary holds no interval."""
     from ssah.evaluate.stats import wilson_interval
 
-    value, ci = _rate(block, key)
+    value, ci = _rate(block, key, rule)
     if value is not None and not ci:
         n = ((block or {}).get("n") or {}).get(key)
         if isinstance(n, int) and n > 0:
@@ -74,21 +75,23 @@ def rate_interval(block: dict | None, key: str) -> tuple[float | None, list | No
     return value, ci
 
 
-def rate_cell(block: dict | None, key: str) -> str:
-    value, ci = rate_interval(block, key)
+def rate_cell(block: dict | None, key: str, rule: str = "prefix") -> str:
+    value, ci = rate_interval(block, key, rule)
     return pct(value) + ci_text(ci)
 
 
-def eval_row(label: str, block: dict | None) -> list:
+def eval_row(label: str, block: dict | None, rule: str = "prefix") -> list:
     if not block:
         return [label, "-", "-", "-", "-", "-", "-"]
     n = (block.get("n") or {}).get("asr")
-    return [label, rate_cell(block, "asr"), n, rate_cell(block, "prefill_asr"), rate_cell(block, "overrefusal_rate"),
-            rate_cell(block, "task_accuracy"), fmt_number(block.get("perplexity"))]
+    return [label, rate_cell(block, "asr", rule), n, rate_cell(block, "prefill_asr", rule),
+            rate_cell(block, "overrefusal_rate"), rate_cell(block, "task_accuracy"),
+            fmt_number(block.get("perplexity"))]
 
 
-EVAL_COLUMNS = ("model", "ASR % (prefix) [95% CI]", "n", "prefill ASR % [95% CI]", "over-refusal % [95% CI]",
-                "task accuracy % [95% CI]", "perplexity")
+def eval_columns(rule: str = "prefix") -> tuple[str, ...]:
+    return ("model", f"ASR % ({rule}) [95% CI]", "n", f"prefill ASR % ({rule}) [95% CI]", "over-refusal % [95% CI]",
+            "task accuracy % [95% CI]", "perplexity")
 
 
 def _img(data: bytes, alt: str) -> str:
@@ -225,22 +228,22 @@ def bar_chart(title: str, panels: list[tuple[str, list[tuple[str, float | None, 
     return _img(buffer.getvalue(), title)
 
 
-def pruning_chart(prune: dict) -> str:
+def pruning_chart(prune: dict, rule: str = "prefix") -> str:
     return bar_chart("pruning ablation: ASR and task accuracy per pruned mask", [
-        ("ASR % (prefix)", [(m, *rate_interval(v, "asr")) for m, v in prune.items()]),
+        (f"ASR % ({rule})", [(m, *rate_interval(v, "asr", rule)) for m, v in prune.items()]),
         ("task accuracy %", [(m, *rate_interval(v, "task_accuracy")) for m, v in prune.items()])])
 
 
-def finetune_chart(before: dict | None, ft: dict) -> str:
-    bars = [("before", *rate_interval(before, "asr"))] if before else []
-    bars += [(k, *rate_interval(v, "asr")) for k, v in ft.items()]
-    return bar_chart("benign fine-tuning: ASR per setting", [("ASR % (prefix)", bars)])
+def finetune_chart(before: dict | None, ft: dict, rule: str = "prefix") -> str:
+    bars = [("before", *rate_interval(before, "asr", rule))] if before else []
+    bars += [(k, *rate_interval(v, "asr", rule)) for k, v in ft.items()]
+    return bar_chart("benign fine-tuning: ASR per setting", [(f"ASR % ({rule})", bars)])
 
 
-def monitor_chart(monitor: dict) -> str:
+def monitor_chart(monitor: dict, rule: str = "prefix") -> str:
     blocks = [("without", monitor.get("without")), ("with", monitor.get("with"))]
     return bar_chart("runtime monitor: prefill-attack ASR and over-refusal", [
-        ("prefill ASR % (prefix)", [(k, *rate_interval(b, "prefill_asr")) for k, b in blocks]),
+        (f"prefill ASR % ({rule})", [(k, *rate_interval(b, "prefill_asr", rule)) for k, b in blocks]),
         ("over-refusal %", [(k, *rate_interval(b, "overrefusal_rate")) for k, b in blocks])])
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ssah.analysis.report_data import PAPER, evaluation_folders
 from ssah.analysis.report_format import (
-    EVAL_COLUMNS,
     ci_text,
+    eval_columns,
     eval_row,
     finetune_chart,
     fmt_number,
@@ -84,18 +84,18 @@ def report_html(config: dict, s: dict, verdicts: dict, images: dict[str, list[Pa
              "detectable effect at that n (power 0.8, alpha 0.05). Rates are in %, changes in percentage "
              "points.</p>",
              html_table(("effect", "verdict", "what the tests found"), verdict_rows, raw=True)]
-    parts += _alignment_section(s, examples.get("alignment"))
-    parts += _pruning_section(s, examples.get("pruning"))
-    parts += _finetune_section(s, config, examples.get("finetune"))
+    parts += _alignment_section(s, examples.get("alignment"), rule)
+    parts += _pruning_section(s, examples.get("pruning"), rule)
+    parts += _finetune_section(s, config, examples.get("finetune"), rule)
     groups = s.get("groups") or {}
     if groups:
         parts += ["<h2>Unit groups</h2>", html_table(("group", "units"), list(groups.get("counts", {}).items())),
                   *[image_tag(p) for p in images.get("groups", [])]]
     parts += ["<h2>Reasoning direction</h2>", *(image_tag(p) for p in images.get("probe", []))]
-    parts += _monitor_section((s.get("probe") or {}).get("monitor"), examples.get("monitor"))
+    parts += _monitor_section((s.get("probe") or {}).get("monitor"), examples.get("monitor"), rule)
     parts += ["<h2>Attribute transfer (cf. paper Figures 5, 6)</h2>",
               *(image_tag(p) for p in images.get("transfer", []))]
-    parts += _attack_section(s.get("attacks") or {}, images.get("attacks", []))
+    parts += _attack_section(s.get("attacks") or {}, images.get("attacks", []), verdicts)
     parts += _rule_agreement_section(agreements)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
@@ -111,15 +111,20 @@ def _paper(table: str) -> list[str]:
     return [html_table(PAPER[table]["columns"], PAPER[table]["rows"]), f"<p class=note>{PAPER[table]['model']}</p>"]
 
 
-def _alignment_section(s: dict, examples) -> list[str]:
+def _alignment_section(s: dict, examples, rule: str = "prefix") -> list[str]:
     align = s.get("align") or {}
-    rows = [eval_row("base model", (s.get("baseline") or {}).get("eval"))]
+    rows = [eval_row("base model", (s.get("baseline") or {}).get("eval"), rule)]
     if align.get("budget"):
-        rows.append(eval_row(f"aligned, {align['budget'].get('mask')} budget "
-                              f"({100 * align['budget'].get('share', 0):.1f}% units)", align["budget"].get("eval")))
+        label = f"aligned, {align['budget'].get('mask')} budget ({100 * align['budget'].get('share', 0):.1f}% units)"
+        rows.append(eval_row(label, align["budget"].get("eval"), rule))
+    # the controls: random budgets of the same per-layer sizes, aligned the same way
+    for name, row in sorted((align.get("random_budget") or {}).items()):
+        if isinstance(row, dict):
+            rows.append(eval_row(f"aligned, random budget {name} (control)", row.get("eval"), rule))
     if align.get("full"):
-        rows.append(eval_row("aligned, all parameters", align["full"].get("eval")))
-    return ["<h2>Alignment budget (cf. paper Table 4)</h2>", html_table(EVAL_COLUMNS, rows), *_paper("table4_llama7b"),
+        rows.append(eval_row("aligned, all parameters", align["full"].get("eval"), rule))
+    return ["<h2>Alignment budget (cf. paper Table 4)</h2>", html_table(eval_columns(rule), rows),
+            *_paper("table4_llama7b"),
             *_examples_html(examples)]
 
 
@@ -127,7 +132,7 @@ def _diff(ours, paper) -> str:
     return "-" if ours is None or paper is None else f"{ours - paper:+.1f}"
 
 
-def _pruning_versus_paper(prune: dict) -> list[str]:
+def _pruning_versus_paper(prune: dict, rule: str = "prefix") -> list[str]:
     """Paper Table 1 (Llama-2) beside ours: ASR in %, perplexity as a ratio to the unpruned model's."""
     paper_rows = {label.split()[0]: (label, ppl, asr) for label, ppl, _, asr in PAPER["table1_llama2"]["rows"]}
     paper_ppl_none = paper_rows["none"][1]
@@ -135,7 +140,7 @@ def _pruning_versus_paper(prune: dict) -> list[str]:
     rows = []
     for group, (label, paper_ppl, paper_asr) in paper_rows.items():
         ours = prune.get(group)
-        asr, ci = rate_interval(ours, "asr")
+        asr, ci = rate_interval(ours, "asr", rule)
         asr_pct = None if asr is None else 100 * asr
         ppl = (ours or {}).get("perplexity")
         ratio = ppl / ppl_none if ppl and ppl_none else None
@@ -149,18 +154,18 @@ def _pruning_versus_paper(prune: dict) -> list[str]:
                     "difference (points)", "perplexity / unpruned, paper", "perplexity / unpruned, ours",
                     "difference"), rows),
             f"<p class=note>Paper: {PAPER['table1_llama2']['model']}, keyword-judged AdvBench ASR averaged over "
-            "system prompts, WikiText-2 perplexity. Ours: the studied model of this run, prefix rule on our harmful "
-            "set. Perplexity is compared as a ratio to the unpruned model's, since absolute perplexities differ "
-            "across models; differences are ours minus paper.</p>"]
+            "system prompts, WikiText-2 perplexity. Ours: the studied model of this run, "
+            f"{html.escape(rule)} rule on our harmful set. Perplexity is compared as a ratio to the unpruned "
+            "model's, since absolute perplexities differ across models; differences are ours minus paper.</p>"]
 
 
-def _pruning_section(s: dict, examples) -> list[str]:
+def _pruning_section(s: dict, examples, rule: str = "prefix") -> list[str]:
     prune = s.get("prune") or {}
-    rows = [eval_row(f"pruned {m}" + (f" ({100 * v.get('share', 0):.1f}% units)" if m != "none" else ""), v)
+    rows = [eval_row(f"pruned {m}" + (f" ({100 * v.get('share', 0):.1f}% units)" if m != "none" else ""), v, rule)
             for m, v in prune.items()]
-    parts = ["<h2>Pruning ablation (cf. paper Table 1)</h2>", html_table(EVAL_COLUMNS, rows)]
+    parts = ["<h2>Pruning ablation (cf. paper Table 1)</h2>", html_table(eval_columns(rule), rows)]
     if prune:
-        parts += [pruning_chart(prune), *_pruning_versus_paper(prune)]
+        parts += [pruning_chart(prune, rule), *_pruning_versus_paper(prune, rule)]
     else:
         parts += ["<p class=note>The prune stage has not finished.</p>", *_paper("table1_llama2")]
     return parts + _examples_html(examples)
@@ -170,12 +175,12 @@ _PAPER_SETTINGS = (("initial", "before", 1), ("plain fine-tune", "plain", 2), ("
                    ("(ii) SCU+CU", "freeze_ii", 4))
 
 
-def _finetune_versus_paper(before: dict | None, ft: dict, data: str) -> list[str]:
+def _finetune_versus_paper(before: dict | None, ft: dict, data: str, rule: str = "prefix") -> list[str]:
     """Paper Table 2 (Llama-2, Alpaca and Dolly) beside ours: ASR in %."""
     papers = PAPER["table2_llama2"]["rows"]
     rows = []
     for label, setting, column in _PAPER_SETTINGS:
-        asr, ci = rate_interval(before if setting == "before" else ft.get(setting), "asr")
+        asr, ci = rate_interval(before if setting == "before" else ft.get(setting), "asr", rule)
         asr_pct = None if asr is None else 100 * asr
         row = [f"{label} (ours: {setting})", pct(asr) + ci_text(ci)]
         for paper in papers:
@@ -186,16 +191,18 @@ def _finetune_versus_paper(before: dict | None, ft: dict, data: str) -> list[str
         columns += [f"ASR % paper, {paper[0]}", f"difference vs {paper[0]} (points)"]
     return ["<h3>Paper vs ours (the models differ)</h3>", html_table(columns, rows),
             f"<p class=note>Paper: {html.escape(PAPER['table2_llama2']['model'])}, fine-tuned on Alpaca or Dolly. "
-            f"Ours: the studied model of this run fine-tuned on {html.escape(data)}, prefix rule on our harmful set. "
+            f"Ours: the studied model of this run fine-tuned on {html.escape(data)}, {html.escape(rule)} rule on our "
+            "harmful set. "
             "Differences are ours minus paper.</p>"]
 
 
-def _finetune_section(s: dict, config: dict, examples) -> list[str]:
+def _finetune_section(s: dict, config: dict, examples, rule: str = "prefix") -> list[str]:
     prune, ft = s.get("prune") or {}, s.get("finetune") or {}
     covered = {k: v["alignment_budget_frozen"] for k, v in ft.items() if v.get("alignment_budget_frozen") is not None}
     parts = ["<h2>Benign fine-tuning attack and freezing (cf. paper Table 2)</h2>",
-             html_table(EVAL_COLUMNS, [eval_row("before fine-tuning", prune.get("none"))] +
-                    [eval_row(f"fine-tuned: {k}", v) for k, v in ft.items()])]
+             html_table(eval_columns(rule), [eval_row("before fine-tuning", prune.get("none"), rule)] +
+                        [eval_row(f"fine-tuned: {k}" + (" (control)" if v.get("control_of") else ""), v, rule)
+                         for k, v in ft.items()])]
     if covered:
         # A budget-aligned model keeps its refusals in the units alignment trained: say how much of them
         # each frozen setting holds fixed, since freezing cannot keep what it leaves trainable.
@@ -204,13 +211,14 @@ def _finetune_section(s: dict, config: dict, examples) -> list[str]:
                   f"frozen setting holds fixed: {html.escape(shares)}.</p>"]
     if ft:
         data = str(((config.get("data") or {}).get("finetune")) or "the run's fine-tuning data")
-        parts += [finetune_chart(prune.get("none"), ft), *_finetune_versus_paper(prune.get("none"), ft, data)]
+        parts += [finetune_chart(prune.get("none"), ft, rule),
+                  *_finetune_versus_paper(prune.get("none"), ft, data, rule)]
     else:
         parts += ["<p class=note>The finetune stage has not finished.</p>", *_paper("table2_llama2")]
     return parts + _examples_html(examples)
 
 
-def _monitor_section(monitor: dict | None, examples) -> list[str]:
+def _monitor_section(monitor: dict | None, examples, rule: str = "prefix") -> list[str]:
     if not monitor:
         return []
     replaced = ", ".join(f"{suite} {100 * e['share']:.0f}%" for suite, e in (monitor.get("replaced") or {}).items())
@@ -224,16 +232,16 @@ def _monitor_section(monitor: dict | None, examples) -> list[str]:
             f"{pct(calibration.get('borderline_flag_rate'))}% of borderline and "
             f"{pct(calibration.get('harmful_flag_rate'))}% of harmful calibration replies). A flagged "
             f"reply is replaced by a refusal; replies replaced: {html.escape(replaced or '-')}.</p>",
-            *_monitor_shortfall(monitor, calibration),
-            html_table(EVAL_COLUMNS, [eval_row("studied model", monitor.get("without")),
-                                  eval_row("studied model + monitor", monitor.get("with"))]),
-            monitor_chart(monitor), *_examples_html(examples)]
+            *_monitor_shortfall(monitor, calibration, rule),
+            html_table(eval_columns(rule), [eval_row("studied model", monitor.get("without"), rule),
+                                            eval_row("studied model + monitor", monitor.get("with"), rule)]),
+            monitor_chart(monitor, rule), *_examples_html(examples)]
 
 
-def _monitor_shortfall(monitor: dict, calibration: dict) -> list[str]:
+def _monitor_shortfall(monitor: dict, calibration: dict, rule: str = "prefix") -> list[str]:
     """Why prefill ASR was not halved, in numbers, when it was not."""
-    without, _ = rate_interval(monitor.get("without"), "prefill_asr")
-    with_, _ = rate_interval(monitor.get("with"), "prefill_asr")
+    without, _ = rate_interval(monitor.get("without"), "prefill_asr", rule)
+    with_, _ = rate_interval(monitor.get("with"), "prefill_asr", rule)
     if without is None or with_ is None or without == 0 or with_ <= without / 2:
         return []
     harmful = calibration.get("harmful_flag_rate")
@@ -294,11 +302,14 @@ ATTACK_COLUMNS = ("attack", "lr", "steps", "defense", "trainable %", "ASR % [95%
                   "prefill ASR % [95% CI]", "over-refusal %", "task accuracy %", "perplexity", "utility kept")
 
 
-def _attack_section(attacks: dict, images: list[Path]) -> list[str]:
-    """The fine-tuning attack grid: verdicts per family, the plots, and every cell."""
+def _attack_section(attacks: dict, images: list[Path], judged: dict | None = None) -> list[str]:
+    """The fine-tuning attack grid: verdicts per family (as the verdict table judged them, `judged`), the
+    plots, and every cell."""
     if not attacks.get("rows"):
         return []
-    verdicts = [(family, defense, v["verdict"], pct(v.get("worst_asr")), pct(v.get("worst_asr_none")))
+    judged = judged or {}
+    verdicts = [(family, defense, (judged.get(f"attack_{family}_{defense}") or {}).get("verdict", "control"),
+                 pct(v.get("worst_asr")), pct(v.get("worst_asr_none")))
                 for family, by in attacks["verdicts"].items() for defense, v in by.items()]
     rows = []
     for row in attacks["rows"]:
