@@ -1,5 +1,9 @@
 """Supervised fine-tuning with loss on response tokens only, through `accelerate`.
 
+The LM head runs only where a response token is predicted (`response_logits`): a prompt position's
+logits would be thrown away by the loss, and on a small model with a large vocabulary the head and
+its softmax are a large share of a step.
+
 One loop serves benign fine-tuning (the attack), frozen-unit fine-tuning (the paper's remedy),
 LoRA (the PEFT baseline) and alignment inside a unit budget. Run it in one process, or
 data-parallel with `accelerate launch`: frozen entries are masked before the gradient
@@ -9,6 +13,7 @@ With `shard: fsdp2` every process holds shards of the parameters instead (`ssah.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -23,7 +28,7 @@ from ssah.interventions.freeze import TrainingCheck, UnitFreezer
 from ssah.train.settings import TrainConfig
 from ssah.train.sharding import full_state_dict, shard_model
 
-__all__ = ["TrainConfig", "TrainResult", "avoided_opening_loss", "opening_tokens", "train_sft"]
+__all__ = ["TrainConfig", "TrainResult", "avoided_opening_loss", "opening_tokens", "response_loss", "train_sft"]
 
 
 @dataclass
@@ -99,10 +104,48 @@ def avoided_opening_loss(logits: torch.Tensor, reply_start: torch.Tensor,
     rows = (avoid_ids >= 0).any(dim=1).nonzero().squeeze(1)
     if rows.numel() == 0:
         return None
-    logp = torch.log_softmax(logits[rows, reply_start[rows]].float(), dim=-1)
-    ids = avoid_ids[rows]
+    return _unlikelihood(logits[rows, reply_start[rows]], avoid_ids[rows])
+
+
+def _unlikelihood(opening_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """-log(1 - P(any of `ids`)) per row of `opening_logits` [rows, vocab], averaged (ids < 0: none)."""
+    logp = torch.log_softmax(opening_logits.float(), dim=-1)
     p_avoided = (logp.gather(1, ids.clamp(min=0)).exp() * (ids >= 0)).sum(dim=1)
     return -torch.log1p(-p_avoided.clamp(max=1 - 1e-6)).mean()
+
+
+@contextlib.contextmanager
+def response_logits(model, rows: torch.Tensor):
+    """Inside, `model`'s LM head sees only the hidden states at `rows` ([batch, positions] bool), so its
+    logits come back as [rows.sum(), vocab]. Scaling or soft-capping after the head is per element,
+    so every family's logits at those positions are what the full forward gives."""
+    head = getattr(model, "module", model).get_output_embeddings()  # inside a data-parallel wrapper
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def response_loss(model, batch: dict, avoid_weight: float = 0.0) -> torch.Tensor:
+    """The training loss of one batch, with the LM head applied only at positions whose next token is
+    learned (labels != -100, shifted by one): their mean cross-entropy (what the model's own loss gives
+    from the full logits), plus `avoid_weight` x `avoided_opening_loss` when the batch has openings to
+    avoid (at each reply start, a position whose next token is always learned)."""
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    avoid_ids, reply_start = batch.pop("avoid_ids", None), batch.pop("reply_start", None)
+    learned = torch.zeros_like(labels, dtype=torch.bool)
+    learned[:, :-1] = labels[:, 1:] != -100
+    with response_logits(model, learned):
+        logits = model(**batch).logits
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]])
+    if avoid_ids is not None and avoid_weight:
+        rows = (avoid_ids >= 0).any(dim=1).nonzero().squeeze(1)
+        if rows.numel():
+            where = learned.flatten().long().cumsum(0).view_as(learned) - 1  # row of `logits` per position
+            loss = loss + avoid_weight * _unlikelihood(logits[where[rows, reply_start[rows]]], avoid_ids[rows])
+    return loss
 
 
 def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig,
@@ -186,14 +229,7 @@ def _loop(accelerator, model, optimizer, loader, scheduler, trainable, config: T
     while result.steps < total:
         for batch in loader:
             with accelerator.accumulate(model):
-                batch = dict(batch)
-                avoid_ids, reply_start = batch.pop("avoid_ids", None), batch.pop("reply_start", None)
-                output = model(**batch)
-                loss = output.loss
-                if avoid_ids is not None and config.avoid_weight:
-                    avoided = avoided_opening_loss(output.logits, reply_start, avoid_ids)
-                    if avoided is not None:
-                        loss = loss + config.avoid_weight * avoided
+                loss = response_loss(model, batch, config.avoid_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip:
                     accelerator.clip_grad_norm_(trainable, config.grad_clip)
