@@ -1,16 +1,16 @@
-"""Batched vs one-at-a-time greedy generation: generated tokens per second.
+"""Generation throughput at 1 to 64 slots: generated tokens per second against batch 1, and the FLOP/s
+each side reaches beside the machine's matmul roofline.
 
-    python benchmarks/bench_generation.py                 # built-in model, 16 prompts x 32 new tokens
-    python benchmarks/bench_generation.py --model tiny:llama --prompts 8 --tokens 8
+    python benchmarks/bench_generation.py --threads 1           # built-in model, then Qwen2.5-Coder-0.5B
+    python benchmarks/bench_generation.py --quick               # tiny:llama, 8 prompts x 8 tokens
 
-Every side calls `ssah.evaluate.generation.generate_items` (what the evaluation suites use, token ids
-kept so tokens are counted exactly) on the same benign:calibration prompts with the same
-`max_new_tokens`, without a cache: batch 1 (`model.generate` per prompt, the reference), static
-batches of 8 (`model.generate` per batch: rows step until the batch's longest reply ends) and
-continuous batching with 8 slots (the default: a finished row's slot goes to the next prompt).
-Throughput counts the tokens of each reply up to its end-of-sequence token. A prefill-only pass
-(one forward per prompt) shows how much of batch 1's time no batching can share. Sides alternate
-per repeat; medians, spreads and per-repeat ratios are reported.
+Every batched side runs `ssah.evaluate.batching.continuous_generate` (what `ssah eval` runs on the hf
+engine) on the same harmful:test prompts, rendered with the chat template and sorted longest first as
+the evaluation does, greedy, at most `tokens` new tokens. Batch 1 is `model.generate` per prompt (the
+reference); on a subset of the prompts (`batch1_prompts`), since its tokens/s does not depend on how
+many prompts it runs. `auto` is the slot count `choose_slots` picks (measured once per model and
+machine, then cached). The second model (`second`: a GGUF path, Qwen2.5-Coder-0.5B-Instruct by
+default) runs the same sides; it is skipped with a line when the file is absent.
 """
 
 from __future__ import annotations
@@ -21,127 +21,147 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import fmt_ratio, fmt_target, paired_ratios, script_main, summary, target, timed_call  # noqa: E402
+from benchmarks.common import fmt_flops, matmul_roofline, script_main, target, timed_call, weight_counts  # noqa: E402
 
 NAME = "generation"
-TITLE = "Batched vs batch-1 generation throughput"
+TITLE = "Generation throughput at 1 to 64 slots, against batch 1 and the matmul roofline"
+QWEN = "~/.cache/ssah-models/qwen2.5-coder-0.5b-instruct.gguf"
 PARAMS = {
-    "full": dict(prompts=16, tokens=32, batch_size=8, repeats=3),
-    "quick": dict(prompts=8, tokens=8, batch_size=4, repeats=1),
+    "full": dict(prompts=128, tokens=32, slots=(8, 32, 64), batch1_prompts=24, second=QWEN, second_batch1_prompts=12),
+    "quick": dict(prompts=8, tokens=8, slots=(4, 8), batch1_prompts=4, second="", second_batch1_prompts=2),
 }
-TARGET = 4.0
+TARGETS = {"first": 10.0, "second": 6.0}
 PROSE = """\
-Tokens/s counts kept tokens only, so a batched side's ratio is the product of two factors: how many
-more row-steps per second a batch decodes (less than 8x: only the per-step part of the cost --
-reading the weights, dispatch, the generation loop -- is shared by the rows, while the arithmetic
-grows with them), and the share of row-steps that produce kept tokens. Continuous batching brings
-the second factor to 100%. transformers' own continuous batching (`generate_batch`, paged attention,
-run with its default settings but the same number of slots) is timed on the same prompts: its
-scheduling and paged attention cost more than they save on a CPU, which is why ssah runs its own
-loop. The prompts' prefill is arithmetic-bound on a CPU, so batching does not share it: its share of
-batch 1's time caps what any batching can gain."""
+A decoding step reads every weight once whatever the number of rows, so on a CPU rows share that
+cost until the arithmetic dominates: tokens/s grows with the slot count while the achieved FLOP/s
+climbs toward the roofline (a large fp32 matmul at the same thread count). FLOPs count the weights'
+multiply-adds of every position computed (prompt positions with their padding, then one per decoding
+row-step; attention's score products are left out), so a side near the roofline has little left to
+gain from more slots. The prompts' prefill is arithmetic-bound already at batch 1, which caps what
+batching can gain over batch 1 on prompts long against their replies."""
 
 
-def run(loaded, prompts: int = 16, tokens: int = 32, batch_size: int = 8, repeats: int = 3) -> dict:
+def _generation_flops(weights: dict, prompt_positions: int, prompt_rows: int, row_steps: int) -> float:
+    """Weights' multiply-adds: every prompt position through the body, the head at each prompt's last
+    position, and body plus head for each decoding row-step."""
+    return 2 * weights["body"] * (prompt_positions + row_steps) + 2 * weights["head"] * (prompt_rows + row_steps)
+
+
+def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofline: float) -> dict:
     import torch
 
     from ssah.data import load_dataset
-    from ssah.evaluate.generation import _encode_text, generate_items, render_prompts
+    from ssah.evaluate.batching import BatchingStats, choose_slots, continuous_generate
+    from ssah.evaluate.generation import _encode_text, _eos_ids, _pad_id, render_prompts
 
-    texts = [record.prompt for record in load_dataset("benign:calibration").take(prompts)]
-
-    def generate(size: int, batching: str) -> tuple[int, int]:
-        """(tokens kept, row-steps): token positions computed per row, the first one by the prefill."""
-        static_steps = []
-
-        def count(batch) -> None:  # a static batch steps every row until its longest row ends
-            static_steps.append(len(batch) * max(min(tokens, len(item.token_ids) + 1) for item in batch))
-
-        items = generate_items(loaded.model, loaded.tokenizer, texts, model_key="bench", max_new_tokens=tokens,
-                               batch_size=size, cache=None, progress=False, on_batch=count, batching=batching)
-        steps = sum(static_steps) if batching == "static" else \
-            sum(min(tokens, len(item.token_ids) + 1) for item in items)
-        return sum(len(item.token_ids) for item in items), steps
-
-    encoded = [_encode_text(loaded.tokenizer, t) for t in render_prompts(loaded.tokenizer, texts)]
-
-    def transformers_batching() -> tuple[int, int]:
-        """transformers' own continuous batching (`generate_batch`, paged attention), same slots."""
-        from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        eos = [e for e in (loaded.model.generation_config.eos_token_id, loaded.tokenizer.eos_token_id) if e is not None]
-        config = GenerationConfig(do_sample=False, max_new_tokens=tokens, eos_token_id=eos)
-        out = loaded.model.generate_batch(encoded, generation_config=config, warmup=False,
-                                          continuous_batching_config=ContinuousBatchingConfig(
-                                              max_requests_per_batch=batch_size))
-        stops = set(config.eos_token_id)
-        kept = [next((i for i, t in enumerate(r.generated_tokens) if t in stops), len(r.generated_tokens))
-                for r in out.values()]
-        return sum(kept), sum(min(tokens, n + 1) for n in kept)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    texts = [record.prompt for record in load_dataset("harmful:test").take(prompts)]
+    encoded = sorted((_encode_text(tokenizer, t) for t in render_prompts(tokenizer, texts)), key=len, reverse=True)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = _pad_id(tokenizer, eos_ids)
+    weights = weight_counts(model)
+    choice = choose_slots(model)
+    stops = set(eos_ids)
 
     @torch.inference_mode()
-    def prefill() -> tuple[int, int]:
-        for ids in encoded:
-            loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=True)
-        return 0, 0
+    def batch_one() -> dict:
+        from transformers import GenerationConfig
 
-    runs = {"batch 1": (1, "static"), f"static {batch_size}": (batch_size, "static"),
-            f"continuous {batch_size}": (batch_size, "continuous")}
-    extra = {"prefill only": prefill}
-    if hasattr(loaded.model, "generate_batch"):
-        extra[f"transformers generate_batch, {batch_size} slots"] = transformers_batching
-    generate(batch_size, "continuous")  # warm-up
-    sides = {name: {"s": [], "tps": [], "row_steps_per_s": []} for name in [*runs, *extra]}
-    for _ in range(repeats):
-        for name, side in sides.items():
-            call = extra[name] if name in extra else (lambda r=runs[name]: generate(*r))
-            seconds, (count, row_steps) = timed_call(call)
-            side.update(tokens=count, row_steps=row_steps)
-            side["s"].append(seconds)
-            side["tps"].append(count / seconds)
-            side["row_steps_per_s"].append(row_steps / seconds)
-    reference = sides["batch 1"]
-    ratios = {name: paired_ratios(sides[name]["tps"], reference["tps"])
-              for name in [*list(runs)[1:], *list(extra)[1:]]}
-    rows = [{"side": name, "batch_size": runs[name][0] if name in runs else 1, "seconds": summary(side["s"]),
-             "tokens": side["tokens"], "tokens_per_s": summary(side["tps"]), "row_steps": side["row_steps"],
-             "useful_share": side["tokens"] / side["row_steps"] if side["row_steps"] else None,
-             "row_steps_per_s": summary(side["row_steps_per_s"])} for name, side in sides.items()]
-    continuous = f"continuous {batch_size}"
-    return {"name": NAME, "model": loaded.spec,
-            "params": dict(prompts=prompts, tokens=tokens, batch_size=batch_size, repeats=repeats),
-            "rows": rows, "ratios": ratios, "ratio": ratios[continuous],
-            "prefill_share": paired_ratios(sides["prefill only"]["s"], reference["s"]),
-            "target": target(f"continuous batching, {batch_size} slots / batch 1 tokens/s",
-                             ratios[continuous]["median"], ">=", TARGET)}
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens, pad_token_id=pad_id,
+                                  eos_token_id=eos_ids)
+        kept = positions = steps = 0
+        subset = encoded[::max(1, len(encoded) // batch1_prompts)][:batch1_prompts]  # all lengths
+        for ids in subset:
+            out = model.generate(input_ids=torch.tensor([ids], device=loaded.device), generation_config=config)
+            new = out[0, len(ids):].tolist()
+            n = next((i for i, t in enumerate(new) if t in stops), len(new))
+            kept, positions, steps = kept + n, positions + len(ids), steps + min(tokens, n + 1) - 1
+        return {"tokens": kept, "flops": _generation_flops(weights, positions, len(subset), steps),
+                "prompts": len(subset)}
+
+    def continuous(width: int) -> dict:
+        stats = BatchingStats()
+        replies = continuous_generate(model, encoded, max_new_tokens=tokens, eos_ids=eos_ids, pad_id=pad_id,
+                                      batch_size=width, stats=stats)
+        return {"tokens": sum(len(r) for r in replies), "prompts": len(encoded), "prefills": stats.prefills,
+                "flops": _generation_flops(weights, stats.prefill_tokens, len(encoded), stats.row_steps)}
+
+    continuous(min(slots))  # warm-up
+    sides = [("batch 1 (model.generate)", 1, batch_one)]
+    widths = sorted(set(slots) | {choice.slots})
+    sides += [(f"continuous, {w} slots" + (" (auto)" if w == choice.slots else ""), w,
+               lambda w=w: continuous(w)) for w in widths]
+    rows = []
+    for name, width, call in sides:
+        seconds, row = timed_call(call)
+        row.update(side=name, slots=width, seconds=seconds, tokens_per_s=row["tokens"] / seconds,
+                   flops_per_s=row["flops"] / seconds)
+        row["roofline_share"] = row["flops_per_s"] / roofline
+        rows.append(row)
+        print(f"  {loaded.spec}: {name}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
+    reference = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_batch1"] = row["tokens_per_s"] / reference
+    best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+    return {"model": loaded.spec, "run": loaded.spec, "weights": weights, "rows": rows, "best": best["side"],
+            "best_ratio": best["vs_batch1"],
+            "auto": {"slots": choice.slots, "rows_per_s": choice.rows_per_s, "reason": choice.reason,
+                     "measured_now": choice.measured}}
+
+
+def run(loaded, prompts: int = 128, tokens: int = 32, slots=(8, 32, 64), batch1_prompts: int = 24,
+        second: str = QWEN, second_batch1_prompts: int = 12) -> dict:
+    import os
+
+    from benchmarks.common import load
+
+    roofline = matmul_roofline()
+    models = [measure(loaded, prompts, tokens, slots, batch1_prompts, roofline["flops_per_s"])]
+    models[0]["target"] = target(f"{models[0]['model']}: best slot count / batch 1 tokens/s",
+                                 models[0]["best_ratio"], ">=", TARGETS["first"])
+    skipped = None
+    path = os.path.expanduser(second) if second else ""
+    if path and os.path.isfile(path):
+        other = load(path)
+        result = measure(other, prompts, tokens, slots, second_batch1_prompts, roofline["flops_per_s"])
+        result["model"] = result["run"] = os.path.basename(path)
+        result["target"] = target(f"{result['model']}: best slot count / batch 1 tokens/s", result["best_ratio"],
+                                  ">=", TARGETS["second"])
+        models.append(result)
+        del other
+    elif second:
+        skipped = f"{second} is absent (`bash shared/models/qwen2.5-coder-0.5b.sh` assembles it): not measured"
+    return {"name": NAME, "params": dict(prompts=prompts, tokens=tokens, slots=list(slots),
+                                         batch1_prompts=batch1_prompts, second=second,
+                                         second_batch1_prompts=second_batch1_prompts),
+            "roofline": roofline, "models": models, "skipped": skipped}
 
 
 def render(result: dict) -> list[str]:
-    p = result["params"]
-    lines = [f"`{result['model']}`, {p['prompts']} benign:calibration prompts, at most {p['tokens']} new tokens each, "
-             f"greedy, median of {p['repeats']} (min-max); ratios are per repeat. Row-steps count the token positions "
-             "a side computes for each row (the first from the prompt's prefill), finished rows included; useful "
-             "share = tokens kept / row-steps.", "",
-             "| side | seconds for all prompts | tokens generated | tokens/s | vs batch 1 | target "
-             "| row-steps | useful share | row-steps/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in result["rows"]:
-        s, t, r = row["seconds"], row["tokens_per_s"], row["row_steps_per_s"]
-        if row["side"] == "prefill only":
-            lines.append(f"| prefill only (batch 1, no decoding) | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) "
-                         f"| | | {result['prefill_share']['median']:.0%} of batch 1's time | | | | |")
-            continue
-        ratio = result["ratios"].get(row["side"])
-        is_target = row["side"].startswith("continuous")
-        lines.append(f"| {row['side']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | {row['tokens']} | "
-                     f"{t['median']:.1f} ({t['min']:.1f}-{t['max']:.1f}) | "
-                     f"{fmt_ratio(ratio) if ratio else '1 (reference)'} | "
-                     f"{fmt_target(result['target']) if is_target else ''} | {row['row_steps']} | "
-                     f"{row['useful_share']:.0%} | {r['median']:.1f} |")
-    share = result["prefill_share"]["median"]
-    lines += ["", f"The prefill alone takes {share:.0%} of batch 1's time; were decoding free, tokens/s could grow at "
-              f"most {1 / share:.1f}x over batch 1 on this machine."]
-    return lines
+    p, roof = result["params"], result["roofline"]
+    lines = [f"{p['prompts']} harmful:test prompts (chat template, longest first), at most {p['tokens']} new tokens "
+             f"each, greedy, float32, one run per side. Roofline: a {roof['size']}x{roof['size']} fp32 matmul at "
+             f"{roof['threads']} thread(s) reaches {fmt_flops(roof['flops_per_s'])}.", ""]
+    for model in result["models"]:
+        auto = model["auto"]
+        rates = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(auto["rows_per_s"].items(), key=lambda kv: int(kv[0])))
+        lines += [f"**`{model['model']}`** ({model['weights']['body'] / 1e6:.1f}M body + "
+                  f"{model['weights']['head'] / 1e6:.1f}M head weights). Batch 1 runs "
+                  f"{model['rows'][0]['prompts']} of the prompts (spread over all lengths). `auto` chose "
+                  f"{auto['slots']} slots (decoding row-steps/s measured per slot count: {rates}; stopped: "
+                  f"{auto['reason']}).", "",
+                  "| side | seconds | tokens | tokens/s | vs batch 1 | achieved FLOP/s | share of roofline |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in model["rows"]:
+            lines.append(f"| {row['side']} | {row['seconds']:.1f} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
+                         f"{row['vs_batch1']:.2f}x | {fmt_flops(row['flops_per_s'])} | {row['roofline_share']:.0%} |")
+        check = model["target"]
+        verdict = "met" if check["met"] else "**missed**"
+        lines += ["", f"Best: {model['best']}, {model['best_ratio']:.2f}x batch 1 (target >= {check['limit']:g}x: "
+                  f"{verdict}).", ""]
+    if result.get("skipped"):
+        lines += [result["skipped"], ""]
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 if __name__ == "__main__":

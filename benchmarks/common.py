@@ -202,3 +202,36 @@ def script_main(module) -> None:
     if wants_out:
         params["out_dir"] = Path(args.out)
     print("\n".join(module.render(module.run(load(args.model, args.dtype), **params))))
+
+
+def matmul_roofline(size: int = 2048, repeats: int = 3) -> dict:
+    """The machine's measured fp32 matmul throughput at torch's current thread count: the best of
+    `repeats` [size x size] @ [size x size] products, in FLOP/s. No model stage can run faster."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    if torch.cuda.is_available():
+        a, b = a.cuda(), b.cuda()
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b) for _ in range(repeats))
+    return {"flops_per_s": 2 * size ** 3 / best, "size": size, "threads": torch.get_num_threads()}
+
+
+def weight_counts(model) -> dict:
+    """Multiply-add weights per token: the body's linear layers and the LM head (embedding lookups are
+    no arithmetic). A forward over n positions costs about 2 x body x n + 2 x head x (positions whose
+    logits are computed) FLOPs, attention's score products aside; a training step about 3x that."""
+    import torch
+
+    head = model.get_output_embeddings()
+    body = sum(module.weight.numel() for module in model.modules()
+               if isinstance(module, torch.nn.Linear) and module is not head)
+    # GPT-2 style Conv1D layers hold their weights as 2-D parameters too
+    body += sum(module.weight.numel() for module in model.modules()
+                if type(module).__name__ == "Conv1D")
+    return {"body": body, "head": head.weight.numel() if head is not None else 0}
+
+
+def fmt_flops(flops_per_s: float) -> str:
+    return f"{flops_per_s / 1e9:.1f} GFLOP/s"

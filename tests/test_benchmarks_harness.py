@@ -27,13 +27,17 @@ def test_synthetic_batches_have_scoring_masks():
     assert bool((batch["prompt_mask"] ^ batch["response_mask"]).all())
 
 
-def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path):
+def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAH_CACHE", str(tmp_path))  # the generation table's auto slot count is cached there
     loaded = load_model("tiny:llama")
     results = {
         "scoring": harness.BENCHMARKS["scoring"].run(loaded, samples=2, repeats=1, max_length=64),
         "peers": harness.BENCHMARKS["peers"].run(loaded, samples=2, repeats=1, max_length=64),
         "freeze": harness.BENCHMARKS["freeze"].run(loaded, batch_size=1, length=16, steps=1, repeats=1, profile=True),
         "monitor": harness.BENCHMARKS["monitor"].run(loaded, batch=2, tokens=2, repeats=1),
+        "generation": harness.BENCHMARKS["generation"].run(loaded, prompts=4, tokens=3, slots=(2,), batch1_prompts=2,
+                                                           second=str(tmp_path / "absent.gguf")),
+        "training": harness.BENCHMARKS["training"].run(loaded, batch_size=1, length=128, batches=1, repeats=1),
     }
     for name, result in results.items():
         result.update(command=f"python -m benchmarks --quick --only {name}", date="today", elapsed_s=0.0)
@@ -45,7 +49,15 @@ def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path):
     text = md_path.read_text()
     assert text == report.render(json.loads(json_path.read_text()), md_path, harness.BENCHMARKS)
     assert "## 1. Scoring vs a plain forward pass" in text and "## 7. GPU" in text
-    assert "Not measured in this run: `python -m benchmarks --only generation`" in text
+    assert "Not measured in this run: `python -m benchmarks --only scaling`" in text
+    assert "absent.gguf is absent" in text and "share of roofline" in text
+    generation = results["generation"]["models"][0]
+    assert [row["slots"] for row in generation["rows"]][:2] == [1, 2] and generation["rows"][0]["vs_batch1"] == 1
+    assert all(0 < row["roofline_share"] for row in generation["rows"])
+    for entry in results["training"]["data"]:  # response-only logits do less arithmetic than the full ones
+        assert 0 < entry["learned_share"] < 1
+        assert entry["rows"]["ours"]["flops_per_s"] * entry["rows"]["ours"]["seconds"]["median"] < \
+            entry["rows"]["full"]["flops_per_s"] * entry["rows"]["full"]["seconds"]["median"]
     assert results["peers"]["storage"]["wanda_bytes"] > results["peers"]["storage"]["ours_bytes"]
     assert all(check["met"] in (True, False) for _, check in report._targets(results))
 

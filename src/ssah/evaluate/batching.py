@@ -41,9 +41,11 @@ import torch
 
 @dataclass
 class BatchingStats:
-    """What the loop did: forward passes, decoding row-steps and the tokens they kept."""
+    """What the loop did: forward passes, prompt positions prefilled (padding included, the shared
+    opening once), decoding row-steps and the tokens they kept."""
 
     prefills: int = 0
+    prefill_tokens: int = 0
     steps: int = 0
     row_steps: int = 0
     tokens: int = 0
@@ -216,6 +218,7 @@ def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: 
     replies: list[tuple[int, ...] | None] = [None] * len(encoded)
     waiting = list(range(len(encoded)))
     batch = _Batch(model, pad_id, _shared_prefix(encoded))
+    stats.prefill_tokens += len(batch.prefix)
     while waiting or batch.rows:
         free = batch_size - len(batch.rows)
         if waiting and (free >= refill or not batch.rows):
@@ -225,6 +228,7 @@ def continuous_generate(model, encoded: Sequence[list[int]], *, max_new_tokens: 
                 group = [taken[j] for j in group]
                 batch.rows += [_Row(i, []) for i in group]
                 stats.prefills += 1
+                stats.prefill_tokens += len(group) * max(len(encoded[i]) - skip for i in group)
                 start = len(batch.rows) - len(group)
                 _advance(batch, batch.prefill([encoded[i] for i in group]), start, stops, max_new_tokens,
                          replies, on_finish, stats)
