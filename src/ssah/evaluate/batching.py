@@ -94,6 +94,17 @@ def _growing_cache(start: list[tuple[torch.Tensor, torch.Tensor]] | None = None)
             if self.get_seq_length() > 0:
                 self.adopt(self.keys[indices, ...], self.values[indices, ...])
 
+        def move_rows(self, into: torch.Tensor, source: torch.Tensor, rows: int) -> None:
+            """Copy rows `source` over rows `into` (disjoint), then keep the first `rows`: only the
+            moved rows are copied, where selecting the kept rows would copy every one."""
+            length = self.keys.shape[-2]
+            for name in ("_keys_room", "_values_room"):
+                room = getattr(self, name)
+                if into.numel():
+                    room[into] = room[source]
+                setattr(self, name, room[:rows])
+            self.keys, self.values = self._keys_room[..., :length, :], self._values_room[..., :length, :]
+
         def drop_left(self, columns: int) -> None:
             self._keys_room, self._values_room = self._keys_room[..., columns:, :], self._values_room[..., columns:, :]
             length = self.keys.shape[-2] - columns
@@ -185,11 +196,28 @@ class _Batch:
         return self.pending
 
     def keep(self, keep: list[int]) -> None:
-        """Keep only the rows at `keep`; cut columns that are padding for every row left."""
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.mask, self.pending = self.mask[index], self.pending[index]
-        self.cache.batch_select_indices(index)
+        """Keep only the rows at `keep` (ascending); cut columns that are padding for every row left.
+
+        Rows that end leave holes that the last kept rows move into (the row order changes; every row
+        knows its prompt), so a step at which a few rows end copies those few rows' caches, not all."""
+        kept = set(keep)
+        holes = [i for i in range(len(keep)) if i not in kept]
+        movers = [i for i in keep if i >= len(keep)]
+        if len(keep) == len(set(keep)) and all(hasattr(layer, "move_rows") for layer in self.cache.layers):
+            into = torch.tensor(holes, dtype=torch.long, device=self.device)
+            source = torch.tensor(movers, dtype=torch.long, device=self.device)
+            for hole, mover in zip(holes, movers):
+                self.rows[hole] = self.rows[mover]
+            del self.rows[len(keep):]
+            self.mask[into], self.pending[into] = self.mask[source], self.pending[source]
+            self.mask, self.pending = self.mask[:len(keep)], self.pending[:len(keep)]
+            for layer in self.cache.layers:
+                layer.move_rows(into, source, len(keep))
+        else:  # a repeated row (the slot measurement widens one row into many)
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self.rows = [self.rows[i] for i in keep]
+            self.mask, self.pending = self.mask[index], self.pending[index]
+            self.cache.batch_select_indices(index)
         if not keep:
             return
         lead = int(self.mask.any(dim=0).long().argmax())  # first column some row attends to
