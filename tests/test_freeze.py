@@ -190,3 +190,95 @@ def test_check_catches_a_frozen_entry_that_moved_and_a_late_attach():
         worst = freezer.check()["max_abs_change_frozen"]
         assert worst == pytest.approx(1.0) if copy else math.isnan(worst)
         freezer.remove()
+
+
+def _pairs_file(tmp_path):
+    import json
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in PAIRS))
+    return f"jsonl:{path}"
+
+
+def test_a_freeze_breach_stops_the_run_and_saves_nothing(tmp_path):
+    """Something that writes into frozen entries mid-training (here a forward hook) is caught by the
+    check after training: one SsahError, no model folder."""
+    from ssah.data import load_dataset
+    from ssah.models.loading import load_model
+    from ssah.train.recipes import finetune
+    from ssah.train.settings import TrainSettings
+
+    loaded = load_model("tiny:llama", device="cpu")
+    mask = random_mask(loaded.layout, 0.3, seed=8)
+    (name, dim), positions = next(iter(mask.owned_slices(loaded.layout).items()))
+    param = dict(loaded.model.named_parameters())[name]
+    calls = []
+
+    def tamper(module, args):
+        calls.append(1)
+        if len(calls) == 2:  # after the freezer has attached, before the second step
+            with torch.no_grad():
+                param.index_fill_(dim, positions[:1], 0.25)
+
+    handle = loaded.model.register_forward_pre_hook(tamper)
+    settings = TrainSettings(lr=1e-2, max_steps=3, batch_size=4, max_length=64)
+    with pytest.raises(SsahError, match="freeze breach"):
+        finetune(loaded, load_dataset(_pairs_file(tmp_path)), settings, tmp_path / "ft", freeze=mask)
+    handle.remove()
+    assert not (tmp_path / "ft").exists()
+    # the same run without the tampering finishes, its frozen entries intact
+    loaded = load_model("tiny:llama", device="cpu")
+    record = finetune(loaded, load_dataset(_pairs_file(tmp_path)), settings, tmp_path / "ft", freeze=mask)
+    assert record["result"]["check"]["max_abs_change_frozen"] == 0.0
+
+
+def test_finetune_with_only_some_units_trainable_freezes_what_no_unit_owns(tmp_path):
+    """freeze_ii_strict's recipe: only the trainable units' entries move; embeddings, norms, the head
+    and q/k rows stay; the record's trainable share is what the units own, over all entries."""
+    from ssah.data import load_dataset
+    from ssah.interventions.masks import complement
+    from ssah.models.loading import load_model
+    from ssah.train.recipes import finetune
+    from ssah.train.settings import TrainSettings
+
+    loaded = load_model("tiny:llama", device="cpu")
+    frozen = random_mask(loaded.layout, 0.6, seed=9)
+    trainable = complement(frozen)
+    start = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    settings = TrainSettings(lr=1e-2, max_steps=3, batch_size=4, max_length=64)
+    record = finetune(loaded, load_dataset(_pairs_file(tmp_path)), settings, tmp_path / "strict", trainable=trainable)
+    owned = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in start.items()}
+    for (name, dim), positions in trainable.owned_slices(loaded.layout).items():
+        owned[name].index_fill_(dim, positions, True)
+    total = sum(p.numel() for p in start.values())
+    assert record["trainable_share"] == pytest.approx(sum(int(o.sum()) for o in owned.values()) / total)
+    moved = {n: p.detach() != start[n] for n, p in loaded.model.named_parameters()}
+    assert all(not (moved[n] & ~owned[n]).any() for n in moved)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                 "model.layers.0.self_attn.q_proj.weight", "model.layers.0.input_layernorm.weight"):
+        assert not moved[name].any(), name
+    assert sum(int(m.sum()) for m in moved.values()) > 0
+    # freezing the complement instead (freeze_ii's way) leaves those parameters trainable: a larger share
+    loaded = load_model("tiny:llama", device="cpu")
+    loose = finetune(loaded, load_dataset(_pairs_file(tmp_path)), settings, tmp_path / "loose", freeze=frozen)
+    assert loose["trainable_share"] > record["trainable_share"]
+    with pytest.raises(SsahError, match="not both"):
+        finetune(loaded, load_dataset(_pairs_file(tmp_path)), settings, tmp_path / "x", freeze=frozen,
+                 trainable=trainable)
+
+
+def test_random_draws_match_per_layer_per_kind_sizes():
+    from ssah.interventions.masks import overlap, random_like
+
+    layout = UnitLayout.from_model(tiny_model("llama")[0])
+    small, large = random_mask(layout, 0.2, seed=10), random_mask(layout, 0.7, seed=11)
+    for mask, outside in ((small, True), (large, False), (large, True)):
+        draws = [random_like(mask, seed, outside=outside) for seed in (0, 1)]
+        for drawn in draws:
+            for kind in mask.units:
+                assert torch.equal(drawn.units[kind].sum(dim=1), mask.units[kind].sum(dim=1))
+        assert draws[0].digest() != draws[1].digest()
+        assert random_like(mask, 0, outside=outside).digest() == draws[0].digest()  # seeded
+    assert overlap(random_like(small, 0), small) == 0.0  # room outside: drawn from there only
+    # 70% of units leave no room outside: drawn over all units, about 70% of them inside by chance
+    assert 0.5 < overlap(random_like(large, 0, outside=False), large) < 0.9

@@ -59,8 +59,14 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 SYSTEM_PROMPT_MODES: tuple[str, ...] = get_args(SystemPromptMode)
 
 # the fine-tuning attack's settings (ssah.pipeline.stages.finetune)
-FinetuneSetting = Literal["plain", "freeze_i", "freeze_ii", "lora", "freeze_budget"]
+FinetuneSetting = Literal["plain", "freeze_i", "freeze_ii", "lora", "freeze_budget", "freeze_ii_strict",
+                          "freeze_random"]
 FINETUNE_SETTINGS: tuple[str, ...] = get_args(FinetuneSetting)
+
+
+def random_draws(name: str, seeds: list[int]) -> list[str]:
+    """The row names of a random control's seeded draws: freeze_random -> freeze_random_s0, ..."""
+    return [f"{name}_s{seed}" for seed in seeds]
 FINETUNE_LR = 2e-5  # Qi et al. (2023)
 ALIGN_LR = 1e-4
 

@@ -334,6 +334,29 @@ class TrainingCheck:
         return out
 
 
+def trainable_share(model: nn.Module, freezer: UnitFreezer | None = None, total: int | None = None) -> float:
+    """The share of `total` parameter entries (default: the model's) that training may change: those
+    with requires_grad outside the freezer's frozen slices (with LoRA adapters, the adapters' entries
+    over the base model's)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if freezer is not None:
+        trainable -= sum(s.entries for s in freezer._slices)
+    return trainable / max(1, total if total is not None else sum(p.numel() for p in model.parameters()))
+
+
+def ensure_intact(check: dict) -> None:
+    """Raise when a training run's check (`UnitFreezer.check`, via `TrainingCheck.report`) shows that a
+    frozen entry changed: a frozen set that did not hold makes every result drawn from it wrong."""
+    if "max_abs_change_frozen" not in check:
+        return
+    change = check["max_abs_change_frozen"]
+    if change != 0.0:  # NaN (masked mode keeps no copy to measure with) is a change too
+        size = "by an unmeasured amount" if change != change else f"by up to {change:g}"
+        raise SsahError(f"freeze breach: frozen entries changed {size} during training "
+                        f"({check.get('freeze_mode')} mode, {check.get('frozen_entries')} frozen entries); "
+                        "the model was not saved")
+
+
 def freeze_callback(freezer: UnitFreezer):
     """A Hugging Face `TrainerCallback` that attaches the freezer to the Trainer's optimizer when
     training begins (before the first step)."""

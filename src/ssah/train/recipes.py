@@ -54,16 +54,24 @@ def plot_loss(curve: list[float], path: Path) -> None:
 
 
 def fit(model, tokenizer, pairs, config: TrainConfig, freezer=None, avoid: dict | None = None):
-    """Train `model` in place with the loop `config.backend` names; returns the `TrainResult`."""
+    """Train `model` in place with the loop `config.backend` names; returns the `TrainResult`. A
+    frozen entry that changed stops here (`ssah.interventions.freeze.ensure_intact`), before anything
+    trained is saved or evaluated."""
+    from ssah.interventions.freeze import ensure_intact
+
     if config.backend == "trl":
         from ssah.train.trl_backend import train_with_trl
 
         if avoid and config.avoid_weight:
             raise SsahError("the avoided-opening loss needs the ssah training loop (train.backend: ssah)")
-        return train_with_trl(model, tokenizer, pairs, config, freezer=freezer)
-    from ssah.train.sft import train_sft
+        result = train_with_trl(model, tokenizer, pairs, config, freezer=freezer)
+    else:
+        from ssah.train.sft import train_sft
 
-    return train_sft(model, tokenizer, pairs, config, freezer=freezer, avoid=avoid if config.avoid_weight else None)
+        result = train_sft(model, tokenizer, pairs, config, freezer=freezer,
+                           avoid=avoid if config.avoid_weight else None)
+    ensure_intact(result.check)
+    return result
 
 
 def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity: dict, record: dict,
@@ -71,18 +79,24 @@ def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity
                 force: bool = False, writer: Writer | None = None) -> dict:
     """Train `loaded.model` in place on `pairs` and save it to `out` with its record; a folder that
     holds a model trained from the same `identity` is reused (its record returned) instead."""
+    from ssah.interventions.freeze import trainable_share
     from ssah.train.lora import apply_lora, merge_lora
 
     artifact = Artifact(Path(out) / RECORD_FILE, "a trained model", identity)
     found = artifact.lookup(force=force, replace=replace)
+    total = sum(p.numel() for p in loaded.model.parameters())
     if found is not None:
         log.info("%s already holds this trained model; reused", out)
+        if "trainable_share" not in found and not lora:  # a record written before the share was kept
+            found["trainable_share"] = trainable_share(loaded.model, freezer, total)
         return found
     model = apply_lora(loaded.model) if lora else loaded.model
+    share = trainable_share(model, freezer, total)
     result = fit(model, loaded.tokenizer, pairs, config, freezer=freezer, avoid=avoid)
     if lora:
         model = merge_lora(model)
-    record = {**record, "source_model": loaded.spec, "config": config.to_dict(), "result": result.to_dict()}
+    record = {**record, "source_model": loaded.spec, "config": config.to_dict(), "trainable_share": share,
+              "result": result.to_dict()}
     if not is_main_process():  # one process of a multi-process job writes the model
         return record
     with (writer or atomic_dir)(Path(out)) as tmp:
@@ -94,30 +108,38 @@ def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity
 
 
 def finetune(loaded, dataset, settings: TrainSettings, out: str | Path, *, seed: int = 0, freeze=None,
-             lora: bool = False, frozen_multiplier: float = 2.0, replace: bool = False, force: bool = False,
-             writer: Writer | None = None) -> dict:
+             trainable=None, lora: bool = False, frozen_multiplier: float = 2.0, replace: bool = False,
+             force: bool = False, writer: Writer | None = None) -> dict:
     """Supervised fine-tuning (loss on response tokens) of `loaded.model` on `dataset` (a seeded
     sample of `settings.limit` records), optionally with the units of `freeze` (a `UnitMask`) kept
-    bit-identical, trained `frozen_multiplier` times longer, or with LoRA adapters merged on save."""
+    bit-identical, or with only the units of `trainable` free to change (every other entry frozen,
+    parameters no unit owns included), trained `frozen_multiplier` times longer; or with LoRA adapters
+    merged on save. The record holds `trainable_share`: the share of entries training may change."""
     from ssah.interventions.freeze import UnitFreezer
 
-    if freeze is not None and lora:
+    if freeze is not None and trainable is not None:
+        raise SsahError("give the units to freeze or the only units that train, not both")
+    if (freeze is not None or trainable is not None) and lora:
         raise SsahError("freezing and LoRA cannot be combined: LoRA leaves every base weight frozen already")
+    mask, train_only = (trainable, True) if trainable is not None else (freeze, False)
     data = limited(dataset, settings.limit, seed)
     lacking = sum(1 for record in data if not record.response)
     if lacking:
         raise SsahError(f"{lacking} of {len(data)} records of {data.name} have no response; fine-tuning needs "
                         "(prompt, response) pairs")
-    config = TrainConfig.of(settings.scaled(frozen_multiplier if freeze is not None else 1.0), seed=seed,
+    config = TrainConfig.of(settings.scaled(frozen_multiplier if mask is not None else 1.0), seed=seed,
                             avoid_weight=0.0)
     identity = {"model": loaded.fingerprint, "data": data.fingerprint, "lora": lora, "config": config.to_dict(),
                 "freeze": freeze.digest() if freeze is not None else None}
-    freezer = UnitFreezer(loaded.model, loaded.layout, freeze) if freeze is not None else None
+    if trainable is not None:  # (the key is absent otherwise, so earlier models keep their identity)
+        identity["trainable"] = trainable.digest()
+    record = {"kind": "finetune", "data": data.name, "frozen_units": freeze.count() if freeze is not None else 0}
+    if trainable is not None:
+        record["trainable_units"] = trainable.count()
+    freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=train_only) if mask is not None else None
     with freezer or contextlib.nullcontext():
         return train_model(loaded, [(r.prompt, r.response) for r in data], config, out, identity=identity,
-                           record={"kind": "finetune", "data": data.name,
-                                   "frozen_units": freeze.count() if freeze is not None else 0},
-                           freezer=freezer, lora=lora, replace=replace, force=force, writer=writer)
+                           record=record, freezer=freezer, lora=lora, replace=replace, force=force, writer=writer)
 
 
 @dataclass
