@@ -84,7 +84,8 @@ def recipe_config(name: str, smoke: bool = False) -> dict:
     config["data"] = {**config.get("data", {}), **VALIDATION}
     config["eval"].update(suites=["safety", "overrefusal", "utility"], limit=EVAL_LIMIT)
     config["groups"]["ranking"] = ranking
-    config["align"].update(compare_full=False, borderline_repeats=repeats, refusal_unlikelihood=unlikelihood)
+    config["align"].update(compare_full=False, random_budget_seeds=[], borderline_repeats=repeats,
+                           refusal_unlikelihood=unlikelihood)
     config["align"]["train"].update(lr=lr, max_steps=steps)
     return common.merged(config, common.SMOKE_CONFIG) if smoke else config
 

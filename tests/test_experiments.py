@@ -53,6 +53,7 @@ def tiny_run(tmp_path_factory) -> Path:
     the studied model's groups, its plain fine-tuning attack and its runtime monitor (probe)."""
     config = load_config(path=CONFIG)
     config.align.compare_full = False
+    config.align.random_budget_seeds = []
     config.finetune.settings = ["plain"]
     out = tmp_path_factory.mktemp("experiments") / "run"
     run_pipeline(config, out, only=("baseline", "align", "groups", "finetune", "probe"))

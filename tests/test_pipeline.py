@@ -224,3 +224,31 @@ def test_saved_groups_are_remade_when_their_ranking_changes(tmp_path):
     assert again.meta["ranking"] == "per-layer"
     on_disk = json.loads((tmp_path / "groups-stage" / "groups" / "groups.json").read_text())
     assert on_disk["ranking"] == "per-layer"
+
+
+def test_full_run_has_the_controls(full_run):
+    """freeze_random draws, freeze_ii_strict and the random alignment budget: rows of their own, with
+    their trainable shares and per-prompt replies for paired tests."""
+    tmp_path, summaries = full_run
+    ft, align = summaries["finetune"], summaries["align"]
+    assert set(ft) == {"plain", "freeze_ii", "freeze_ii_strict", "freeze_random_s0", "freeze_random_s1",
+                       "freeze_budget", "lora"}
+    share = {row: ft[row]["trainable_share"] for row in ft}
+    assert share["plain"] == 1.0 and 0 < share["lora"] < 0.5
+    assert 0 < share["freeze_ii_strict"] < share["freeze_ii"] < 1.0
+    for seed in (0, 1):
+        draw = ft[f"freeze_random_s{seed}"]
+        # the same per-layer, per-kind sizes as freeze_ii: as many units and entries, other units
+        assert draw["units_frozen"] == ft["freeze_ii"]["units_frozen"] and draw["overlap"] < 1.0
+        assert draw["trainable_share"] == pytest.approx(share["freeze_ii"])
+        assert draw["control_of"] == "freeze_ii" and draw["seed"] == seed
+        assert draw["train"]["check"]["max_abs_change_frozen"] == 0.0
+        assert (tmp_path / "5-finetune" / f"eval-freeze_random_s{seed}" / "replies.jsonl").is_file()
+    assert ft["freeze_ii_strict"]["train"]["check"]["max_abs_change_frozen"] == 0.0
+    drawn = align["random_budget"]["random_budget_s0"]
+    assert drawn["units"] == align["budget"]["units"] and drawn["overlap_with_budget"] == 0.0
+    assert drawn["trainable_share"] == pytest.approx(align["budget"]["trainable_share"])
+    assert align["budget"]["trainable_share"] < 1.0
+    assert align["full"]["trainable_share"] == 1.0
+    assert drawn["train"]["check"]["max_abs_change_frozen"] == 0.0 and drawn["eval"]["n"]
+    assert (tmp_path / "2-align" / "eval-random_budget_s0" / "replies.jsonl").is_file()

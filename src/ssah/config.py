@@ -125,10 +125,19 @@ def _masks(values: list[str]) -> list[str]:
     return values
 
 
+def _seeds(values: list[int]) -> list[int]:
+    if len(set(values)) != len(values):
+        raise ValueError(f"seeds of random draws must differ (equal seeds draw the same units), got {values}")
+    return values
+
+
 class AlignConfig(Settings):
     enabled: bool = True  # align first (for a model without safety behaviour)
     budget: str = "RU"  # a mask expression over the unaligned model's groups
     compare_full: bool = True  # also align all parameters, for the alignment-tax comparison
+    # a control for the budget: per seed, units of the same per-layer, per-kind sizes drawn outside it,
+    # aligned and evaluated exactly like the budget (random_budget_s{seed}); []: none
+    random_budget_seeds: list[int] = Field(default_factory=lambda: [0])
     study: Literal["budget", "full", "base"] = "budget"  # which model stages 3-7 study
     benign_limit: int | None = Field(None, ge=1)
     borderline_reply_tokens: int = Field(48, ge=1)  # length of the model's own replies to borderline prompts
@@ -148,6 +157,11 @@ class AlignConfig(Settings):
     @classmethod
     def _budget(cls, value: str) -> str:
         return _masks([value])[0]
+
+    @field_validator("random_budget_seeds")
+    @classmethod
+    def _random_seeds(cls, values: list[int]) -> list[int]:
+        return _seeds(values)
 
     @field_validator("group_sizes")
     @classmethod
@@ -174,10 +188,15 @@ class PruneConfig(Settings):
 
 class FinetuneConfig(Settings):
     # plain | freeze_i | freeze_ii | lora | freeze_budget (beyond the paper: freeze the units the
-    # alignment stage trained, for a model aligned inside a budget; needs align.study: budget)
-    settings: list[FinetuneSetting] = Field(default_factory=lambda: ["plain", "freeze_i", "freeze_ii", "lora"])
+    # alignment stage trained, for a model aligned inside a budget; needs align.study: budget) |
+    # freeze_ii_strict (freeze_ii's units and every parameter no unit owns: embeddings, norms, q/k rows,
+    # the head; only the other units train) | freeze_random (the control of freeze_ii: per seed of
+    # random_seeds, units of freeze_ii's per-layer, per-kind sizes drawn at random, frozen the same way)
+    settings: list[FinetuneSetting] = Field(default_factory=lambda: ["plain", "freeze_i", "freeze_ii", "lora",
+                                                                     "freeze_random"])
     freeze_i: str = "SCU+CU:top=0.06"
     freeze_ii: str = "SCU+CU"
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     frozen_epochs_multiplier: float = Field(2.0, gt=0)
     train: TrainSettings = Field(default_factory=TrainSettings)
 
@@ -186,11 +205,16 @@ class FinetuneConfig(Settings):
     def _mask(cls, value: str) -> str:
         return _masks([value])[0]
 
+    @field_validator("random_seeds")
+    @classmethod
+    def _random_seeds(cls, values: list[int]) -> list[int]:
+        return _seeds(values)
 
-DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_budget", "lora", "rsn_tune", "safe_lora",
-            "safety_mix")
-Defense = Literal["none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_budget", "lora", "rsn_tune",
-                  "safe_lora", "safety_mix"]
+
+DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "lora", "rsn_tune",
+            "safe_lora", "safety_mix")
+Defense = Literal["none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "lora",
+                  "rsn_tune", "safe_lora", "safety_mix"]
 
 
 class SweepConfig(Settings):
@@ -226,6 +250,8 @@ class AttackConfig(Settings):
     identity_size: int = Field(10, ge=1)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     defenses: list[Defense] = Field(default_factory=lambda: list(DEFENSES), min_length=1)
+    # seeds of the freeze_random defense's draws (a cell each: freeze_random_s{seed})
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     # TamperBench's rule: the worst case counts only attacks whose utility falls by at most this share
     # (perplexity on the prose corpus rises by at most this share)
     utility_drop: float = Field(0.10, ge=0)
@@ -246,6 +272,11 @@ class AttackConfig(Settings):
         if any(not 0 < v < 1 for v in values):
             raise ValueError(f"attacks.mixed_p are shares between 0 and 1, got {values}")
         return values
+
+    @field_validator("random_seeds")
+    @classmethod
+    def _random_seeds(cls, values: list[int]) -> list[int]:
+        return _seeds(values)
 
     @field_validator("harmful_k")
     @classmethod

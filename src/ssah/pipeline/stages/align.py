@@ -1,5 +1,7 @@
 """Stage 2, align (for a model without safety behaviour): group the unaligned model's units, align
-inside the budget (align.budget, e.g. RU) and, for comparison, with all parameters; evaluate both."""
+inside the budget (align.budget, e.g. RU), inside random budgets of the same per-layer, per-kind sizes
+(one per seed of align.random_budget_seeds: does the choice of units matter?) and, for comparison, with
+all parameters (the alignment tax); evaluate each."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import logging
 from typing import TypedDict
 
 from ssah.config import RunConfig
+from ssah.defaults import random_draws
 from ssah.pipeline.context import release
 from ssah.pipeline.registry import Stage, common, register
 from ssah.pipeline.summaries import Headline, TrainSummary, headline, train_summary
@@ -18,6 +21,9 @@ class AlignedModel(TypedDict, total=False):
     mask: str
     units: int
     share: float
+    trainable_share: float | None  # share of parameter entries the training could change
+    seed: int  # random budgets: the draw's seed
+    overlap_with_budget: float  # random budgets: share of its units inside the budget (0: drawn outside it)
     train: TrainSummary
     eval: Headline
 
@@ -30,6 +36,7 @@ class AlignSummary(TypedDict, total=False):
     borderline: int
     recovery: int
     budget: AlignedModel
+    random_budget: dict[str, AlignedModel]  # random_budget_s{seed} -> its model
     full: AlignedModel
 
 
@@ -55,7 +62,7 @@ def inputs(ctx):
 
 
 def run(ctx) -> AlignSummary:
-    from ssah.interventions.masks import mask_from_expression
+    from ssah.interventions.masks import mask_from_expression, overlap, random_like
     from ssah.train.data import alignment_data
     from ssah.train.recipes import align
 
@@ -77,10 +84,24 @@ def run(ctx) -> AlignSummary:
     record = align(loaded, given, c.align.train, layout.aligned_model("budget"), budget=mask, seed=c.seed, data=data,
                    replace=True)
     summary["budget"] = {"mask": c.align.budget, "units": mask.count(), "share": mask.share(),
-                         "train": train_summary(record)}
+                         "trainable_share": record.get("trainable_share"), "train": train_summary(record)}
     del loaded
     release()
     summary["budget"]["eval"] = _evaluate(ctx, "budget", "aligned (budget)")
+    if c.align.random_budget_seeds:
+        summary["random_budget"] = {}
+    for kind, seed in zip(random_draws("random_budget", c.align.random_budget_seeds), c.align.random_budget_seeds):
+        drawn = random_like(mask, seed, outside=True)
+        loaded = ctx.load()
+        log.info("  aligning inside a random budget of the same sizes (seed %d)", seed)
+        record = align(loaded, given, c.align.train, layout.aligned_model(kind), budget=drawn, seed=c.seed,
+                       data=data, replace=True)
+        del loaded
+        release()
+        summary["random_budget"][kind] = {
+            "mask": drawn.expression, "seed": seed, "units": drawn.count(), "share": drawn.share(),
+            "overlap_with_budget": overlap(drawn, mask), "trainable_share": record.get("trainable_share"),
+            "train": train_summary(record), "eval": _evaluate(ctx, kind, f"aligned (random budget, seed {seed})")}
     if c.align.compare_full:
         loaded = ctx.load()
         log.info("  aligning all parameters (comparison)")
@@ -88,7 +109,8 @@ def run(ctx) -> AlignSummary:
                        replace=True)
         del loaded
         release()
-        summary["full"] = {"train": train_summary(record), "eval": _evaluate(ctx, "full", "aligned (all parameters)")}
+        summary["full"] = {"trainable_share": record.get("trainable_share"), "train": train_summary(record),
+                           "eval": _evaluate(ctx, "full", "aligned (all parameters)")}
     return summary
 
 

@@ -1,21 +1,34 @@
 """Stage 5, finetune: the benign fine-tuning attack, plain, with frozen units (the paper's settings
-(i) and (ii), and the alignment budget), and with LoRA; each fine-tuned model evaluated (Table 2)."""
+(i) and (ii), the alignment budget, and freeze_ii_strict: freeze_ii's units and every parameter no
+unit owns), with LoRA, and the control of freeze_ii: units of its per-layer, per-kind sizes drawn at
+random (one row per seed, freeze_random_s{seed}), trained the same way. Each fine-tuned model is
+evaluated (Table 2); each row reports the share of parameter entries its training could change."""
 
 from __future__ import annotations
 
 import logging
 
 from ssah.config import RunConfig
+from ssah.defaults import random_draws
 from ssah.pipeline.context import release
 from ssah.pipeline.registry import Stage, register
 from ssah.pipeline.summaries import Headline, headline, train_summary
 
 log = logging.getLogger("ssah.pipeline")
 FROZEN = ("freeze_i", "freeze_ii", "freeze_budget")
+RANDOM = "freeze_random"
 
 
 def reads(config: RunConfig) -> dict:
     return {"finetune": config.finetune.model_dump(), "data": config.data.finetune}
+
+
+def rows(config: RunConfig) -> list[str]:
+    """The stage's rows in order: each setting, freeze_random expanded into one row per seed."""
+    out: list[str] = []
+    for setting in config.finetune.settings:
+        out += random_draws(RANDOM, config.finetune.random_seeds) if setting == RANDOM else [setting]
+    return out
 
 
 def _budget(ctx):
@@ -30,14 +43,27 @@ def _budget(ctx):
                                 seed=ctx.config.seed)
 
 
-def _mask(ctx, setting: str, groups, budget):
-    from ssah.interventions.masks import mask_from_expression
+def _masks(ctx, row: str, groups, budget) -> tuple[object, object, dict]:
+    """(units frozen, the only units trained, what the row records about them) for one row."""
+    from ssah.interventions.masks import complement, mask_from_expression, overlap, random_like
 
-    if setting == "freeze_budget":
-        return budget
-    if setting in FROZEN:
-        return mask_from_expression(groups, getattr(ctx.config.finetune, setting), seed=ctx.config.seed)
-    return None
+    c = ctx.config.finetune
+    if row == "freeze_budget":
+        return budget, None, {"units_frozen": budget.count()}
+    if row in FROZEN:
+        mask = mask_from_expression(groups, getattr(c, row), seed=ctx.config.seed)
+        return mask, None, {"units_frozen": mask.count()}
+    freeze_ii = mask_from_expression(groups, c.freeze_ii, seed=ctx.config.seed)
+    if row == "freeze_ii_strict":
+        trainable = complement(freeze_ii)
+        return None, trainable, {"units_trainable": trainable.count()}
+    if row.startswith(RANDOM + "_s"):
+        seed = int(row.removeprefix(RANDOM + "_s"))
+        # freeze_ii covers most units, so its control is drawn over all units of each layer and kind
+        mask = random_like(freeze_ii, seed, outside=False)
+        return mask, None, {"units_frozen": mask.count(), "control_of": "freeze_ii", "seed": seed,
+                            "overlap": overlap(mask, freeze_ii)}
+    return None, None, {}
 
 
 def run(ctx) -> dict[str, Headline]:
@@ -52,19 +78,21 @@ def run(ctx) -> dict[str, Headline]:
     # alignment put there
     budget = _budget(ctx)
     summary: dict = {}
-    for setting in c.finetune.settings:
+    for row in rows(c):
         loaded = ctx.load(ctx.studied_model_spec())
-        mask = _mask(ctx, setting, groups, budget)
-        log.info("  fine-tuning: %s", setting)
-        record = finetune(loaded, data, c.finetune.train, layout.finetuned_model(setting), seed=c.seed, freeze=mask,
-                          lora=setting == "lora", frozen_multiplier=c.finetune.frozen_epochs_multiplier, replace=True)
+        mask, trainable, about = _masks(ctx, row, groups, budget)
+        log.info("  fine-tuning: %s", row)
+        record = finetune(loaded, data, c.finetune.train, layout.finetuned_model(row), seed=c.seed, freeze=mask,
+                          trainable=trainable, lora=row == "lora",
+                          frozen_multiplier=c.finetune.frozen_epochs_multiplier, replace=True)
         del loaded
         release()
-        tuned = ctx.load(layout.finetuned_model(setting))
-        report = ctx.evaluate(tuned, layout.finetuned_eval(setting), f"fine-tuned ({setting})", as_loaded=True)
-        summary[setting] = {**headline(report), "train": train_summary(record)}
+        tuned = ctx.load(layout.finetuned_model(row))
+        report = ctx.evaluate(tuned, layout.finetuned_eval(row), f"fine-tuned ({row})", as_loaded=True)
+        summary[row] = {**headline(report), "train": train_summary(record),
+                        "trainable_share": record.get("trainable_share"), **about}
         if mask is not None and budget is not None:
-            summary[setting]["alignment_budget_frozen"] = \
+            summary[row]["alignment_budget_frozen"] = \
                 sum(int((mask.units[k] & budget.units[k]).sum()) for k in budget.units) / budget.count()
         del tuned
         release()
