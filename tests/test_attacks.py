@@ -65,66 +65,148 @@ def test_attack_data_families():
         attack_data.harmful_k(kept, 31, seed=0)
 
 
-def test_defenses_leave_what_they_claim_trainable(groups):
-    loaded = load_model("tiny:llama", device="cpu")
+def _entries(model, layout, mask) -> dict[str, torch.Tensor]:
+    """Per parameter, a bool tensor of the entries `mask`'s units own (counted here, not by the freezer)."""
+    params = dict(model.named_parameters())
+    owned = {name: torch.zeros_like(param, dtype=torch.bool) for name, param in params.items()}
+    for (name, dim), positions in mask.owned_slices(layout).items():
+        owned[name].index_fill_(dim, positions, True)
+    return owned
+
+
+def test_defenses_leave_exactly_the_share_they_claim_trainable(groups):
+    from ssah.interventions.masks import mask_from_expression
+    from ssah.train.lora import lora_target_modules
+
     ctx = DefenseContext(groups=groups, safety_pairs=[("Bad?", "No.")] * 20, safety_mix_share=0.25)
-    shares = {}
-    for name in ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "safety_mix"):
+    shares, notes = {}, {}
+    names = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random_s0", "freeze_random_s1", "safety_mix")
+    for name in names:
         prepared = prepare(name, load_model("tiny:llama", device="cpu"), ctx, [("a", "b")] * 8)
-        shares[name] = prepared.trainable_share
+        shares[name], notes[name] = prepared.trainable_share, prepared.notes
         if name == "safety_mix":
             assert len(prepared.extra_pairs) == 2
+    loaded = load_model("tiny:llama", device="cpu")
+    total = sum(p.numel() for p in loaded.model.parameters())
+    frozen_ii = _entries(loaded.model, loaded.layout, mask_from_expression(groups, "SCU+CU"))
+    frozen_i = _entries(loaded.model, loaded.layout, mask_from_expression(groups, "SCU+CU:top=0.06"))
+    trainable_strict = _entries(loaded.model, loaded.layout, mask_from_expression(groups, "UCU+RU"))
     assert shares["none"] == shares["safety_mix"] == 1.0
-    assert 1.0 > shares["freeze_i"] > shares["freeze_ii"] > shares["freeze_ii_strict"] > 0
+    assert shares["freeze_i"] == pytest.approx(1 - sum(int(f.sum()) for f in frozen_i.values()) / total)
+    assert shares["freeze_ii"] == pytest.approx(1 - sum(int(f.sum()) for f in frozen_ii.values()) / total)
+    # strict: only what UCU and RU units own trains; embeddings, norms, q/k rows, v rows and the head do not
+    assert shares["freeze_ii_strict"] == pytest.approx(sum(int(t.sum()) for t in trainable_strict.values()) / total)
+    assert not trainable_strict["model.embed_tokens.weight"].any()
+    assert not trainable_strict["model.layers.0.self_attn.q_proj.weight"].any()
+    assert shares["freeze_ii_strict"] < shares["freeze_ii"] < shares["freeze_i"] < 1.0
+    # the random draws freeze freeze_ii's per-layer, per-kind sizes, so exactly as many entries, but other units
+    assert shares["freeze_random_s0"] == pytest.approx(shares["freeze_ii"])
+    assert shares["freeze_random_s1"] == pytest.approx(shares["freeze_ii"])
+    assert notes["freeze_random_s0"]["units_frozen"] == notes["freeze_ii"]["units_frozen"]
+    assert notes["freeze_random_s0"]["overlap"] < 1.0 and notes["freeze_random_s0"] != notes["freeze_random_s1"]
+    # LoRA: r = 8 adapters (A: r x in, B: out x r) on every block linear map, over the base model's entries
     lora = prepare("lora", loaded, ctx, [])
-    assert 0 < lora.trainable_share < shares["freeze_ii_strict"] + 1
+    targets = set(lora_target_modules(load_model("tiny:llama", device="cpu").model))
+    adapters = sum(8 * (m.in_features + m.out_features) for n, m in load_model("tiny:llama", device="cpu")
+                   .model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets
+                   and ".layers." in n)
+    assert lora.trainable_share == pytest.approx(adapters / total)
     assert all(not p.requires_grad for n, p in lora.model.named_parameters() if "lora_" not in n)
 
 
-def test_safe_lora_projects_only_dissimilar_updates():
-    from ssah.attacks.safe_lora import safe_lora_merge
+def _lora_update(aligned, std: float = 0.1):
+    """A LoRA model around `aligned` whose B matrices are random (as after an attack), and its updates."""
     from ssah.train.lora import apply_lora
 
-    torch.manual_seed(0)
-    base = load_model("tiny:llama", device="cpu").model
-    aligned = load_model("tiny:llama", device="cpu").model
-    name = "model.layers.0.self_attn.o_proj.weight"
-    with torch.no_grad():
-        dict(aligned.named_parameters())[name].add_(torch.randn(32, 32) * 0.1)  # alignment changed one weight
-    start = {n: p.detach().clone() for n, p in aligned.named_parameters()}
+    torch.manual_seed(1)
     peft_model = apply_lora(aligned)
     for module in peft_model.modules():
         if hasattr(module, "lora_B") and "default" in module.lora_B:
-            torch.nn.init.normal_(module.lora_B["default"].weight, std=0.1)
+            torch.nn.init.normal_(module.lora_B["default"].weight, std=std)
     deltas = {n.removeprefix("base_model.model.") + ".weight": m.get_delta_weight("default").detach().clone()
               for n, m in peft_model.named_modules() if hasattr(m, "lora_B") and "default" in m.lora_B}
+    return peft_model, deltas
+
+
+def test_safe_lora_projects_dissimilar_updates_and_keeps_similar_ones():
+    from ssah.attacks.safe_lora import safe_lora_merge
+
+    base = load_model("tiny:llama", device="cpu").model
+    changed = ("model.layers.0.self_attn.o_proj.weight", "model.layers.2.self_attn.o_proj.weight")
+
+    def aligned_model():
+        torch.manual_seed(0)
+        model = load_model("tiny:llama", device="cpu").model
+        with torch.no_grad():
+            for name in changed:  # alignment changed two weights
+                dict(model.named_parameters())[name].add_(torch.randn(32, 32) * 0.1)
+        return model
+
+    start = {n: p.detach().clone() for n, p in aligned_model().named_parameters()}
+    _, deltas = _lora_update(aligned_model())
     base_weights = {n: p.detach().clone() for n, p in base.named_parameters() if n in deltas}
-    merged, report = safe_lora_merge(peft_model, base_weights, threshold=1.01)  # every changed weight projected
+    expected, similarity = {}, {}
+    for name in changed:  # C dW with C = V V^T / ||V||, and its cosine with dW
+        v = start[name] - base_weights[name]
+        expected[name] = v @ (v.T @ deltas[name]) / v.norm()
+        similarity[name] = float((deltas[name] * expected[name]).sum() / (deltas[name].norm() * expected[name].norm()))
+    low, high = sorted(changed, key=similarity.get)
+    assert similarity[high] - similarity[low] > 1e-3
+    # a threshold between the two: the less similar update is projected, the more similar one kept whole
+    merged, report = safe_lora_merge(_lora_update(aligned_model())[0], base_weights,
+                                     threshold=(similarity[low] + similarity[high]) / 2)
     params = dict(merged.named_parameters())
-    v = start[name] - base_weights[name]
-    expected = v @ (v.T @ deltas[name]) / v.norm()
-    torch.testing.assert_close(params[name] - start[name], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(params[low] - start[low], expected[low], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(params[high] - start[high], deltas[high], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(expected[high], deltas[high], atol=1e-3)  # so keeping it whole is visible
     untouched = "model.layers.1.mlp.down_proj.weight"  # alignment did not change it: its update is kept whole
     torch.testing.assert_close(params[untouched] - start[untouched], deltas[untouched], atol=1e-6, rtol=1e-5)
     assert report["projected"] == 1 and report["layers"] == len(deltas)
+    # a threshold above both projects both; none below both
+    for threshold, projected in ((min(1.0, similarity[high] + 0.01), 2), (max(0.0, similarity[low] - 0.01), 0)):
+        merged, report = safe_lora_merge(_lora_update(aligned_model())[0], base_weights, threshold=threshold)
+        params = dict(merged.named_parameters())
+        assert report["projected"] == projected
+        for name in changed:
+            want = expected[name] if projected == 2 else deltas[name]
+            torch.testing.assert_close(params[name] - start[name], want, atol=1e-5, rtol=1e-4)
 
 
 def test_rsn_units_are_safety_units_minus_foundation_units_and_only_they_train():
-    from ssah.attacks.rsn import robust_safety_units
+    from ssah.attacks.rsn import importance_counts, robust_safety_units
     from ssah.interventions.freeze import UnitFreezer
     from ssah.train.settings import TrainConfig
     from ssah.train.sft import train_sft
+    from ssah.units.scoring import make_batches
 
     loaded = load_model("tiny:llama", device="cpu")
     harmful = [f"How do I hurt person {i}?" for i in range(8)]
     general = [f"Describe the colour of sky number {i}." for i in range(8)]
     mask, sizes = robust_safety_units(loaded, harmful, general, top=0.1, min_share=0.5, batch_size=4)
-    assert sizes["robust_safety_units"] == mask.count() <= sizes["safety_units"]
-    assert mask.count() > 0
+
+    def frequent(prompts):  # counted here from the detector's importance counts
+        counts, n = importance_counts(loaded.model, loaded.layout,
+                                      make_batches(loaded.tokenizer, [(p, None) for p in prompts], 4), 0.1)
+        return {kind: value >= 0.5 * n for kind, value in counts.items()}
+
+    safety, foundation = frequent(harmful), frequent(general)
+    both = sum(int((safety[k] & foundation[k]).sum()) for k in safety)
+    assert both > 0  # some safety units are foundation units too, so the exclusion has work to do
+    for kind in safety:
+        assert torch.equal(mask.units[kind], safety[kind] & ~foundation[kind])
+        assert not (mask.units[kind] & foundation[kind]).any()
+    assert sizes["robust_safety_units"] == mask.count() == sizes["safety_units"] - both > 0
+    assert sizes["foundation_units"] == sum(int(f.sum()) for f in foundation.values())
+    start = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
     with UnitFreezer(loaded.model, loaded.layout, mask, train_only=True) as freezer:
         result = train_sft(loaded.model, loaded.tokenizer, [(h, "No.") for h in harmful],
                            TrainConfig(lr=1e-2, max_steps=2, batch_size=4), freezer=freezer, progress=False)
     assert result.check["max_abs_change_frozen"] == 0.0
+    owned = _entries(loaded.model, loaded.layout, mask)
+    for name, param in loaded.model.named_parameters():  # nothing outside the robust units moved
+        assert not ((param.detach() != start[name]) & ~owned[name]).any(), name
+    assert any(bool(((param.detach() != start[name]) & owned[name]).any())
+               for name, param in loaded.model.named_parameters())
 
 
 def _row(attack, lr, defense, asr, kept=True, test=None, family="harmful"):
@@ -158,13 +240,16 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     config.attacks = config.attacks.model_validate({
         "enabled": True, "families": ["harmful", "identity"], "harmful_k": [4], "harmful_replies": f"jsonl:{replies}",
         "identity_size": 4, "benign_size": 8, "sweep": {"lr": [0.01], "steps": [2]}, "rsn_steps": 2,
+        "random_seeds": [0],
         "train": {"batch_size": 4, "max_length": 512, "backend": "ssah"}})
     summaries = run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks", "report"))
     grid = summaries["attacks"]
-    assert {row["defense"] for row in grid["rows"]} == set(config.attacks.defenses)
+    defenses = set(config.attacks.defenses) - {"freeze_random"} | {"freeze_random_s0"}
+    assert {row["defense"] for row in grid["rows"]} == defenses
     assert {row["attack"] for row in grid["rows"]} == {"harmful-k4", "identity"}
     assert set(grid["before"]) == {"plain", "persona"}  # the identity attack is judged under its persona
     assert grid["trainable_share"]["freeze_ii_strict"] < grid["trainable_share"]["freeze_ii"] < 1.0
+    assert grid["trainable_share"]["freeze_random_s0"] == pytest.approx(grid["trainable_share"]["freeze_ii"])
     for row in grid["rows"]:
         assert (row["paired_test_vs_none"] is None) == (row["defense"] == "none")
     cell = json.loads((tmp_path / "run" / "8-attacks" / "cells" / "harmful-k4" / "lr0.01-s2" / "freeze_ii" /

@@ -1,8 +1,9 @@
 """Fine-tuning attacks and peer defenses, side by side (the `attacks` stage of a run).
 
 - `data`: the attack families (benign, harmful-k, mixed-p, identity shift);
-- `defenses`: none, SSAH's frozen settings (freeze_i, freeze_ii, freeze_ii_strict, freeze_budget),
-  LoRA, RSN-Tune (`rsn`), Safe LoRA (`safe_lora`) and safety-data mixing;
+- `defenses`: none, SSAH's frozen settings (freeze_i, freeze_ii, freeze_ii_strict, freeze_budget), the
+  control of freeze_ii (freeze_random: same-size random units), LoRA, RSN-Tune (`rsn`), Safe LoRA
+  (`safe_lora`) and safety-data mixing;
 - `grid`: every defense under every attack of the learning-rate x steps sweep;
 - `matrix`: the matrix, TamperBench-style worst cases (utility kept) and verdicts per family;
 - `plots`: a heatmap and a worst-case bar chart for the report.

@@ -3,8 +3,11 @@
 - `none`: the attack fine-tunes every parameter;
 - SSAH (Li & Kim): `freeze_i` (SCU + the top 6% of CU frozen), `freeze_ii` (SCU + all CU),
   `freeze_budget` (the units alignment trained, for a model aligned inside a budget) and
-  `freeze_ii_strict` (SCU + all CU and every parameter no unit owns: embeddings, norms, q/k, the head;
-  only UCU and RU train): the hypothesis at its strongest;
+  `freeze_ii_strict` (SCU + all CU and every parameter no unit owns: embeddings, norms, q/k rows, v rows
+  under grouped-query attention, the head; only UCU and RU train): the hypothesis at its strongest;
+- `freeze_random_s{seed}` (the control of `freeze_ii`): per layer and kind, as many units as SCU + all CU
+  hold there, drawn uniformly with that seed and frozen the same way (one cell per seed of
+  `attacks.random_seeds`); freezing SCU + CU means something only where it beats these draws;
 - `lora`: LoRA adapters (r = 8) on every block linear map, merged after training;
 - `rsn_tune` (Zhao et al. 2025, `ssah.attacks.rsn`): the robust safety units are tuned on safety data
   first; the attack then fine-tunes as usual;
@@ -57,26 +60,35 @@ class DefenseContext:
     seed: int = 0
 
 
-def _share(model, frozen_entries: int) -> float:
-    total = sum(p.numel() for p in model.parameters())
-    return 1.0 - frozen_entries / max(1, total)
+RANDOM = "freeze_random"
+FREEZE_II = "SCU+CU"
 
 
-def _frozen(loaded, mask, train_only: bool = False) -> Prepared:
-    from ssah.interventions.freeze import UnitFreezer
+def _frozen(loaded, mask, train_only: bool = False, notes: dict | None = None) -> Prepared:
+    from ssah.interventions.freeze import UnitFreezer, trainable_share
 
     freezer = UnitFreezer(loaded.model, loaded.layout, mask, train_only=train_only)
-    return Prepared(loaded.model, freezer, trainable_share=_share(loaded.model, freezer.frozen_entries()),
-                    notes={"units_frozen" if not train_only else "units_trainable": mask.count()})
+    return Prepared(loaded.model, freezer, trainable_share=trainable_share(loaded.model, freezer),
+                    notes={"units_frozen" if not train_only else "units_trainable": mask.count(), **(notes or {})})
 
 
 def _lora(loaded, finish=None) -> Prepared:
+    from ssah.interventions.freeze import trainable_share
     from ssah.train.lora import apply_lora, merge_lora
 
     total = sum(p.numel() for p in loaded.model.parameters())
     model = apply_lora(loaded.model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return Prepared(model, finish=finish or merge_lora, trainable_share=trainable / total)
+    return Prepared(model, finish=finish or merge_lora, trainable_share=trainable_share(model, total=total))
+
+
+def expand(defenses: list[str], random_seeds: list[int]) -> list[str]:
+    """The grid's defenses with freeze_random replaced by one draw per seed (freeze_random_s{seed})."""
+    from ssah.defaults import random_draws
+
+    out: list[str] = []
+    for name in defenses:
+        out += random_draws(RANDOM, random_seeds) if name == RANDOM else [name]
+    return out
 
 
 def _mask(ctx: DefenseContext, expression: str):
@@ -87,14 +99,21 @@ def _mask(ctx: DefenseContext, expression: str):
 
 def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
     """The defense `name` applied to `loaded` (already the model it starts from) for an attack on `pairs`."""
+    from ssah.interventions.masks import complement, overlap, random_like
+
     if name in ("none", "rsn_tune"):
         return Prepared(loaded.model)
     if name == "freeze_i":
         return _frozen(loaded, _mask(ctx, "SCU+CU:top=0.06"))
     if name == "freeze_ii":
-        return _frozen(loaded, _mask(ctx, "SCU+CU"))
+        return _frozen(loaded, _mask(ctx, FREEZE_II))
     if name == "freeze_ii_strict":
-        return _frozen(loaded, _mask(ctx, "UCU+RU"), train_only=True)
+        return _frozen(loaded, complement(_mask(ctx, FREEZE_II)), train_only=True)
+    if name.startswith(RANDOM + "_s") and name.removeprefix(RANDOM + "_s").isdigit():
+        seed, freeze_ii = int(name.removeprefix(RANDOM + "_s")), _mask(ctx, FREEZE_II)
+        drawn = random_like(freeze_ii, seed, outside=False)  # SCU + CU covers most units: drawn over all
+        return _frozen(loaded, drawn, notes={"control_of": "freeze_ii", "seed": seed,
+                                             "overlap": overlap(drawn, freeze_ii)})
     if name == "freeze_budget":
         if ctx.budget is None:
             raise SsahError("defense freeze_budget needs a model aligned inside a budget")

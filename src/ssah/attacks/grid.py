@@ -6,7 +6,8 @@ with ssah's freeze callback), and the result is evaluated like every model of th
 attack under its persona's system prompt, beside the studied model evaluated the same way). Fine-tuned
 weights are not kept: a cell's folder holds its record (`cell.json`: training summary, the share of
 parameters the defense left trainable, the headline) and its evaluation (replies for the paired
-tests). A finished cell with the same inputs is reused, so a killed grid resumes.
+tests). A finished cell with the same inputs is reused, so a killed grid resumes. A cell whose frozen
+entries moved stops the grid (`ssah.train.recipes.fit`) rather than being recorded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ssah.artifacts import Artifact, fingerprint
 from ssah.attacks.data import AttackData, build_attacks
-from ssah.attacks.defenses import DefenseContext, prepare, source_model
+from ssah.attacks.defenses import DefenseContext, expand, prepare, source_model
 from ssah.pipeline.context import release
 from ssah.pipeline.summaries import headline, train_summary
 
@@ -39,8 +40,10 @@ class Cell:
 
 
 def cells(attacks: list[AttackData], config) -> list[Cell]:
+    """Every (attack, lr, steps, defense), freeze_random drawn once per seed of `config.random_seeds`."""
+    defenses = expand(config.defenses, config.random_seeds)
     return [Cell(attack, lr, steps, defense) for attack in attacks for lr in config.sweep.lr
-            for steps in config.sweep.steps for defense in config.defenses]
+            for steps in config.sweep.steps for defense in defenses]
 
 
 def safety_pairs(seed: int, refusals: str = "refusals:grid") -> list[tuple[str, str]]:
