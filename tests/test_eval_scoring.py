@@ -101,10 +101,13 @@ def test_perplexity_sliding_window():
     windowed = perplexity(model, tokenizer, text, window=128, stride=48, batch_size=3, progress=False)
     assert windowed.n_tokens == len(ids) - 1  # every token but the first scored exactly once
     assert windowed.perplexity == pytest.approx(whole.perplexity, rel=0.2)  # less context, similar value
-    # each scored window's NLL and token count, for an interval over windows; they sum to the aggregate
-    detail = windowed.to_dict()
-    assert len(detail["window_nll"]) == len(detail["window_tokens"]) > 1 and all(t > 0 for t in detail["window_tokens"])
-    assert sum(detail["window_tokens"]) == windowed.n_tokens and sum(detail["window_nll"]) == windowed.nll
-    assert whole.to_dict()["window_tokens"] == [len(ids) - 1]
+    # the scored tokens' NLLs in blocks of 64 consecutive tokens, for an interval over blocks: the same
+    # blocks whatever the windows, summing to the aggregate
+    detail, whole_detail = windowed.to_dict(), whole.to_dict()
+    assert detail["block_size"] == 64 and len(detail["block_nll"]) == len(detail["block_tokens"]) > 1
+    assert detail["block_tokens"] == whole_detail["block_tokens"] and sum(detail["block_tokens"]) == len(ids) - 1
+    assert all(t == 64 for t in detail["block_tokens"][:-1])
+    assert sum(detail["block_nll"]) == pytest.approx(windowed.nll, rel=1e-6)
+    assert whole_detail["block_nll"] == pytest.approx(detail["block_nll"], rel=0.3)
     with pytest.raises(SsahError, match="stride"):
         perplexity(model, tokenizer, text, window=64, stride=65, progress=False)

@@ -24,13 +24,13 @@ def _row(suite, i, flag, rule="prefix"):
 
 
 def _write(folder, rule="prefix", windows=None, **suites):
-    """An evaluation: replies of each suite (flags: attack success / refusal / correct), and per-window
+    """An evaluation: replies of each suite (flags: attack success / refusal / correct), and per-block
     perplexity NLLs in eval.json."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [_row(suite, i, flag, rule) for suite, flags in suites.items() for i, flag in enumerate(flags)]
     (folder / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if windows is not None:
-        detail = {"window_nll": list(windows), "window_tokens": [100] * len(windows)}
+        detail = {"block_nll": list(windows), "block_tokens": [64] * len(windows)}
         (folder / "eval.json").write_text(json.dumps({"utility": {"perplexity_detail": detail}}))
     return folder
 
@@ -39,8 +39,8 @@ def _flags(k, n=N, start=0):
     return [start <= i < start + k for i in range(n)]
 
 
-def _windows(scale=1.0, n=20, wobble=0.0):
-    return [scale * (300.0 + 5 * (i % 7)) + wobble * (1 if i % 2 else -1) for i in range(n)]
+def _blocks(scale=1.0, n=20, wobble=0.0):
+    return [scale * (190.0 + 3 * (i % 7)) + wobble * (1 if i % 2 else -1) for i in range(n)]
 
 
 def _eval(asr=0.5):
@@ -143,13 +143,13 @@ def test_alignment_tax_is_judged_at_comparable_asr_only(tmp_path):
 # -- pruning -------------------------------------------------------------------------------------------
 
 
-def _pruning(root, none, scu, randoms=(), none_utility=None, scu_utility=None, none_windows=None,
-             scu_windows=None, extra=None):
+def _pruning(root, none, scu, randoms=(), none_utility=None, scu_utility=None, none_blocks=None,
+             scu_blocks=None, extra=None):
     layout = RunLayout(root)
     n_u = 200
-    _write(layout.prune_eval("none"), windows=none_windows or _windows(), safety=none,
+    _write(layout.prune_eval("none"), windows=none_blocks or _blocks(), safety=none,
            utility=none_utility or _flags(150, n_u))
-    _write(layout.prune_eval("SCU"), windows=scu_windows or _windows(1.01), safety=scu,
+    _write(layout.prune_eval("SCU"), windows=scu_blocks or _blocks(1.01), safety=scu,
            utility=scu_utility or _flags(150, n_u))
     prune = {"none": _eval(), "SCU": _eval()}
     for i, flags in enumerate(randoms):
@@ -168,19 +168,19 @@ def test_prune_scu_needs_the_rise_spared_utility_and_perplexity_and_to_beat_rand
     held = _verdict(tmp_path / "a", key, _pruning(tmp_path / "a", _flags(2), _flags(44), randoms))
     _check(held, "held")
     assert [p["name"] for p in held["tests"]] == ["Tango score interval", "Tango score interval",
-                                                  "paired bootstrap over perplexity windows",
+                                                  "paired bootstrap over perplexity blocks",
                                                   "paired sign-flip permutation test"]
     # an 8-point rise: its interval lies below 30 points
     _check(_verdict(tmp_path / "b", key, _pruning(tmp_path / "b", _flags(2), _flags(6), randoms)), "not held")
     # perplexity doubles
     _check(_verdict(tmp_path / "c", key, _pruning(tmp_path / "c", _flags(2), _flags(44), randoms,
-                                                  scu_windows=_windows(2.0))), "not held")
+                                                  scu_blocks=_blocks(2.0))), "not held")
     # task accuracy: 150 of 200 correct -> 100 (a 25-point drop)
     _check(_verdict(tmp_path / "d", key, _pruning(tmp_path / "d", _flags(2), _flags(44), randoms,
                                                   scu_utility=_flags(100, 200))), "not held")
-    # identical perplexity windows: a zero-width interval is no evidence
+    # identical perplexity blocks: a zero-width interval is no evidence
     _check(_verdict(tmp_path / "e", key, _pruning(tmp_path / "e", _flags(2), _flags(44), randoms,
-                                                  scu_windows=_windows())), "inconclusive", "zero width")
+                                                  scu_blocks=_blocks())), "inconclusive", "zero width")
     # random pruning of the same size does as much: p = 1 against it
     _check(_verdict(tmp_path / "f", key, _pruning(tmp_path / "f", _flags(2), _flags(44), [_flags(44)])),
            "inconclusive", "no prompt differs")
@@ -196,18 +196,18 @@ def test_prune_ru_changes_little(tmp_path):
     key = "prune_ru_changes_little"
 
     def case(name, safety, windows):
-        none = _windows(n=len(windows))
-        return _verdict(tmp_path / name, key, _pruning(tmp_path / name, _flags(2), _flags(2), none_windows=none,
-                                                       scu_windows=none, extra={"RU": (safety, windows)}))
+        none = _blocks(n=len(windows))
+        return _verdict(tmp_path / name, key, _pruning(tmp_path / name, _flags(2), _flags(2), none_blocks=none,
+                                                       scu_blocks=none, extra={"RU": (safety, windows)}))
 
-    held = case("a", _flags(2), _windows(1.05, wobble=3))
+    held = case("a", _flags(2), _blocks(1.05, wobble=3))
     _check(held, "held")
     assert held["tests"][0]["mde_unit"] == "ratio" and held["tests"][0]["n"] == 20
-    _check(case("b", _flags(2), _windows(2.0)), "not held")
-    _check(case("c", _flags(30), _windows(1.05, wobble=3)), "not held")
-    _check(case("d", _flags(2), _windows()), "inconclusive", "zero width")
-    _check(case("e", _flags(5, start=2), _windows(1.05, wobble=3)), "inconclusive", "across the bound")
-    _check(case("f", _flags(2), _windows(1.05, n=4)), "inconclusive", "scored windows")
+    _check(case("b", _flags(2), _blocks(2.0)), "not held")
+    _check(case("c", _flags(30), _blocks(1.05, wobble=3)), "not held")
+    _check(case("d", _flags(2), _blocks()), "inconclusive", "zero width")
+    _check(case("e", _flags(5, start=2), _blocks(1.05, wobble=3)), "inconclusive", "across the bound")
+    _check(case("f", _flags(2), _blocks(1.05, n=4)), "inconclusive", "blocks of scored tokens")
     _check(_verdict(tmp_path / "g", key, _pruning(tmp_path / "g", _flags(2), _flags(2))), "inconclusive",
            "RU was not pruned")
 
@@ -218,21 +218,21 @@ def test_ucu_is_tested_against_the_next_costliest_mask(tmp_path):
              "RU": {**_eval(), "task_accuracy": 0.8}, "SCU": {**_eval(), "task_accuracy": 0.85}}
     assert next_costliest(prune) == "RU" and next_costliest({"none": _eval(), "RU": _eval()}) is None
 
-    def case(name, rival, ucu, rival_windows=None, ucu_windows=None):
+    def case(name, rival, ucu, rival_blocks=None, ucu_blocks=None):
         layout = RunLayout(tmp_path / name)
-        _write(layout.prune_eval("RU"), windows=rival_windows, utility=rival)
-        _write(layout.prune_eval("UCU"), windows=ucu_windows, utility=ucu)
+        _write(layout.prune_eval("RU"), windows=rival_blocks, utility=rival)
+        _write(layout.prune_eval("UCU"), windows=ucu_blocks, utility=ucu)
         return _verdict(tmp_path / name, key, {"prune": prune})
 
     held = case("a", _flags(40), _flags(0))
     _check(held, "held")
     assert held["numbers"]["compared_with"] == "RU"
     _check(case("b", _flags(0), _flags(40)), "not held")
-    _check(case("c", _flags(5), _flags(5, start=5)), "inconclusive", "no per-window perplexity")  # p = 1
+    _check(case("c", _flags(5), _flags(5, start=5)), "inconclusive", "no per-block perplexity")  # p = 1
     # task accuracy cannot tell; perplexity can
-    _check(case("d", _flags(5), _flags(5), _windows(), _windows(3.0)), "held")
-    _check(case("e", _flags(5), _flags(5), _windows(3.0), _windows()), "not held")
-    _check(case("f", _flags(5), _flags(5), _windows(), _windows()), "inconclusive", "zero width")
+    _check(case("d", _flags(5), _flags(5), _blocks(), _blocks(3.0)), "held")
+    _check(case("e", _flags(5), _flags(5), _blocks(3.0), _blocks()), "not held")
+    _check(case("f", _flags(5), _flags(5), _blocks(), _blocks()), "inconclusive", "zero width")
     _check(compute_verdicts({"prune": prune})[key], "inconclusive", "no paired utility replies")
 
 

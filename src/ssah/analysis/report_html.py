@@ -80,7 +80,7 @@ def report_html(config: dict, s: dict, verdicts: dict, images: dict[str, list[Pa
              "test or an interval excludes it, and <b>inconclusive</b> otherwise, with the reason. A change in a "
              "rate on the same prompts is tested by exact McNemar (p &lt; 0.05), a bound on a change by Tango's "
              "score interval, a comparison with random units by a paired sign-flip permutation test, a "
-             "perplexity ratio by a bootstrap over its text's windows. Each test states its n and the minimum "
+             "perplexity ratio by a bootstrap over blocks of its text's tokens. Each test states its n and the minimum "
              "detectable effect at that n (power 0.8, alpha 0.05). Rates are in %, changes in percentage "
              "points.</p>",
              html_table(("effect", "verdict", "what the tests found"), verdict_rows, raw=True)]

@@ -276,13 +276,13 @@ def sign_flip_test(differences: Sequence[float], resamples: int = 20000, seed: i
 def perplexity_ratio_interval(before_nll: Sequence[float], after_nll: Sequence[float], tokens: Sequence[int],
                               resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """The ratio of two perplexities of the same text (after / before), with a paired percentile bootstrap
-    interval over its scored windows (each window's summed NLL under both models kept together):
-    ratio = exp((sum after - sum before) / sum tokens). `sd_log_ratio` is the spread of the per-window
+    interval over blocks of its scored tokens (each block's summed NLL under both models kept together):
+    ratio = exp((sum after - sum before) / sum tokens). `sd_log_ratio` is the spread of the per-block
     log-ratio (per token), for the minimum detectable ratio."""
     import numpy as np
 
     if not len(before_nll) == len(after_nll) == len(tokens) or not tokens:
-        raise ValueError("the per-window NLLs and token counts must have the same, non-zero length")
+        raise ValueError("the per-block NLLs and token counts must have the same, non-zero length")
     b, a, t = (np.asarray(x, dtype=np.float64) for x in (before_nll, after_nll, tokens))
     n = len(t)
     rng = np.random.default_rng(seed)
@@ -290,7 +290,7 @@ def perplexity_ratio_interval(before_nll: Sequence[float], after_nll: Sequence[f
     logs = (a[picks].sum(axis=1) - b[picks].sum(axis=1)) / t[picks].sum(axis=1)
     alpha = (1 - level) / 2
     low, high = np.exp(np.quantile(logs, [alpha, 1 - alpha]))
-    per_window = (a - b) / t
-    return {"name": "paired bootstrap over perplexity windows", "ratio": float(np.exp((a.sum() - b.sum()) / t.sum())),
+    per_block = (a - b) / t
+    return {"name": "paired bootstrap over perplexity blocks", "ratio": float(np.exp((a.sum() - b.sum()) / t.sum())),
             "ci": [float(low), float(high)], "n": n, "resamples": resamples, "seed": seed, "level": level,
-            "sd_log_ratio": float(per_window.std(ddof=1)) if n > 1 else None}
+            "sd_log_ratio": float(per_block.std(ddof=1)) if n > 1 else None}

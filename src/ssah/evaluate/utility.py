@@ -5,7 +5,9 @@ models"): the text is tokenised once, windows of `window` tokens start every `st
 window scores only the tokens the previous window did not, so every token after the first window is
 predicted with at least `window - stride` tokens of context. Every token but the first is scored exactly
 once; perplexity = exp(total NLL / scored tokens). Defaults: window 512, stride 256 (the window is capped
-at the model's maximum context length).
+at the model's maximum context length). Beside the total, the scored tokens' NLLs are summed in blocks of
+`PERPLEXITY_BLOCK` consecutive tokens: the units a paired block bootstrap resamples to put an interval
+on the ratio of two perplexities of the same text.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from ssah.evaluate.generation import Generation, GenerationCache, generate_items
 from ssah.evaluate.scoring import continuation_logprobs
 from ssah.evaluate.settings import DEFAULT_STRIDE, DEFAULT_WINDOW
 from ssah.evaluate.stats import Rate
+
+PERPLEXITY_BLOCK = 64  # scored tokens per block of the perplexity-ratio interval
 
 
 @dataclass(frozen=True)
@@ -100,21 +104,21 @@ def multiple_choice_accuracy(model, tokenizer, items: Sequence[MultipleChoiceIte
 
 @dataclass(frozen=True)
 class Perplexity:
-    """exp(mean NLL) over `n_tokens` scored tokens, with the window and stride used, and each scored
-    window's summed NLL and token count (what an interval for a ratio of two perplexities resamples)."""
+    """exp(mean NLL) over `n_tokens` scored tokens, with the window and stride used, and the summed NLL
+    and token count of each block of `PERPLEXITY_BLOCK` consecutive scored tokens."""
 
     perplexity: float
     nll: float
     n_tokens: int
     window: int
     stride: int
-    window_nll: tuple[float, ...] = ()
-    window_tokens: tuple[int, ...] = ()
+    block_nll: tuple[float, ...] = ()
+    block_tokens: tuple[int, ...] = ()
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_nll": self.nll / self.n_tokens, "n_tokens": self.n_tokens,
-                "window": self.window, "stride": self.stride, "window_nll": list(self.window_nll),
-                "window_tokens": list(self.window_tokens)}
+                "window": self.window, "stride": self.stride, "block_size": PERPLEXITY_BLOCK,
+                "block_nll": list(self.block_nll), "block_tokens": list(self.block_tokens)}
 
 
 def _max_context(model) -> int | None:
@@ -148,6 +152,9 @@ def perplexity(model, tokenizer, text: str, *, window: int = DEFAULT_WINDOW, str
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     window_nll, window_tokens = [], []
+    n_blocks = (len(ids) - 2) // PERPLEXITY_BLOCK + 1  # target positions 1 .. len - 1
+    block_nll = torch.zeros(n_blocks, dtype=torch.float64)
+    block_tokens = torch.zeros(n_blocks, dtype=torch.long)
     for start in tqdm(range(0, len(spans), batch_size), desc="perplexity", unit="batch",
                       disable=not progress, dynamic_ncols=True):
         chunk = spans[start:start + batch_size]
@@ -162,8 +169,12 @@ def perplexity(model, tokenizer, text: str, *, window: int = DEFAULT_WINDOW, str
             n = end - begin
             logprobs = torch.log_softmax(logits[row, first - 1:n - 1].float(), dim=-1)
             targets = input_ids[row, first:n].to(device)
-            window_nll.append(-float(logprobs.gather(-1, targets.unsqueeze(-1)).sum()))
+            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            window_nll.append(-float(token_logprobs.sum()))
             window_tokens.append(n - first)
+            blocks = (torch.arange(begin + first, begin + n) - 1) // PERPLEXITY_BLOCK
+            block_nll.index_add_(0, blocks, -token_logprobs.double().cpu())
+            block_tokens.index_add_(0, blocks, torch.ones_like(blocks))
     total_nll, total_tokens = sum(window_nll), sum(window_tokens)
     return Perplexity(math.exp(total_nll / total_tokens), total_nll, total_tokens, window, stride,
-                      tuple(window_nll), tuple(window_tokens))
+                      tuple(block_nll.tolist()), tuple(int(t) for t in block_tokens.tolist()))
