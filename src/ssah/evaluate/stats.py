@@ -286,8 +286,12 @@ def perplexity_ratio_interval(before_nll: Sequence[float], after_nll: Sequence[f
     b, a, t = (np.asarray(x, dtype=np.float64) for x in (before_nll, after_nll, tokens))
     n = len(t)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n, size=(resamples, n))
-    logs = (a[picks].sum(axis=1) - b[picks].sum(axis=1)) / t[picks].sum(axis=1)
+    chunk = max(1, 2_000_000 // n)  # bounds the index matrix's memory
+    logs = []
+    for start in range(0, resamples, chunk):
+        picks = rng.integers(0, n, size=(min(chunk, resamples - start), n))
+        logs.append((a[picks].sum(axis=1) - b[picks].sum(axis=1)) / t[picks].sum(axis=1))
+    logs = np.concatenate(logs)
     alpha = (1 - level) / 2
     low, high = np.exp(np.quantile(logs, [alpha, 1 - alpha]))
     per_block = (a - b) / t
