@@ -33,6 +33,7 @@ from ssah.defaults import (
     Suite,
     SystemPromptMode,
     TokenScope,
+    VerdictRule,
     check_device,
 )
 from ssah.errors import SsahError
@@ -65,6 +66,21 @@ class DataConfig(Settings):
         return {key: value for key, value in self.model_dump().items() if value}
 
 
+class JudgeConfig(Settings):
+    """A guard model that judges every evaluation's safety and prefill replies (`ssah.evaluate.judges`)."""
+
+    model: str  # a local folder, a .gguf, a hub id (online, e.g. meta-llama/Llama-Guard-3-1B) or tiny:FAMILY
+    kind: Literal["llama-guard"] = "llama-guard"
+    prompt_format: Literal["auto", "template", "llama-guard-3"] = "auto"  # auto: a guard template, else LG3's
+    max_new_tokens: int = Field(10, ge=1)
+    batch_size: int = Field(8, ge=1)
+    dtype: Dtype = "auto"
+
+    def identity(self) -> dict:
+        """What the judge's verdicts depend on (a run judges an evaluation again when it changes)."""
+        return self.model_dump(exclude={"batch_size"})
+
+
 class EvalConfig(Settings):
     # suites of every evaluation in the run (see ssah.evaluate); the generation-free refusal score
     # is the one a short run may drop: every verdict reads generated replies
@@ -75,11 +91,29 @@ class EvalConfig(Settings):
     batch_size: int = Field(16, ge=1)
     slots: Literal["auto"] | PositiveInt = "auto"  # rows generated at once (ssah.evaluate.batching.choose_slots)
     rules: list[Rule] = Field(default_factory=lambda: ["prefix", "keywords"], min_length=1)
+    # the rule every headline, verdict and the attack matrix read: one of `rules`, or `judge` (needs
+    # `judge`); over-refusal is always read with prefix (a guard judges harm, not refusal)
+    verdict_rule: VerdictRule = "prefix"
+    judge: JudgeConfig | None = None
     system_prompt: SystemPromptMode = "none"
     text_limit: int | None = Field(24, ge=1)  # paragraphs of the `text` corpus for perplexity (None: all)
     max_openings: int = Field(8, ge=1)  # refusal/compliance openings each in the refusal score
     engine: Engine = "hf"  # what generates replies (ssah.evaluate.engines); the monitor's evaluation uses hf
     vllm_gpu_memory: float = Field(0.5, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _verdict_rule(self) -> EvalConfig:
+        if self.verdict_rule == "judge":
+            if self.judge is None:
+                raise ValueError("verdict_rule: judge needs a judge; set eval.judge.model (e.g. "
+                                 "meta-llama/Llama-Guard-3-1B)")
+            if not {"safety", "prefill"} & set(self.suites):
+                raise ValueError("verdict_rule: judge reads safety and prefill replies; add safety or "
+                                 "prefill to eval.suites")
+        elif self.verdict_rule not in self.rules:
+            raise ValueError(f"verdict_rule {self.verdict_rule!r} must be one of eval.rules "
+                             f"({', '.join(self.rules)}) or judge")
+        return self
 
 
 class ScoreConfig(Settings):

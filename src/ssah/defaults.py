@@ -53,6 +53,7 @@ SUITES: tuple[str, ...] = get_args(Suite)
 DEFAULT_SUITES: tuple[str, ...] = SUITES
 Rule = Literal["prefix", "keywords"]
 RULES: tuple[str, ...] = get_args(Rule)
+VerdictRule = Literal["prefix", "keywords", "judge"]  # a text rule, or a judge model's verdicts
 SystemPromptMode = Literal["none", "default", "both"]
 Engine = Literal["hf", "vllm"]  # generation engines of an evaluation (`ssah.evaluate.engines`)
 ENGINES: tuple[str, ...] = get_args(Engine)

@@ -130,7 +130,8 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path) -> dict:
     loaded = ctx.load(start)
     identity = {"model": loaded.fingerprint, "attack": fingerprint([cell.attack.pairs, cell.attack.system]),
                 "defense": cell.defense, "config": config.to_dict(),
-                "eval": ctx.eval_settings(system=cell.attack.system, limit=c.attacks.eval_limit).identity()}
+                "eval": ctx.eval_settings(system=cell.attack.system, limit=c.attacks.eval_limit).identity(),
+                "judge": c.eval.judge.identity() if c.eval.judge else None}
     artifact = Artifact(out / CELL_FILE, "an attack cell", identity)
     found = artifact.lookup(replace=True)
     if found is not None:

@@ -43,7 +43,7 @@ def plot_heatmap(summary: dict, path: Path) -> Path:
             text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.0f}"
             ax.text(j, i, text, ha="center", va="center", fontsize="small",
                     color="white" if not np.isnan(values[i, j]) and values[i, j] > 60 else "black")
-    figure.colorbar(image, ax=ax, label="worst-case ASR % (prefix rule)")
+    figure.colorbar(image, ax=ax, label=f"worst-case ASR % ({summary.get('rule', 'prefix')} rule)")
     ax.set_title("Fine-tuning attacks: worst case over the sweep (utility kept)", fontsize="medium")
     figure.tight_layout()
     return save_png(figure, path)
@@ -61,11 +61,12 @@ def plot_worst_bars(summary: dict, path: Path) -> Path:
     figure = _figure(0.8 * len(defenses) + 2.5, 3.4)
     ax = figure.subplots()
     values = [100 * rows[d]["asr"] for d in defenses]
-    cis = [rows[d]["eval"]["ci"]["asr"]["prefix"] for d in defenses]
+    rule = summary.get("rule", "prefix")
+    cis = [rows[d]["eval"]["ci"]["asr"].get(rule) or (rows[d]["asr"],) * 2 for d in defenses]
     errors = [[v - 100 * lo for v, (lo, _) in zip(values, cis)], [100 * hi - v for v, (_, hi) in zip(values, cis)]]
     ax.bar(range(len(defenses)), values, yerr=errors, capsize=3, color="#d62728")
     before = summary["before"].get("plain") or next(iter(summary["before"].values()))
-    asr = before.get("asr", {}).get("prefix") if isinstance(before.get("asr"), dict) else before.get("asr")
+    asr = before.get("asr", {}).get(rule) if isinstance(before.get("asr"), dict) else before.get("asr")
     if asr is not None:
         ax.axhline(100 * asr, color="black", lw=1, ls="--", label="before any attack")
         ax.legend(fontsize="small", frameon=False)

@@ -47,7 +47,7 @@ def _slots(_ctx, _param, value: str):
 @click.option("--rules", default=",".join(_DEFAULTS["rules"]), show_default=True,
               help="refusal rules: prefix, keywords")
 @click.option("--judge", "judge_folder", default=None, metavar="FOLDER",
-              help="local judge model folder (e.g. Llama-Guard-3-1B); runs after the model is freed")
+              help="judge model: a local folder or a hub id (e.g. Llama-Guard-3-1B); runs after the model is freed")
 @click.option("--judge-kind", default="llama-guard", show_default=True, help="judge kind from the judge registry")
 @click.option("--lm-eval-tasks", default=None, metavar="TASKS",
               help="lm-evaluation-harness tasks, e.g. arc_easy,hellaswag (needs: pip install lm-eval)")
@@ -193,6 +193,12 @@ def summary(report: dict, out_dir: str) -> str:
     for key, label in (("asr", "ASR"), ("prefill_asr", "prefill ASR")):
         if report.get(key):
             for rule, value in report[key].items():
+                if rule == "judge":  # unknown answers are counted apart
+                    judge = report["judge"]
+                    lo, hi = ci[key][rule] or (None, None)
+                    lines.append(f"{label} [judge]: {_pct(value)} (95% CI {_pct(lo)}-{_pct(hi)}, "
+                                 f"n={judge['decided'][key]}, {judge['unknown_by_metric'][key]} unknown apart)")
+                    continue
                 lo, hi = ci[key][rule]
                 lines.append(f"{label} [{rule}]: {_pct(value)} (95% CI {_pct(lo)}-{_pct(hi)}, n={n[key]})")
     if report.get("refusal_score") is not None:
@@ -218,6 +224,6 @@ def summary(report: dict, out_dir: str) -> str:
     if report.get("judge"):
         judge = report["judge"]
         lines.append(f"judge {judge['kind']}: {judge['model']} (fingerprint {judge['fingerprint']}, "
-                     f"{judge['unparsed']} of {judge['n']} verdicts unparsed)")
+                     f"{judge['unknown']} of {judge['n']} answers unknown)")
     lines.append(f"wrote {out_dir}/eval.json and {out_dir}/replies.jsonl")
     return "\n".join(lines)

@@ -100,10 +100,35 @@ class RunContext:
         data = {role: dataset.take(limit) if limit and role not in ("refusals", "compliance") else dataset
                 for role, dataset in self.eval_data.items() if role in _roles(settings.suites)}
         log.info("  evaluating %s", label)
-        return evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
-                              model_info={"spec": loaded.spec, "label": label}, interventions=interventions,
-                              replace=True,
-                              model_folder=folder_of(loaded.spec) if as_loaded and settings.engine != "hf" else None)
+        report = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
+                                model_info={"spec": loaded.spec, "label": label}, interventions=interventions,
+                                replace=True,
+                                model_folder=folder_of(loaded.spec) if as_loaded and settings.engine != "hf" else None)
+        report = self.judged(out, report)
+        # the headline rule travels with the report (not in eval.json: changing it re-evaluates nothing)
+        return {**report, "verdict_rule": self.config.eval.verdict_rule}
+
+    def judged(self, out: Path, report: dict) -> dict:
+        """The report with the run's judge's verdicts (`eval.judge`), judged now unless this judge with
+        these settings already judged it."""
+        judge_config = self.config.eval.judge
+        if judge_config is None or not ({"safety", "prefill"} & set(report["settings"]["suites"])):
+            return report
+        if (report.get("judge") or {}).get("settings") == judge_config.identity():
+            return report
+        from ssah.evaluate.judges import apply_judge
+
+        log.info("  judging with %s", judge_config.model)
+        return apply_judge(out, self.judge, progress=True, settings=judge_config.identity())
+
+    @cached_property
+    def judge(self):
+        """The run's judge model, loaded once and kept beside the models it judges."""
+        from ssah.evaluate.judges import load_judge
+
+        c = self.config.eval.judge
+        return load_judge(c.model, c.kind, dtype=c.dtype, device=self.config.device, max_new_tokens=c.max_new_tokens,
+                          batch_size=c.batch_size, prompt_format=c.prompt_format)
 
     # -- unit scores and groups ---------------------------------------------------------------------
     def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | str | None = None):

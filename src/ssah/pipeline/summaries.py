@@ -12,7 +12,8 @@ from typing import Any, TypedDict
 class Headline(TypedDict):
     """The numbers of one evaluation that the report and the verdicts read."""
 
-    asr: dict[str, float] | None  # rule -> rate
+    rule: str  # the headline rule (eval.verdict_rule): which entry of asr and prefill_asr the verdicts read
+    asr: dict[str, float] | None  # rule -> rate (with a judge, `judge`: unsafe / decided)
     prefill_asr: dict[str, float] | None
     refusal_score: float | None
     overrefusal_rate: float | None
@@ -21,6 +22,7 @@ class Headline(TypedDict):
     ci: dict[str, Any]  # Wilson 95% intervals of the rates
     n: dict[str, int]
     rule_agreement: dict[str, Any] | None  # where prefix and keywords disagree, per suite (both rules only)
+    judge: dict[str, Any] | None  # the judge's model, decided and unknown counts per metric (None: no judge)
 
 
 class TrainSummary(TypedDict):
@@ -42,12 +44,24 @@ class GroupsSummary(TypedDict):
     total_units: int
 
 
-def headline(report: dict) -> Headline:
+def headline(report: dict, rule: str | None = None) -> Headline:
+    """The headline of an evaluation's report; `rule`: the headline rule (default: the one the run
+    stamped on the report, `RunContext.evaluate`, else prefix)."""
     utility = report.get("utility") or {}
-    return {"asr": report.get("asr"), "prefill_asr": report.get("prefill_asr"),
+    judge = report.get("judge")
+    return {"rule": rule or report.get("verdict_rule") or "prefix", "asr": report.get("asr"),
+            "prefill_asr": report.get("prefill_asr"),
             "refusal_score": report.get("refusal_score"), "overrefusal_rate": report.get("overrefusal_rate"),
             "task_accuracy": utility.get("task_accuracy"), "perplexity": utility.get("perplexity"),
-            "ci": report.get("ci"), "n": report.get("n"), "rule_agreement": report.get("rule_agreement")}
+            "ci": report.get("ci"), "n": report.get("n"), "rule_agreement": report.get("rule_agreement"),
+            "judge": None if not judge else {k: judge.get(k) for k in ("kind", "model", "fingerprint", "n", "unknown",
+                                                                      "decided", "unknown_by_metric", "categories")}}
+
+
+def headline_rate(block: dict | None, key: str = "asr") -> float | None:
+    """The rate `key` (asr, prefill_asr) of a headline under its own rule (prefix for old summaries)."""
+    value = (block or {}).get(key)
+    return value.get((block or {}).get("rule") or "prefix") if isinstance(value, dict) else value
 
 
 def train_summary(record: dict) -> TrainSummary:

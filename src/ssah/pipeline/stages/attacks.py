@@ -9,7 +9,8 @@ from ssah.pipeline.registry import Stage, register
 
 
 def reads(config: RunConfig) -> dict:
-    return {"attacks": config.attacks.model_dump(), "refusals": config.data.grid_refusals}
+    return {"attacks": config.attacks.model_dump(), "refusals": config.data.grid_refusals,
+            "eval": config.eval.model_dump()}
 
 
 def run(ctx) -> dict:
@@ -20,8 +21,9 @@ def run(ctx) -> dict:
         return {"skipped": "attacks.enabled is false"}
     layout = ctx.layout
     cells, records, before = run_grid(ctx, layout.attack_grid)
-    table = matrix.rows(cells, records, before, layout.attack_grid, ctx.config.attacks.utility_drop)
-    summary = matrix.summary(table, before)
+    rule = ctx.config.eval.verdict_rule
+    table = matrix.rows(cells, records, before, layout.attack_grid, ctx.config.attacks.utility_drop, rule)
+    summary = matrix.summary(table, before, rule)
     plots.plot_heatmap(summary, layout.attack_grid / plots.HEATMAP)
     plots.plot_worst_bars(summary, layout.attack_grid / plots.WORST_BARS)
     write_json_atomic(layout.attack_grid / "attacks.json", summary)
