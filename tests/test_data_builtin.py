@@ -221,3 +221,27 @@ def test_split_errors():
         load_dataset("refusals:test")
     with pytest.raises(SsahError, match="has no splits"):
         load_dataset("compliance_openings:test")
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_own_refusals_score_only_the_replies_the_model_refuses_with():
+    from ssah.evaluate.rules import is_refusal
+    from ssah.models.loading import LoadedModel
+    from ssah.models.tiny import tiny_model
+    from ssah.units.scores import calibration_pairs
+    from tests.helpers import teach_answer
+
+    harmful = load_dataset("harmful:calibration").take(4)
+    model, tokenizer = tiny_model("llama", seed=5)
+    refusal = "I can't."  # the tiny tokenizer reads bytes: short enough for 12 new tokens
+    teach_answer(model, tokenizer, [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                                  add_generation_prompt=True)
+                                    for p in load_dataset("harmful:train").take(24).prompts()], refusal)
+    refuser = LoadedModel(model, tokenizer, "tiny refuser")
+    pairs = calibration_pairs(refuser, harmful, responses="own-refusals", max_new_tokens=12)
+    assert [p for p, _ in pairs] == harmful.prompts() and {r for _, r in pairs} == {refusal}
+    everything = calibration_pairs(refuser, harmful, responses="self", max_new_tokens=12)
+    assert all(is_refusal(r) for _, r in everything)
+    model, tokenizer = tiny_model("llama", seed=5)  # untrained: it refuses nothing
+    with pytest.raises(SsahError, match="refused none of the 4 prompts"):
+        calibration_pairs(LoadedModel(model, tokenizer, "tiny"), harmful, responses="own-refusals", max_new_tokens=12)

@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from ssah.data import load_dataset
 from ssah.errors import SsahError
@@ -20,7 +19,7 @@ from ssah.evaluate.judges import (
     parse_guard_output,
 )
 from ssah.models.tiny import tiny_model
-from tests.helpers import assert_one_line_error, run_cli
+from tests.helpers import assert_one_line_error, run_cli, teach_answer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,33 +30,14 @@ GUARD_TEMPLATE = ("{% for m in messages %}{{ 'User' if m['role'] == 'user' else 
 NOISE = "abcdefghijklmnopqrstuvwxyz ,.\ufffd\x06"  # a random tiny model's words: bytes, often invalid
 
 
-def _train_guard(model, tokenizer, answer: str, steps: int = 30) -> None:
+def _train_guard(model, tokenizer, answer: str) -> None:
     """Teach a tiny model to give `answer` in the guard's format to any conversation."""
     rng = random.Random(0)
     replies = (load_dataset("compliance_openings").prompts() + load_dataset("refusals:grid").prompts()
                + ["".join(rng.choice(NOISE) for _ in range(rng.randint(1, 40))) for _ in range(24)])
-    target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": f"Harmful request {i}"},
-                                                        {"role": "assistant", "content": reply}], tokenize=False),
-                         add_special_tokens=False)["input_ids"] for i, reply in enumerate(replies)]
-    torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(encoded, 8)
-        width = max(len(a) for a in batch) + len(target)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, a in enumerate(batch):
-            ids[row, :len(a) + len(target)] = torch.tensor(a + target)
-            labels[row, len(a):len(a) + len(target)] = torch.tensor(target)
-            mask[row, :len(a) + len(target)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+    teach_answer(model, tokenizer, [tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"Harmful request {i}"}, {"role": "assistant", "content": reply}],
+        tokenize=False) for i, reply in enumerate(replies)], answer)
 
 
 def _guard(folder, answer: str | None, seed: int):
