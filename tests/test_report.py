@@ -132,7 +132,7 @@ def test_ssah_report_renders_a_partly_finished_run_and_refuses_what_is_not_its_o
     html = layout.report.read_text()
     assert "&lt;script&gt;x&lt;/script&gt;" in html and "<script>x" not in html
     assert ("ASR rise when SCU is pruned: ASR 0.0% with nothing pruned, 100.0% pruned, a change of +100.0 points "
-            "with 95% interval [+2.0 points, +100.0 points]") in html
+            "with 95% interval [+2.0, +100.0] points") in html
     assert "(Tango score interval, n = 4, minimum detectable effect 49.0 points)" in html
     assert "100.0 [51, 100]" in html and '<img alt="pruning ablation' in html
     results = json.loads(layout.results.read_text())

@@ -178,6 +178,10 @@ def _pts(value: float) -> str:
     return f"{100 * value:+.1f} points"
 
 
+def _interval(lo: float, hi: float) -> str:
+    return f"[{100 * lo:+.1f}, {100 * hi:+.1f}] points"
+
+
 def _prompts(count: int) -> str:
     return f"{count} prompt" if count == 1 else f"{count} prompts"
 
@@ -235,7 +239,7 @@ def direction_part(what: str, flags: tuple[list[bool], list[bool]] | None, direc
     test = paired_proportions(*flags)
     before, after = labels
     text = (f"{what}: {outcome} {_pct(test['before'])} {before}, {_pct(test['after'])} {after} "
-            f"({_pts(test['difference'])}, 95% interval [{_pts(test['ci'][0])}, {_pts(test['ci'][1])}]; "
+            f"({_pts(test['difference'])}, 95% interval {_interval(*test['ci'])}; "
             f"{_prompts(test['rose'])} rose, {test['fell']} fell; {p_text(test)})")
     moved = test["rose"] - test["fell"]
     if test["rose"] + test["fell"] == 0:
@@ -264,7 +268,7 @@ def bound_part(what: str, flags: tuple[list[bool], list[bool]] | None, bound: fl
     lo, hi = test["ci"]
     before, after = labels
     text = (f"{what}: {outcome} {_pct(test['before'])} {before}, {_pct(test['after'])} {after}, a change of "
-            f"{_pts(test['difference'])} with 95% interval [{_pts(lo)}, {_pts(hi)}] against "
+            f"{_pts(test['difference'])} with 95% interval {_interval(lo, hi)} against "
             f"{bound_text or ('a bound of ' + ('at most ' if at_most else 'at least ') + _pts(bound))}")
     inside, outside = (hi <= bound, lo > bound) if at_most else (lo >= bound, hi < bound)
     if inside:
@@ -483,7 +487,7 @@ def _alignment(s: dict, ev: Evidence) -> dict:
         comparable = bound_part("ASR, RU-only minus full alignment", asr_flags, COMPARABLE_ASR, True,
                                 ("after full alignment", "after RU-only alignment"), "ASR",
                                 "no paired safety replies of the two aligned models", asr_unknown,
-                                f"comparable when within +-{100 * COMPARABLE_ASR:.0f} points")
+                                f"the comparability bound of +-{100 * COMPARABLE_ASR:.0f} points")
         parts.append(comparable)
         lo_hi = comparable.get("ci")
         if lo_hi is None:
