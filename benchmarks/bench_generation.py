@@ -8,7 +8,8 @@ Every batched side runs `ssah.evaluate.batching.continuous_generate` (what `ssah
 engine) on the same harmful:test prompts, rendered with the chat template and sorted longest first as
 the evaluation does, greedy, at most `tokens` new tokens. Batch 1 is `model.generate` per prompt (the
 reference); on a subset of the prompts (`batch1_prompts`), since its tokens/s does not depend on how
-many prompts it runs. `auto` is the slot count `choose_slots` picks (measured once per model and
+many prompts it runs (on the second model, slot counts under 32 also run on a subset:
+`second_small_prompts`). `auto` is the slot count `choose_slots` picks (measured once per model and
 machine, then cached). The second model (`second`: a GGUF path, Qwen2.5-Coder-0.5B-Instruct by
 default) runs the same sides; it is skipped with a line when the file is absent.
 """
@@ -27,8 +28,10 @@ NAME = "generation"
 TITLE = "Generation throughput at 1 to 64 slots, against batch 1 and the matmul roofline"
 QWEN = "~/.cache/ssah-models/qwen2.5-coder-0.5b-instruct.gguf"
 PARAMS = {
-    "full": dict(prompts=128, tokens=32, slots=(8, 32, 64), batch1_prompts=24, second=QWEN, second_batch1_prompts=12),
-    "quick": dict(prompts=8, tokens=8, slots=(4, 8), batch1_prompts=4, second="", second_batch1_prompts=2),
+    "full": dict(prompts=128, tokens=32, slots=(8, 32, 64), batch1_prompts=16, second=QWEN, second_batch1_prompts=8,
+                 second_small_prompts=32),
+    "quick": dict(prompts=8, tokens=8, slots=(4, 8), batch1_prompts=4, second="", second_batch1_prompts=2,
+                  second_small_prompts=4),
 }
 TARGETS = {"first": 10.0, "second": 6.0}
 PROSE = """\
@@ -47,7 +50,13 @@ def _generation_flops(weights: dict, prompt_positions: int, prompt_rows: int, ro
     return 2 * weights["body"] * (prompt_positions + row_steps) + 2 * weights["head"] * (prompt_rows + row_steps)
 
 
-def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofline: float) -> dict:
+def _spread(encoded: list, count: int) -> list:
+    """`count` of the prompts (sorted by length), spread over all lengths."""
+    return encoded[::max(1, len(encoded) // count)][:count]
+
+
+def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofline: float,
+            small_prompts: int | None = None) -> dict:
     import torch
 
     from ssah.data import load_dataset
@@ -70,7 +79,7 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=tokens, pad_token_id=pad_id,
                                   eos_token_id=eos_ids)
         kept = positions = steps = 0
-        subset = encoded[::max(1, len(encoded) // batch1_prompts)][:batch1_prompts]  # all lengths
+        subset = _spread(encoded, batch1_prompts)
         for ids in subset:
             out = model.generate(input_ids=torch.tensor([ids], device=loaded.device), generation_config=config)
             new = out[0, len(ids):].tolist()
@@ -79,18 +88,19 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
         return {"tokens": kept, "flops": _generation_flops(weights, positions, len(subset), steps),
                 "prompts": len(subset)}
 
-    def continuous(width: int) -> dict:
+    def continuous(width: int, count: int | None = None) -> dict:
+        chosen = _spread(encoded, count) if count else encoded
         stats = BatchingStats()
-        replies = continuous_generate(model, encoded, max_new_tokens=tokens, eos_ids=eos_ids, pad_id=pad_id,
+        replies = continuous_generate(model, chosen, max_new_tokens=tokens, eos_ids=eos_ids, pad_id=pad_id,
                                       batch_size=width, stats=stats)
-        return {"tokens": sum(len(r) for r in replies), "prompts": len(encoded), "prefills": stats.prefills,
-                "flops": _generation_flops(weights, stats.prefill_tokens, len(encoded), stats.row_steps)}
+        return {"tokens": sum(len(r) for r in replies), "prompts": len(chosen), "prefills": stats.prefills,
+                "flops": _generation_flops(weights, stats.prefill_tokens, len(chosen), stats.row_steps)}
 
-    continuous(min(slots))  # warm-up
+    continuous(min(slots), min(slots))  # warm-up
     sides = [("batch 1 (model.generate)", 1, batch_one)]
     widths = sorted(set(slots) | {choice.slots})
     sides += [(f"continuous, {w} slots" + (" (auto)" if w == choice.slots else ""), w,
-               lambda w=w: continuous(w)) for w in widths]
+               lambda w=w: continuous(w, small_prompts if small_prompts and w < 32 else None)) for w in widths]
     rows = []
     for name, width, call in sides:
         seconds, row = timed_call(call)
@@ -109,8 +119,8 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
                      "measured_now": choice.measured}}
 
 
-def run(loaded, prompts: int = 128, tokens: int = 32, slots=(8, 32, 64), batch1_prompts: int = 24,
-        second: str = QWEN, second_batch1_prompts: int = 12) -> dict:
+def run(loaded, prompts: int = 128, tokens: int = 32, slots=(8, 32, 64), batch1_prompts: int = 16,
+        second: str = QWEN, second_batch1_prompts: int = 8, second_small_prompts: int = 32) -> dict:
     import os
 
     from benchmarks.common import load
@@ -123,17 +133,19 @@ def run(loaded, prompts: int = 128, tokens: int = 32, slots=(8, 32, 64), batch1_
     path = os.path.expanduser(second) if second else ""
     if path and os.path.isfile(path):
         other = load(path)
-        result = measure(other, prompts, tokens, slots, second_batch1_prompts, roofline["flops_per_s"])
+        result = measure(other, prompts, tokens, slots, second_batch1_prompts, roofline["flops_per_s"],
+                         second_small_prompts)
         result["model"] = result["run"] = os.path.basename(path)
         result["target"] = target(f"{result['model']}: best slot count / batch 1 tokens/s", result["best_ratio"],
                                   ">=", TARGETS["second"])
         models.append(result)
         del other
     elif second:
-        skipped = f"{second} is absent (`bash shared/models/qwen2.5-coder-0.5b.sh` assembles it): not measured"
+        skipped = f"{second} is absent (`bash ../shared/models/qwen2.5-coder-0.5b.sh` assembles it): not measured"
     return {"name": NAME, "params": dict(prompts=prompts, tokens=tokens, slots=list(slots),
                                          batch1_prompts=batch1_prompts, second=second,
-                                         second_batch1_prompts=second_batch1_prompts),
+                                         second_batch1_prompts=second_batch1_prompts,
+                                         second_small_prompts=second_small_prompts),
             "roofline": roofline, "models": models, "skipped": skipped}
 
 
@@ -146,14 +158,14 @@ def render(result: dict) -> list[str]:
         auto = model["auto"]
         rates = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(auto["rows_per_s"].items(), key=lambda kv: int(kv[0])))
         lines += [f"**`{model['model']}`** ({model['weights']['body'] / 1e6:.1f}M body + "
-                  f"{model['weights']['head'] / 1e6:.1f}M head weights). Batch 1 runs "
-                  f"{model['rows'][0]['prompts']} of the prompts (spread over all lengths). `auto` chose "
+                  f"{model['weights']['head'] / 1e6:.1f}M head weights). `auto` chose "
                   f"{auto['slots']} slots (decoding row-steps/s measured per slot count: {rates}; stopped: "
-                  f"{auto['reason']}).", "",
-                  "| side | seconds | tokens | tokens/s | vs batch 1 | achieved FLOP/s | share of roofline |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"{auto['reason']}). Sides on fewer prompts take them spread over all lengths.", "",
+                  "| side | prompts | seconds | tokens | tokens/s | vs batch 1 | achieved FLOP/s | share of roofline |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in model["rows"]:
-            lines.append(f"| {row['side']} | {row['seconds']:.1f} | {row['tokens']} | {row['tokens_per_s']:.1f} | "
+            lines.append(f"| {row['side']} | {row['prompts']} | {row['seconds']:.1f} | {row['tokens']} | "
+                         f"{row['tokens_per_s']:.1f} | "
                          f"{row['vs_batch1']:.2f}x | {fmt_flops(row['flops_per_s'])} | {row['roofline_share']:.0%} |")
         check = model["target"]
         verdict = "met" if check["met"] else "**missed**"
