@@ -104,6 +104,9 @@ def test_auto_slots_are_measured_once_per_model_shape(tmp_path):
     first = choose_slots(model, cache_file)
     assert first.measured and first.slots in first.rows_per_s and first.reason
     assert min(first.rows_per_s) == 8 and all(rate > 0 for rate in first.rows_per_s.values())
+    fastest = max(first.rows_per_s.values())  # the choice: the fewest slots within 10% of the fastest
+    assert first.rows_per_s[first.slots] * 1.1 >= fastest
+    assert all(rate * 1.1 < fastest for slots, rate in first.rows_per_s.items() if slots < first.slots)
     again = choose_slots(model, cache_file)
     assert not again.measured and again.slots == first.slots and again.rows_per_s == first.rows_per_s
     other, _ = tiny_model("gpt2")  # another shape: measured on its own
