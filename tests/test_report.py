@@ -103,7 +103,7 @@ def test_report_escapes_replies_and_draws_charts_with_intervals(tmp_path):
     assert value == 0.5 and ci[0] < 0.5 < ci[1]
 
 
-def _synthetic_run(root):
+def _synthetic_run(root, verdict_rule: str = "prefix"):
     """A run folder whose prune stage alone has finished (no model is loaded)."""
     import yaml
 
@@ -114,6 +114,7 @@ def _synthetic_run(root):
     from tests.conftest import TINY_RUN_CONFIG
 
     config = load_config(path=TINY_RUN_CONFIG)
+    config.eval.verdict_rule = verdict_rule
     root.mkdir()
     (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
     layout = RunLayout(root, study_of(config))
@@ -222,3 +223,20 @@ def test_a_study_is_self_aligned_only_when_ssah_trained_its_safety():
     assert study_kind(config)["kind"] == "self-aligned" and "RU budget" in study_kind(config)["note"]
     config.align.enabled = False
     assert study_kind(config)["kind"] == "maker-aligned"
+
+
+def test_the_configured_verdict_rule_reaches_the_verdicts(tmp_path, capsys):
+    layout = _synthetic_run(tmp_path / "run", verdict_rule="keywords")
+    assert run_cli(capsys, "report", str(layout.root)).code == 0
+    results = json.loads(layout.results.read_text())
+    assert results["verdict_rule"] == "keywords"
+    scu = results["verdicts"]["prune_scu_breaks_safety_spares_utility"]["tests"][0]
+    assert (scu["rose"], scu["n"]) == (4, 4)  # the replies' keywords verdicts were read
+    assert "Safety is judged by the <b>keywords</b> rule" in layout.report.read_text()
+    # replies judged by another rule only: nothing pairs under this one
+    for folder in (layout.prune_eval("none"), layout.prune_eval("SCU")):
+        rows = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
+        _write_rows(folder, [{**r, "verdicts": {"prefix": r["verdicts"]["prefix"]}} for r in rows])
+    assert run_cli(capsys, "report", str(layout.root)).code == 0
+    scu = json.loads(layout.results.read_text())["verdicts"]["prune_scu_breaks_safety_spares_utility"]["tests"][0]
+    assert scu["name"] is None and "no paired safety replies" in scu["text"]
