@@ -257,6 +257,11 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     assert cell["train"]["check"]["max_abs_change_frozen"] == 0.0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "attack_harmful_freeze_ii" in results["verdicts"]
+    # freeze_ii is also tested against the grid's random freezes of its sizes; those are controls, not claims
+    against_random = results["verdicts"]["attack_harmful_freeze_ii"]["tests"][-1]
+    assert against_random["part"].endswith("against random freezing"), against_random
+    assert against_random["name"] == "paired sign-flip permutation test", against_random["text"]
+    assert not any(key.startswith("attack_") and "freeze_random" in key for key in results["verdicts"])
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Fine-tuning attacks and defenses" in html and html.count("data:image/png;base64,") >= 3
     # a rerun reuses every finished cell
