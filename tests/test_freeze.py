@@ -280,5 +280,13 @@ def test_random_draws_match_per_layer_per_kind_sizes():
         assert draws[0].digest() != draws[1].digest()
         assert random_like(mask, 0, outside=outside).digest() == draws[0].digest()  # seeded
     assert overlap(random_like(small, 0), small) == 0.0  # room outside: drawn from there only
+    # no room outside: every unit outside, the rest from inside
+    filled, crowded = random_like(large, 0), 0
+    for kind, units in large.units.items():
+        for layer in range(units.shape[0]):
+            if int(units[layer].sum()) >= int((~units[layer]).sum()):
+                crowded += 1
+                assert (filled.units[kind][layer] | units[layer]).all()
+    assert crowded > 0
     # 70% of units leave no room outside: drawn over all units, about 70% of them inside by chance
     assert 0.5 < overlap(random_like(large, 0, outside=False), large) < 0.9

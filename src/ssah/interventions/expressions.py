@@ -6,7 +6,8 @@
                           (the paper's freeze setting (i): SCU + top 6% CU, about 7.5% of units).
                           Rank with `by=`: s-u (default: most safety-leaning first), u-s, s, u, sum.
     random:like=SCU       a control: per kind and layer, as many units as SCU has there, drawn
-                          uniformly (seeded) from the units outside SCU
+                          uniformly (seeded) from the units outside SCU (where a layer has fewer
+                          outside than inside, the rest from inside it)
     random:frac=0.05      5% of all units, uniformly at random (seeded)
     random:like=SCU,seed=1  the same control with its own seed
     all                   every unit

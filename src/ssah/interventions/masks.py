@@ -167,7 +167,7 @@ def _random_units(groups, term: Term, generator: torch.Generator) -> dict:
     if "seed" in term.options:
         generator.manual_seed(term.options["seed"])
     if "like" in term.options:
-        return _like(groups.members(term.options["like"]), generator, "outside", term.text)
+        return _like(groups.members(term.options["like"]), generator, "prefer-outside")
     fraction = term.options["frac"]
     flat = torch.cat([v.flatten() for v in groups.labels.values()])
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -179,23 +179,19 @@ def _random_units(groups, term: Term, generator: torch.Generator) -> dict:
     return out
 
 
-def _like(reference: dict[str, torch.Tensor], generator: torch.Generator, draw: str, name: str) -> dict:
-    """Per kind and layer, as many units as `reference` selects there, drawn uniformly (`draw`):
-    "outside" the reference (an error where too few are), "prefer-outside" (outside first, the
-    shortfall from inside) or from "all" units of that layer and kind."""
+def _like(reference: dict[str, torch.Tensor], generator: torch.Generator, draw: str) -> dict:
+    """Per kind and layer, as many units as `reference` selects there, drawn uniformly: "prefer-outside"
+    (from the units outside the reference; where a layer has too few, the rest from inside it) or from
+    "all" units of that layer and kind."""
     out = {}
     for kind, ref in reference.items():
         picked = torch.zeros_like(ref, dtype=torch.bool)
         for layer in range(ref.shape[0]):
             need = int(ref[layer].sum())
-            inside, outside = ref[layer].nonzero().flatten(), (~ref[layer]).nonzero().flatten()
             if draw == "all":
-                pool = torch.arange(ref.shape[1])
-                order = pool[torch.randperm(pool.numel(), generator=generator)]
+                order = torch.randperm(ref.shape[1], generator=generator)
             else:
-                if draw == "outside" and need > outside.numel():
-                    raise SsahError(f"{name!r}: layer {layer} has {need} {kind} units in the reference but only "
-                                    f"{outside.numel()} outside it, so no draw of the same size exists there")
+                inside, outside = ref[layer].nonzero().flatten(), (~ref[layer]).nonzero().flatten()
                 order = outside[torch.randperm(outside.numel(), generator=generator)]
                 if need > outside.numel():
                     order = torch.cat([order, inside[torch.randperm(inside.numel(), generator=generator)]])
@@ -207,12 +203,12 @@ def _like(reference: dict[str, torch.Tensor], generator: torch.Generator, draw: 
 def random_like(mask: UnitMask, seed: int, outside: bool = True) -> UnitMask:
     """A control for `mask`: per kind and layer, as many units as `mask` selects there, drawn with
     `seed` from the units outside it (`outside`; where a layer has too few, the rest from inside it)
-    or uniformly from all units of that layer and kind (when `mask` covers most units, as SCU + all
-    CU does, the only draw that is not mostly the mask itself)."""
+    or uniformly from all units of that layer and kind (the control for a mask that covers most units,
+    as SCU + all CU does: there, drawing outside first would take every unit outside it, no random draw)."""
     draw = "prefer-outside" if outside else "all"
-    name = f"random:like=({mask.expression}),{draw},seed={seed}"
-    units = _like(mask.units, torch.Generator().manual_seed(seed), draw, name)
-    return UnitMask(units, name, mask.model_fingerprint, mask.groups_digest)
+    units = _like(mask.units, torch.Generator().manual_seed(seed), draw)
+    return UnitMask(units, f"random:like=({mask.expression}),{draw},seed={seed}", mask.model_fingerprint,
+                    mask.groups_digest)
 
 
 def complement(mask: UnitMask) -> UnitMask:
