@@ -137,6 +137,8 @@ def test_align_and_finetune_cli(capsys, tmp_path, tiny_groups):
     assert result.code == 0, result.err
     assert json.loads((tmp_path / "f" / "train.json").read_text())["result"]["steps"] == 4  # frozen runs: x2
     assert (tmp_path / "f" / "loss.png").is_file()
+    share = json.loads((tmp_path / "f" / "train.json").read_text())["trainable_share"]
+    assert 0 < share < 1 and f"{100 * share:.1f}% of entries trainable" in result.out
     result = run_cli(capsys, "finetune", *common, "--data", "benign:train", "--lora", "--out", str(tmp_path / "l"))
     assert result.code == 0, result.err
     assert_one_line_error(run_cli(capsys, "align", *common, "--budget", f"{tiny_groups}:random:frac=0",

@@ -65,8 +65,10 @@ def _echo(out: str, record: dict) -> None:
     check = result["check"]
     frozen = f", frozen entries max change {check['max_abs_change_frozen']:g}" if "max_abs_change_frozen" in check \
         else ""
+    share = f", {100 * record['trainable_share']:.1f}% of entries trainable" \
+        if record.get("trainable_share") is not None else ""
     click.echo(f"{result['steps']} steps in {result['seconds']:.0f}s, final loss {result['final_loss']:.4f}"
-               f"{frozen}; saved {out}")
+               f"{share}{frozen}; saved {out}")
 
 
 @click.command("finetune")
