@@ -75,7 +75,7 @@ def main() -> None:
     for repeats in args.repeats:
         inputs = AlignInputs(harmful=load_dataset(d.harmful_train),
                              benign=limited(load_dataset(d.benign_train), args.benign, seed),
-                             refusals=load_dataset(d.refusals), borderline=borderline,
+                             refusals=load_dataset(d.align_refusals), borderline=borderline,
                              borderline_tokens=config.align.borderline_reply_tokens, borderline_repeats=repeats)
         model_dir = args.out / f"model-r{repeats}"
         loaded = ctx.load()  # the unaligned model
