@@ -175,3 +175,17 @@ def test_judge_that_is_a_file_is_one_line_error(capsys, tmp_path):
     weights.write_bytes(b"\0" * 8)
     result = run_cli(capsys, "eval", "--model", "tiny:gpt2", "--judge", str(weights), "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "not a model")
+
+
+def test_run_with_a_judge_that_is_not_a_model_stops_before_any_stage(capsys, tmp_path):
+    import yaml
+
+    config = yaml.safe_load(open("tests/data/tiny_run.yaml", encoding="utf-8"))
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\0" * 8)
+    config["eval"].update({"verdict_rule": "judge", "judge": {"model": str(weights)}})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = run_cli(capsys, "run", "--config", str(path), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "eval.judge.model", "not a model")
+    assert not (tmp_path / "o" / "1-baseline").exists()

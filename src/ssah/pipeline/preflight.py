@@ -3,7 +3,8 @@
 The config itself is already checked when it loads (keys, types, choices, ranges, mask expressions,
 sizes, rules across sections). Here: every dataset the config names loads and has what its stage
 needs, the scorer is registered, the evaluation engine is installed, the model spec resolves (without
-loading weights), and the run folder can take what the run will write.
+loading weights), a judge names a model folder or a hub id, and the run folder can take what the run
+will write.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ def check_run(config: RunConfig, out) -> None:
     except SsahError as err:
         raise SsahError(f"scores.scorer: {err}") from None
     check_datasets(config)
+    if config.eval.judge is not None:
+        from ssah.evaluate.judges import check_judge_folder
+
+        try:
+            check_judge_folder(config.eval.judge.model)
+        except SsahError as err:
+            raise SsahError(f"eval.judge.model: {err}") from None
     if config.eval.engine != "hf":
         from ssah.evaluate.engines import require_vllm
 
