@@ -10,7 +10,7 @@ from ssah.pipeline.registry import Stage, register
 
 def reads(config: RunConfig) -> dict:
     return {"attacks": config.attacks.model_dump(), "refusals": config.data.grid_refusals,
-            "eval": config.eval.model_dump()}
+            "eval": config.eval.model_dump(exclude={"slots"})}
 
 
 def run(ctx) -> dict:

@@ -85,7 +85,8 @@ def _monitor_evaluation(ctx, studied: str) -> dict:
     without = read_report(ctx.layout.studied_eval) or {}
     del loaded
     release()
-    return {"with": headline(report), "without": headline(without), "replaced": report["monitor"]["replaced"],
+    return {"with": headline(report), "without": headline(without, ctx.config.eval.verdict_rule),
+            "replaced": report["monitor"]["replaced"],
             "layers": state.layers, "threshold": state.threshold, "calibration": state.meta.get("calibration")}
 
 
