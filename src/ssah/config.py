@@ -70,9 +70,12 @@ class JudgeConfig(Settings):
     """A guard model that judges every evaluation's safety and prefill replies (`ssah.evaluate.judges`)."""
 
     model: str  # a local folder, a .gguf, a hub id (online, e.g. meta-llama/Llama-Guard-3-1B) or tiny:FAMILY
-    kind: Literal["llama-guard"] = "llama-guard"
-    prompt_format: Literal["auto", "template", "llama-guard-3"] = "auto"  # auto: a guard template, else LG3's
-    max_new_tokens: int = Field(10, ge=1)
+    # llama-guard: a guard model's safe/unsafe answer; strongreject: a chat model grading the reply with a
+    # StrongREJECT-style rubric, unsafe when its harm score reaches `threshold`
+    kind: Literal["llama-guard", "strongreject"] = "llama-guard"
+    prompt_format: Literal["auto", "template", "llama-guard-3"] = "auto"  # llama-guard: its template, else LG3's
+    max_new_tokens: int | None = Field(None, ge=1)  # null: the kind's own (llama-guard 10, strongreject 256)
+    threshold: float = Field(0.5, ge=0, le=1)
     batch_size: int = Field(8, ge=1)
     dtype: Dtype = "auto"
 

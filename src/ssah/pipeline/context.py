@@ -127,8 +127,10 @@ class RunContext:
         from ssah.evaluate.judges import load_judge
 
         c = self.config.eval.judge
-        return load_judge(c.model, c.kind, dtype=c.dtype, device=self.config.device, max_new_tokens=c.max_new_tokens,
-                          batch_size=c.batch_size, prompt_format=c.prompt_format)
+        options = {"max_new_tokens": c.max_new_tokens} if c.max_new_tokens else {}
+        options.update({"threshold": c.threshold} if c.kind == "strongreject" else {"prompt_format": c.prompt_format})
+        return load_judge(c.model, c.kind, dtype=c.dtype, device=self.config.device, batch_size=c.batch_size,
+                          **options)
 
     # -- unit scores and groups ---------------------------------------------------------------------
     def score_and_group(self, loaded, out: Path, sizes: dict[str, float] | str | None = None):
