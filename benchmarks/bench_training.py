@@ -4,7 +4,7 @@ beside the machine's matmul roofline.
     python benchmarks/bench_training.py --threads 1     # built-in model, batch 8, length 128
     python benchmarks/bench_training.py --quick         # tiny:llama
 
-The batches are the demo's: its alignment data (harmful:train prompts with built-in refusals, mixed
+The batches are the demo's: its alignment data (harmful:train prompts with the alignment refusals, mixed
 with benign:train answers: `ssah.train.data.alignment_pairs`) and its fine-tuning data (benign:train),
 encoded and padded by `ssah.train.sft` exactly as training does. One step here is the forward and
 backward pass (the optimizer step is the same on both sides): the model's own loss over the full
@@ -55,7 +55,7 @@ def _pairs(kind: str) -> list[tuple[str, str]]:
 
     benign = load_dataset("benign:train")
     if kind == "alignment":
-        return alignment_pairs(load_dataset("harmful:train"), benign, load_dataset("refusals"))
+        return alignment_pairs(load_dataset("harmful:train"), benign, load_dataset("refusals:align"))
     return [(r.prompt, r.response) for r in benign if r.response]
 
 
