@@ -355,6 +355,182 @@ CASES: list[Case] = [
 ]
 
 
+LONG = "x" * 100_000  # a value far longer than any error line may quote
+SEED_OVER = str(2**32)  # one past what numpy (through accelerate's set_seed) accepts
+
+
+def _pipe_path(w: Path) -> str:
+    """A path that reads from a pipe (as `--config <(...)` gives), kept open for the test."""
+    import os
+
+    read, write = os.pipe()
+    os.write(write, b"model: tiny:llama\n")
+    os.close(write)
+    _OPEN_FDS.append(read)
+    return f"/dev/fd/{read}"
+
+
+_OPEN_FDS: list[int] = []
+
+
+def _fifo(w: Path) -> None:
+    import os
+
+    os.mkfifo(w / "fifo.yaml")
+
+
+def _sparse(path: Path, size: int) -> None:
+    with open(path, "wb") as handle:
+        handle.truncate(size)
+
+
+def _eval_with_monitor(w: Path, body: str) -> list[str]:
+    _write(w / "m.yaml", body)
+    return ["eval", *EVAL, "--monitor", str(w / "m.yaml"), "--out", str(w / "e")]
+
+
+def _run(w: Path, body: str, *extra: str) -> list[str]:
+    return ["run", "--config", _config(w, body), "--out", str(w / "o"), *extra]
+
+
+def _finetune(a: Path, w: Path, *options: str) -> list[str]:
+    return ["finetune", *TINY, "--data", f"jsonl:{a / 'pairs.jsonl'}", "--max-steps", "1", *options,
+            "--out", str(w / "f")]
+
+
+def _prune(a: Path, w: Path, mask: str, *options: str) -> list[str]:
+    return ["prune", *TINY, "--groups", str(a / "groups"), "--mask", mask, *options, "--out", str(w / "p")]
+
+
+def _groups(a: Path, w: Path, *options: str) -> list[str]:
+    return ["groups", "--safety", str(a / "safety"), "--utility", str(a / "utility"), *options,
+            "--out", str(w / "g")]
+
+
+INPUT_CASES: list[Case] = [
+    # -- seeds: within what torch and numpy (accelerate's set_seed) accept, wherever they enter ---------
+    Case("a run seed over 2**32-1", lambda w, a: _run(w, f"seed: {SEED_OVER}\n"), ("seed", "<= 4294967295")),
+    Case("a run seed beyond 64 bits", lambda w, a: _run(w, f"seed: {2**70}\n"), ("seed", "<= 4294967295")),
+    Case("a negative run seed", lambda w, a: _run(w, "seed: -1\n"), ("seed", ">= 0")),
+    Case("a monitor seed out of range", lambda w, a: _run(w, f"probe: {{monitor_settings: {{seed: {SEED_OVER}}}}}\n"),
+         ("probe.monitor_settings.seed",)),
+    Case("a monitor config seed out of range", lambda w, a: _eval_with_monitor(w, "seed: -4\n"), ("seed", ">= 0")),
+    Case("finetune --seed -1", lambda w, a: _finetune(a, w, "--seed", "-1"), ("--seed", "0<=x<=4294967295")),
+    Case("finetune --seed 2**32", lambda w, a: _finetune(a, w, "--seed", SEED_OVER), ("--seed",)),
+    Case("align --seed 2**64", lambda w, a: ["align", *TINY, "--budget", "all", "--seed", str(2**64),
+                                             "--out", str(w / "a")], ("--seed",)),
+    Case("score --seed -7", lambda w, a: ["score", *TINY, "--data", "harmful:calibration", "--seed", "-7",
+                                          "--out", str(w / "s")], ("--seed",)),
+    Case("eval --seed 2**33", lambda w, a: ["eval", *EVAL, "--seed", str(2**33), "--out", str(w / "e")], ("--seed",)),
+    Case("prune --seed -3", lambda w, a: _prune(a, w, "SCU", "--seed", "-3"), ("--seed",)),
+    Case("probe --seed 2**40", lambda w, a: ["probe", *TINY, "--seed", str(2**40), "--out", str(w / "pr")],
+         ("--seed",)),
+    Case("faithfulness --seed -1", lambda w, a: ["faithfulness", *TINY, "--seed", "-1", "--out", str(w / "fa")],
+         ("--seed",)),
+    Case("a mask seed below 0", lambda w, a: _prune(a, w, "random:like=SCU,seed=-1"), ("seed=-1", "0 to 4294967295")),
+    Case("a mask seed over 2**32-1 in a config",
+         lambda w, a: _run(w, f"prune: {{masks: ['random:frac=0.1,seed={SEED_OVER}']}}\n"), ("prune.masks", "seed")),
+    # -- numbers: finite, and in range -----------------------------------------------------------------
+    Case("finetune --lr inf", lambda w, a: _finetune(a, w, "--lr", "inf"), ("--lr", "not a finite number")),
+    Case("finetune --lr nan", lambda w, a: _finetune(a, w, "--lr", "nan"), ("--lr", "not a finite number")),
+    Case("finetune --lr -inf", lambda w, a: _finetune(a, w, "--lr", "-inf"), ("--lr", "finite")),
+    Case("finetune --epochs inf", lambda w, a: _finetune(a, w, "--epochs", "inf"), ("--epochs", "finite")),
+    Case("finetune --epochs 1e9", lambda w, a: _finetune(a, w, "--epochs", "1e9"), ("epochs", "<= 10000")),
+    Case("finetune --warmup nan", lambda w, a: _finetune(a, w, "--warmup", "nan"), ("--warmup", "finite")),
+    Case("finetune --weight-decay inf", lambda w, a: _finetune(a, w, "--weight-decay", "inf"), ("--weight-decay",)),
+    Case("finetune --frozen-epochs-multiplier inf", lambda w, a: _finetune(a, w, "--frozen-epochs-multiplier", "inf"),
+         ("--frozen-epochs-multiplier", "finite")),
+    Case("finetune --frozen-epochs-multiplier 0", lambda w, a: _finetune(a, w, "--frozen-epochs-multiplier", "0"),
+         ("--frozen-epochs-multiplier", "> 0")),
+    Case("align --avoid-refusals nan", lambda w, a: ["align", *TINY, "--budget", "all", "--avoid-refusals", "nan",
+                                                     "--out", str(w / "a")], ("--avoid-refusals", "finite")),
+    Case("align --lr 1e400", lambda w, a: ["align", *TINY, "--budget", "all", "--lr", "1e400", "--out", str(w / "a")],
+         ("--lr", "finite")),
+    Case("an infinite learning rate in a config", lambda w, a: _run(w, "align: {train: {lr: .inf}}\n"),
+         ("align.train.lr", "finite number")),
+    Case("infinite epochs in a config", lambda w, a: _run(w, "finetune: {train: {epochs: .inf}}\n"),
+         ("finetune.train.epochs", "finite")),
+    Case("an infinite multiplier in a config", lambda w, a: _run(w, "finetune: {frozen_epochs_multiplier: .inf}\n"),
+         ("finetune.frozen_epochs_multiplier", "finite")),
+    Case("a NaN group size in a config", lambda w, a: _run(w, "groups: {sizes: {scu: .nan}}\n"),
+         ("groups.sizes.scu", "finite")),
+    Case("an infinite attack learning rate", lambda w, a: _run(w, "attacks: {sweep: {lr: [.inf]}}\n"),
+         ("attacks.sweep.lr[0]", "finite")),
+    Case("a NaN loss weight in a config", lambda w, a: _run(w, "align: {refusal_unlikelihood: .nan}\n"),
+         ("align.refusal_unlikelihood", "finite")),
+    Case("an infinite steering strength", lambda w, a: _run(w, "probe: {monitor_settings: {steer_alpha: .inf}}\n"),
+         ("probe.monitor_settings.steer_alpha", "finite")),
+    Case("an infinite utility drop", lambda w, a: _run(w, "attacks: {utility_drop: .inf}\n"),
+         ("attacks.utility_drop",)),
+    Case("a NaN monitor threshold", lambda w, a: _eval_with_monitor(w, "threshold: .nan\n"), ("threshold", "finite")),
+    Case("an infinite group size", lambda w, a: _groups(a, w, "--sizes", "scu=inf"), ("scu=inf", "between 0 and 1")),
+    Case("a NaN percentage size", lambda w, a: _groups(a, w, "--sizes", "scu=nan%"), ("between 0 and 1",)),
+    Case("a NaN top= share", lambda w, a: _prune(a, w, "SCU+CU:top=nan"), ("top=nan", "between 0 and 1")),
+    Case("an infinite random share", lambda w, a: _prune(a, w, "random:frac=inf"), ("frac=inf",)),
+    # -- devices this machine has -----------------------------------------------------------------------
+    Case("--device mps without one", lambda w, a: ["units", *TINY, "--device", "mps"], ("'mps'", "no mps device")),
+    Case("--device xpu without one", lambda w, a: ["units", *TINY, "--device", "xpu"], ("no xpu device",)),
+    Case("--device npu without one", lambda w, a: ["units", *TINY, "--device", "npu:0"], ("no npu device",)),
+    Case("--device cuda:7", lambda w, a: ["units", *TINY, "--device", "cuda:7"], ("cuda:7",)),
+    Case("finetune on a missing xpu", lambda w, a: _finetune(a, w, "--device", "xpu:0"), ("no xpu device",)),
+    Case("groups --sizes auto on a missing mps", lambda w, a: _groups(a, w, "--sizes", "auto", "--device", "mps"),
+         ("no mps device",)),
+    Case("a run on a missing device", lambda w, a: ["run", "--config", str(w / "r.yaml"), "--out", str(w / "o")],
+         ("device", "no mps device"), setup=lambda w, a: _write(w / "r.yaml", "model: tiny:llama\ndevice: mps\n")),
+    Case("a device name with a newline", lambda w, a: ["units", *TINY, "--device", "cuda\n:0"], ("--device",)),
+    # -- dataset specs ------------------------------------------------------------------------------------
+    Case("an empty dataset spec in a config", lambda w, a: _run(w, "data: {harmful_test: ''}\n"),
+         ("data.harmful_test", "empty dataset spec")),
+    Case("a blank fine-tuning spec in a config", lambda w, a: _run(w, "data: {finetune: '   '}\n"),
+         ("data.finetune", "empty dataset spec")),
+    Case("an empty borderline spec in a config", lambda w, a: _run(w, "data: {borderline_train: ''}\n"),
+         ("data.borderline_train", "null")),
+    Case("a dataset spec that is a number", lambda w, a: _run(w, "data: {benign_test: 3}\n"),
+         ("data.benign_test", "string")),
+    Case("eval --harmful ''", lambda w, a: ["eval", *EVAL, "--harmful", "", "--out", str(w / "e")],
+         ("empty dataset spec",)),
+    Case("finetune --data ''", lambda w, a: ["finetune", *TINY, "--data", "", "--out", str(w / "f")],
+         ("empty dataset spec",)),
+    Case("score --data ' '", lambda w, a: ["score", *TINY, "--data", " ", "--out", str(w / "s")],
+         ("empty dataset spec",)),
+    # -- YAML and the files a config comes from -------------------------------------------------------
+    Case("a top-level key given twice", lambda w, a: _run(w, "seed: 1\nseed: 2\n"), ("'seed'", "lines 3 and 4")),
+    Case("a nested key given twice", lambda w, a: _run(w, "align:\n  enabled: true\n  study: base\n  enabled: false\n"),
+         ("'enabled'", "lines 4 and 6")),
+    Case("a section given twice", lambda w, a: _run(w, "eval: {limit: 2}\nprune: {}\neval: {limit: 3}\n"),
+         ("'eval'", "lines 3 and 5")),
+    Case("a monitor key given twice", lambda w, a: _eval_with_monitor(w, "target_fpr: 0.1\ntarget_fpr: 0.2\n"),
+         ("'target_fpr'", "lines 1 and 2")),
+    Case("a config that is /dev/null", lambda w, a: ["run", "--config", "/dev/null", "--out", str(w / "o")],
+         ("/dev/null", "a device")),
+    Case("a config that is a FIFO", lambda w, a: ["run", "--config", str(w / "fifo.yaml"), "--out", str(w / "o")],
+         ("a pipe",), setup=lambda w, a: _fifo(w)),
+    Case("a config read from a pipe", lambda w, a: ["run", "--config", _pipe_path(w), "--out", str(w / "o")],
+         ("a pipe",)),
+    Case("a config of 20 MB", lambda w, a: ["run", "--config", str(w / "big.yaml"), "--out", str(w / "o")],
+         ("small text file",), setup=lambda w, a: _sparse(w / "big.yaml", 20 << 20)),
+    Case("a config with a tab indent", lambda w, a: _run(w, "eval:\n\tlimit: 2\n"), ("not valid YAML", "line 4")),
+    Case("a config key that is a list", lambda w, a: _run(w, "[1, 2]: 3\n"), ("config",)),
+    # -- error lines stay short, whatever the input ---------------------------------------------------
+    Case("a 100 000-character mask", lambda w, a: _prune(a, w, "SCU+" * 25_000 + "XYZ"), ("unknown mask term",)),
+    Case("a 100 000-character dataset spec", lambda w, a: ["data", "show", LONG], ("unknown dataset",)),
+    Case("a 100 000-character model spec", lambda w, a: ["units", "--model", "a/" * 50_000], ()),
+    Case("a 100 000-character config key", lambda w, a: _run(w, f"? {LONG}\n: 1\n"), ("unknown config key",)),
+    Case("a 100 000-character config value", lambda w, a: _run(w, f"eval: {{rules: [{LONG}]}}\n"),
+         ("eval.rules[0]",)),
+    Case("a 100 000-character --lr", lambda w, a: _finetune(a, w, "--lr", LONG), ("--lr",)),
+    Case("a 100 000-character stage name", lambda w, a: ["run", "--config", _config(w, ""), "--out", str(w / "o"),
+                                                          "--from", LONG], ("unknown stage",)),
+    Case("a 100 000-character device", lambda w, a: ["units", *TINY, "--device", LONG], ("--device",)),
+    Case("a config value with line breaks", lambda w, a: ["run", "--config", str(w / "r.yaml"), "--out", str(w / "o")],
+         ("unknown tiny family",),
+         setup=lambda w, a: _write(w / "r.yaml", 'model: "tiny:llama\\nsecond line\\rthird"\ndevice: cpu\n')),
+    Case("a mask with a line break", lambda w, a: _prune(a, w, "SCU\nRU"), ("unknown mask term",)),
+]
+
+CASES += INPUT_CASES
+
+
 def _mk(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -397,6 +573,7 @@ def test_hostile_input_is_one_line_and_loses_nothing(case, assets, tmp_path, cap
     result = run_cli(capsys, *argv)
     assert result.code == 2, result
     assert_one_line_error(result, *case.fragments)
+    assert len(result.err) <= 1200, f"error line of {len(result.err)} characters"
     after = _snapshot(workspace, assets)
     changed = [str(path) for path, digest in before.items() if after.get(path) != digest]
     assert not changed, f"files that existed before changed or vanished: {changed}"

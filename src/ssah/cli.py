@@ -93,15 +93,46 @@ def _os_error(err: OSError) -> str:
     return f"{what}: {where}" if where else what
 
 
+LINE_LIMIT = 1000  # characters of an error line; a value in it is quoted shorter still (`ssah.defaults.quoted`)
+
+
+def one_line(text: str, limit: int = LINE_LIMIT) -> str:
+    """`text` as one bounded, printable line: line breaks and control characters escaped, bytes a file
+    name held that are not UTF-8 shown as escapes, the middle of an overlong text left out."""
+    text = "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape", "backslashreplace")
+                   .decode("ascii") for ch in str(text))
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        text = f"{text[: limit // 2]} ... {text[-(limit // 2 - 5):]}"
+    return text
+
+
+def _error(message: str) -> None:
+    click.echo(one_line(f"error: {message}"), err=True)
+
+
+def _printable_output() -> None:
+    """File names may hold bytes that are not UTF-8 (Python keeps them as surrogates): print them as the
+    bytes they are, like `ls`, instead of failing after the work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="surrogateescape" if stream is sys.stdout else "backslashreplace")
+            except (ValueError, OSError, TypeError):  # a stream that cannot change its error handler
+                pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI, turning user errors into one clear line."""
+    _printable_output()
     try:
         cli.main(args=argv, prog_name="ssah", standalone_mode=False)
     except SsahError as err:
-        click.echo(f"error: {err}", err=True)
+        _error(str(err))
         sys.exit(err.exit_code)
     except OSError as err:  # a read-only or full disk, a missing permission: nothing a traceback explains
-        click.echo(f"error: {_os_error(err)}; nothing already finished was lost, rerun to resume", err=True)
+        _error(f"{_os_error(err)}; nothing already finished was lost, rerun to resume")
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -110,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         hint = ""
         if isinstance(err, click.UsageError) and err.ctx is not None:
             hint = f" (see {err.ctx.command_path} --help)"
-        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        _error(f"{err.format_message()}{hint}")
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted; finished artifacts are kept, rerun to resume", err=True)

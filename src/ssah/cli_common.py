@@ -9,15 +9,47 @@ from pathlib import Path
 
 import click
 
-from ssah.defaults import DEFAULT_MODEL, DTYPES, MODEL_HELP, check_device
+from ssah.defaults import DEFAULT_MODEL, DTYPES, MODEL_HELP, SEED_MAX, check_device, check_device_present, quoted
 from ssah.errors import SsahError
 
 
-def _device(ctx, param, value: str) -> str:
+def device_option(ctx, param, value: str) -> str:
+    """Click callback of a --device option: a device name this machine has."""
     try:
-        return check_device(value)
+        check_device(value)
     except SsahError as err:
         raise click.BadParameter(str(err).removeprefix("unknown device ")) from None
+    try:
+        return check_device_present(value)
+    except SsahError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float (click's FLOAT takes `inf` and `nan`), optionally bounded below."""
+
+    name = "float"
+
+    def __init__(self, min: float | None = None, min_open: bool = False):
+        self.min, self.min_open = min, min_open
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{quoted(value)} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{quoted(value)} is not a finite number", param, ctx)
+        if self.min is not None and (number < self.min or self.min_open and number == self.min):
+            self.fail(f"{number:g} must be {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
+# a seed option's type: every random generator ssah seeds accepts it
+SEED = click.IntRange(0, SEED_MAX)
 
 
 def model_options(func):
@@ -26,7 +58,7 @@ def model_options(func):
     @click.option("--model", "model_spec", default=DEFAULT_MODEL, show_default=True, metavar="SPEC", help=MODEL_HELP)
     @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
                   help="auto: bf16 on CUDA, fp32 on CPU")
-    @click.option("--device", default="auto", show_default=True, callback=_device,
+    @click.option("--device", default="auto", show_default=True, callback=device_option,
                   help="auto: cuda if present, else cpu; or cpu, cuda, cuda:N, mps")
     @click.option("--device-map", default=None, help="passed to from_pretrained, e.g. 'auto' for multi-GPU")
     @functools.wraps(func)
@@ -53,6 +85,8 @@ def check_model_spec(model_args: dict):
 def _click_type(annotation):
     """The click type of a settings field's annotation (int | None -> int, Literal -> Choice)."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation is float:
+        return FINITE
     if typing.get_origin(annotation) is typing.Literal:
         return click.Choice(typing.get_args(annotation))
     if args and typing.get_origin(annotation) is not None:

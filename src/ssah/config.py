@@ -38,7 +38,7 @@ from ssah.defaults import (
 )
 from ssah.errors import SsahError
 from ssah.interventions.expressions import parse_mask_expression
-from ssah.settings import Settings, read_mapping_file
+from ssah.settings import Seed, Settings, load_yaml, read_mapping_file
 from ssah.train.settings import TrainSettings
 from ssah.units.sizes import check_sizes
 
@@ -60,6 +60,14 @@ class DataConfig(Settings):
     grid_refusals: str = "refusals:grid"  # safety data of the attack grid's defenses (RSN-Tune, safety mixing)
     compliance_openings: str = "compliance_openings"
     finetune: str = "benign:train"  # the benign fine-tuning attack's data
+
+    @field_validator("*")
+    @classmethod
+    def _not_empty(cls, value: str | None, info) -> str | None:
+        if value is not None and not value.strip():
+            turn_off = " (or null to leave it out)" if info.field_name == "borderline_train" else ""
+            raise ValueError(f"empty dataset spec; give one like harmful:train or jsonl:PATH{turn_off}")
+        return value
 
     def specs(self) -> dict[str, str]:
         """Every dataset spec the config names, by key."""
@@ -342,7 +350,7 @@ class ProbeConfig(Settings):
 
 class RunConfig(Settings):
     model: str = DEFAULT_MODEL
-    seed: int = 0
+    seed: Seed = 0
     device: str = "auto"
     dtype: Dtype = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -404,14 +412,12 @@ def _merged(base: dict, changes: dict) -> dict:
 
 def _extended(data: dict, where: str, seen: tuple[str, ...] = ()) -> dict:
     """`data` on top of the preset its `extends:` key names (nested sections merged key by key)."""
-    import yaml
-
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str) or parent in seen:
         raise SsahError(f"{where}: extends must name a preset ({', '.join(PRESETS)}), once")
-    base = yaml.safe_load(preset_text(parent)) or {}
+    base = load_yaml(preset_text(parent)) or {}
     return _merged(_extended(base, f"preset {parent}", (*seen, parent)), data)
 
 
@@ -423,9 +429,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None, model
     if path is not None:
         data, where = read_mapping_file(path, "config file", yaml=True), str(path)
     else:
-        import yaml
-
-        data, where = yaml.safe_load(preset_text(preset)) or {}, f"preset {preset}"
+        data, where = load_yaml(preset_text(preset)) or {}, f"preset {preset}"
     data = _extended(data, where)
     if model is not None:
         data = {**data, "model": model}

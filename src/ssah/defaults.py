@@ -23,8 +23,62 @@ def check_device(device: str) -> str:
     from ssah.errors import SsahError
 
     if not isinstance(device, str) or not _DEVICE.fullmatch(device):
-        raise SsahError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise SsahError(f"unknown device {quoted(device)}; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def check_device_present(device: str) -> str:
+    """`device` when this machine has it (imports torch); else one line naming what it has."""
+    from ssah.errors import SsahError
+
+    check_device(device)
+    if device in ("auto", "cpu"):
+        return device
+    import torch
+
+    kind, _, index = device.partition(":")
+    backend = {"cuda": getattr(torch, "cuda", None), "xpu": getattr(torch, "xpu", None),
+               "npu": getattr(torch, "npu", None)}.get(kind)
+    if kind == "mps":
+        present, count = torch.backends.mps.is_available(), 1
+    else:
+        try:
+            present = backend is not None and backend.is_available()
+            count = backend.device_count() if present else 0
+        except Exception:  # a backend torch was built without raises on use
+            present, count = False, 0
+    if not present:
+        raise SsahError(f"device {device!r} requested but this machine has no {kind} device; use --device cpu "
+                        "(or auto)")
+    if index and int(index) >= count:
+        raise SsahError(f"device {device!r} requested but this machine has {count} {kind} device"
+                        f"{'s' if count != 1 else ''} ({kind}:0 to {kind}:{count - 1})")
+    return device
+
+
+# seeds: numpy (through accelerate's set_seed) takes 0 .. 2**32-1, torch a 64-bit integer
+SEED_MAX = 2**32 - 1
+SEED_HELP = f"an integer from 0 to {SEED_MAX}"
+
+
+def check_seed(seed: int, what: str = "seed") -> int:
+    """`seed` when every random generator ssah seeds accepts it; else one line."""
+    from ssah.errors import SsahError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise SsahError(f"{what} must be {SEED_HELP}, got {quoted(seed)}")
+    return seed
+
+
+QUOTE_LIMIT = 200  # characters of a user's value quoted in an error line
+
+
+def quoted(value, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)`, cut to about `limit` characters: an error line stays one short line whatever the input."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}...{text[-20:]} ({len(text):,} characters)"
 
 # unit groups (ssah.units.groups); the paper's Llama-2-7B-Chat sizes
 GROUP_NAMES: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")  # label codes 0..3, in this order

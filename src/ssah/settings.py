@@ -8,17 +8,22 @@ key, e.g. ``unknown groups.ranking 'per_layer'; use global, per-layer``. Cheap t
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ssah.defaults import SEED_MAX, quoted
 from ssah.errors import SsahError
 
 S = TypeVar("S", bound="Settings")
 _nesting = threading.local()
+# a seed every random generator ssah seeds accepts (numpy's, through accelerate, is the narrowest)
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+MAX_INPUT_FILE = 16 << 20  # bytes of a config or monitor file: far beyond any real one, short of a mistake
 
 
 class InvalidSettings(SsahError):
@@ -30,9 +35,10 @@ class InvalidSettings(SsahError):
 
 
 class Settings(BaseModel):
-    """Strict: YAML `"3"` is not an int, `true` is not a number; unknown keys are errors."""
+    """Strict: YAML `"3"` is not an int, `true` is not a number; unknown keys are errors; numbers
+    are finite (`.inf` and `.nan` are refused)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, allow_inf_nan=False)
 
     def __init__(self, **data: Any) -> None:
         # pydantic calls __init__ of nested settings too: only the outermost call turns the error into
@@ -96,24 +102,24 @@ def settings_error(err: ValidationError, model: type[BaseModel] | None = None, p
     if kind == "extra_forbidden":
         where = _key(loc[:-1], prefix)
         allowed = _allowed(model, loc[:-1])
-        return f"unknown config key {key!r}" + (f"; allowed{' in ' + where if where else ''}: {allowed}"
+        return f"unknown config key {quoted(key)}" + (f"; allowed{' in ' + where if where else ''}: {allowed}"
                                                  if allowed else "")
     if kind == "literal_error":
         choices = ", ".join(part.strip("'") for part in ctx.get("expected", "").replace(" or ", ", ").split(", "))
-        return f"unknown {key} {value!r}; use {choices}"
+        return f"unknown {key} {quoted(value)}; use {choices}"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         sign = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        return f"{key} must be {sign} {bound}, got {value!r}"
+        return f"{key} must be {sign} {bound}, got {quoted(value)}"
     if kind == "value_error":
         message = str(ctx.get("error", first["msg"]))
         return f"{key}: {message}" if key else message
     if kind == "missing":
         return f"{key} is required"
     if kind in ("model_type", "dict_type"):
-        return f"{key} must be a mapping of keys to values, got {value!r}"
-    wanted = first["msg"].removeprefix("Input should be ").removeprefix("a valid ")
-    return f"{key} must be {'an' if wanted[:1] in 'aeiou' else 'a'} {wanted}, got {value!r}"
+        return f"{key} must be a mapping of keys to values, got {quoted(value)}"
+    wanted = first["msg"].removeprefix("Input should be ").removeprefix("a valid ").removeprefix("a ")
+    return f"{key} must be {'an' if wanted[:1] in 'aeiou' else 'a'} {wanted}, got {quoted(value)}"
 
 
 def _allowed(model: type[BaseModel] | None, loc: tuple) -> str:
@@ -128,11 +134,26 @@ def _allowed(model: type[BaseModel] | None, loc: tuple) -> str:
 def read_text_file(path: str | Path, what: str) -> str:
     """The text of a small input file (UTF-8, or UTF-16 with its byte-order mark); one line when it
     is missing, a folder, unreadable or not text."""
+    import stat
+
     path = Path(path)
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise SsahError(f"{what} {path} does not exist") from None
+    except OSError as err:
+        raise SsahError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if stat.S_ISDIR(mode):
         raise SsahError(f"{what} {path} is a folder; give a file")
-    if not path.is_file():
-        raise SsahError(f"{what} {path} does not exist")
+    if not stat.S_ISREG(mode):
+        # a pipe or FIFO blocks until someone writes, /dev/null reads as nothing: neither is a config
+        # the run can record and read again
+        kind = "a pipe" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise SsahError(f"{what} {path} is {kind}, not a file; save it to a file and pass that")
+    if path.stat().st_size > MAX_INPUT_FILE:
+        raise SsahError(f"{what} {path} holds {path.stat().st_size:,} bytes; a {what} is a small text file "
+                        f"(at most {MAX_INPUT_FILE:,} bytes)")
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -152,9 +173,7 @@ def read_mapping_file(path: str | Path, what: str, yaml: bool = False) -> dict:
     text = read_text_file(path, what)
     try:
         if yaml or path.suffix in (".yaml", ".yml"):
-            import yaml as pyyaml
-
-            data = pyyaml.safe_load(text)
+            data = load_yaml(text)
         else:
             data = json.loads(text) if text.strip() else None
     except ValueError as err:  # json.JSONDecodeError
@@ -166,6 +185,39 @@ def read_mapping_file(path: str | Path, what: str, yaml: bool = False) -> dict:
     if not isinstance(data, dict):
         raise SsahError(f"{what} {path} must hold a mapping of keys to values, not a {type(data).__name__}")
     return data
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load`, except that a key given twice in one mapping is an error naming both lines
+    (PyYAML keeps the last one silently, so a second `lr:` would quietly win)."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
+@functools.cache
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                lines: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # `<<: *base` keys may be overridden: that is what a merge is for
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = lines.setdefault(key, key_node.start_mark.line + 1)
+                    except TypeError:  # an unhashable key: SafeLoader's own error names it
+                        continue
+                    if first != key_node.start_mark.line + 1:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {quoted(key, 80)} is given twice, on lines {first} and "
+                            f"{key_node.start_mark.line + 1}; keep one", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _yaml_problem(err: Exception) -> str:

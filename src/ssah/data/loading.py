@@ -76,7 +76,9 @@ def load_dataset(spec: str) -> Dataset:
     Raises SsahError (one line) for an unknown name or format, a missing or malformed file, an unknown
     split, or a dataset with no records.
     """
-    spec = spec.strip()
+    spec = spec.strip() if isinstance(spec, str) else ""
+    if not spec:
+        raise SsahError("empty dataset spec; give one like harmful:train, benign:calibration or jsonl:PATH")
     subset = _SUBSET.match(spec)
     if subset:  # NAME[take=N] / NAME[sample=N,seed=S], as Dataset.take / Dataset.sample name them
         base, take, sample, seed = subset.groups()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.cli_common import SEED, check_model_spec, load_from_options, model_options, output_folder
 from ssah.defaults import ENGINES, SYSTEM_PROMPT_MODES
 from ssah.errors import SsahError
 from ssah.evaluate.settings import EvalSettings
@@ -55,7 +55,7 @@ def _slots(_ctx, _param, value: str):
 @click.option("--lm-eval-limit", type=click.IntRange(min=1), default=None, help="at most N documents per lm-eval task")
 @click.option("--prune", "prune_spec", default=None, metavar="GROUPS_DIR:MASK",
               help="evaluate with these units zeroed (reversibly), e.g. runs/x/groups:SCU or g:random:like=SCU")
-@click.option("--seed", type=int, default=0, show_default=True, help="seed of random masks (--prune)")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed of random masks (--prune)")
 @click.option("--monitor", "monitor_path", default=None, metavar="FILE",
               help="generate under the runtime monitor: a monitor config (.yaml/.json, calibrated now on its "
               "calibration splits, before any --prune) or a calibrated state (.safetensors, "

@@ -64,7 +64,7 @@ def load_eval_data(suites: Sequence[str], limit: int | None = None,
         if not any(suite in users for suite in suites):
             continue
         given = specs.get(role)
-        dataset = given if isinstance(given, Dataset) else load_dataset(given or default)
+        dataset = given if isinstance(given, Dataset) else load_dataset(default if given is None else given)
         if limit is not None and role not in ("refusals", "compliance"):
             dataset = dataset.take(limit)
         if len(dataset) == 0:

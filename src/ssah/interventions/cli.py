@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.cli_common import SEED, check_model_spec, load_from_options, model_options, output_folder
 from ssah.models.spec import SAVED_MODEL_FILES
 from ssah.outputs import OutputKind
 
@@ -17,7 +17,7 @@ PRUNED_MODEL = OutputKind("pruned model", (PRUNE_RECORD, *SAVED_MODEL_FILES), re
 @model_options
 @click.option("--groups", "groups_dir", required=True, type=click.Path(), help="folder written by `ssah groups`")
 @click.option("--mask", "expression", required=True, help="mask expression, e.g. SCU, SCU+CU:top=0.06, random:like=SCU")
-@click.option("--seed", default=0, show_default=True, help="seed for random masks")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="seed for random masks")
 @click.option("--out", required=True, type=click.Path(), help="output model folder")
 @click.option("--force", is_flag=True, help="replace an output folder ssah wrote from other inputs")
 def prune(model_args: dict, groups_dir: str, expression: str, seed: int, out: str, force: bool) -> None:

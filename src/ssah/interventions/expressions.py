@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssah.defaults import GROUP_NAMES
+from ssah.defaults import GROUP_NAMES, check_seed
 from ssah.errors import SsahError
 
 RANK_KEYS = ("s-u", "u-s", "s", "u", "sum")
@@ -78,7 +78,7 @@ def _option_value(option: str, value: str, term: str):
         return number
     if option == "seed":
         try:
-            return int(value)
+            return check_seed(int(value), f"mask option seed={value}")
         except ValueError:
             raise SsahError(f"mask option seed={value!r} in {term!r} must be an integer") from None
     if option == "by":

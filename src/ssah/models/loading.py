@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ssah.defaults import DEFAULT_MODEL, check_device
+from ssah.defaults import DEFAULT_MODEL, check_device_present
 from ssah.errors import SsahError
 from ssah.models.spec import (
     BUILTIN_MODELS,
@@ -95,11 +95,9 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
-    check_device(device)
+    check_device_present(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SsahError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return device
 
 

@@ -39,11 +39,16 @@ def check_datasets(config: RunConfig) -> None:
 
 def check_run(config: RunConfig, out) -> None:
     """Every check of the module docstring; one SsahError line for the first problem found."""
+    from ssah.defaults import check_device_present
     from ssah.models.spec import resolve_model_spec
     from ssah.outputs import OutputFolder
     from ssah.pipeline.layout import RUN
     from ssah.units.scorers import get_scorer
 
+    try:
+        check_device_present(config.device)
+    except SsahError as err:
+        raise SsahError(f"device: {err}") from None
     source = resolve_model_spec(config.model)
     try:
         get_scorer(config.scores.scorer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.cli_common import SEED, check_model_spec, load_from_options, model_options, output_folder
 from ssah.errors import SsahError
 
 
@@ -41,7 +41,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
 @click.option("--allow-short-openings", is_flag=True,
               help="keep openings shorter than the longest length (used whole there); default: drop them")
 @click.option("--system", default=None, help="system prompt for every query")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="pairs openings with prompts; splits the probe data")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="output folder")

@@ -12,7 +12,16 @@ import os
 
 import click
 
-from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder, settings_options
+from ssah.cli_common import (
+    FINITE,
+    SEED,
+    FiniteFloat,
+    check_model_spec,
+    load_from_options,
+    model_options,
+    output_folder,
+    settings_options,
+)
 from ssah.defaults import ALIGN_LR, FINETUNE_LR
 from ssah.errors import SsahError
 from ssah.train.settings import TrainSettings
@@ -23,7 +32,7 @@ log = logging.getLogger("ssah")
 def common_options(func):
     func = click.option("--force", is_flag=True, help="replace an output folder ssah wrote from other inputs")(func)
     func = click.option("--out", required=True, type=click.Path(), help="output model folder")(func)
-    func = click.option("--seed", type=int, default=0, show_default=True, help="data order, sampling, masks")(func)
+    func = click.option("--seed", type=SEED, default=0, show_default=True, help="data order, sampling, masks")(func)
     return func
 
 
@@ -76,7 +85,7 @@ def _echo(out: str, record: dict) -> None:
 @click.option("--data", "data_spec", required=True, help="(prompt, response) data, e.g. benign:train or alpaca:FILE")
 @click.option("--freeze", "freeze_spec", default=None,
               help="GROUPS_DIR:MASK units to keep bit-identical, e.g. g:SCU+CU")
-@click.option("--frozen-epochs-multiplier", type=click.FloatRange(min=0, min_open=True), default=2.0,
+@click.option("--frozen-epochs-multiplier", type=FiniteFloat(min=0, min_open=True), default=2.0,
               show_default=True, help="frozen runs train this many times longer (the paper doubles them)")
 @click.option("--lora", is_flag=True, help="train LoRA adapters (r=8) instead of full weights; merged on save")
 @settings_options(TrainSettings, defaults={"lr": FINETUNE_LR})
@@ -143,7 +152,7 @@ def _lengths(text: str | None) -> list[int]:
               "so it learns where refusing stops")
 @click.option("--borderline-tokens", type=click.IntRange(min=1), default=48, show_default=True,
               help="length of the model's own answers to --borderline prompts")
-@click.option("--avoid-refusals", type=float, default=0.0, show_default=True, metavar="WEIGHT",
+@click.option("--avoid-refusals", type=FINITE, default=0.0, show_default=True, metavar="WEIGHT",
               help="with --borderline: weight of a loss that makes a refusal's opening unlikely at the start of "
               "each borderline reply (0: off)")
 @settings_options(TrainSettings, defaults={"lr": ALIGN_LR})

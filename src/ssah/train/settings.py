@@ -12,14 +12,16 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ssah.defaults import FINETUNE_LR
-from ssah.settings import Settings
+from ssah.settings import Seed, Settings
+
+MAX_EPOCHS = 10_000  # more passes than any fine-tuning recipe uses; a typo like 1e9 is refused, not run for years
 
 
 class TrainSettings(Settings):
     """Fine-tuning hyper-parameters. Defaults follow Qi et al. (2023) except batch size."""
 
     lr: float = Field(FINETUNE_LR, gt=0, description="learning rate")
-    epochs: float = Field(1.0, gt=0, description="passes over the data (ignored with max_steps)")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="passes over the data (ignored with max_steps)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps (overrides epochs)")
     batch_size: int = Field(8, ge=1, description="examples per step and process")
     grad_accum: int = Field(1, ge=1, description="batches accumulated per optimizer step")
@@ -51,7 +53,7 @@ class TrainConfig(TrainSettings):
     """`TrainSettings` plus what the loop takes from elsewhere (the run's seed, a system prompt)."""
 
     grad_clip: float = Field(1.0, ge=0)
-    seed: int = 0
+    seed: Seed = 0
     system: str | None = None
     # weight of the avoided-opening loss: -log(1 - P(reply opens with an avoided token)) at the first
     # reply position of each example that `train_sft(avoid=...)` gives openings to avoid

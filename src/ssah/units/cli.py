@@ -7,7 +7,7 @@ import time
 
 import click
 
-from ssah.cli_common import check_model_spec, load_from_options, model_options, output_folder
+from ssah.cli_common import SEED, check_model_spec, device_option, load_from_options, model_options, output_folder
 from ssah.defaults import (
     ATTN_UNITS,
     DEFAULT_NORMALIZATION,
@@ -67,7 +67,7 @@ def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
               help="reply length with --responses self or own-refusals")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="score only the first N records")
-@click.option("--seed", type=int, default=0, show_default=True, help="pairs prompts with refusals")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="pairs prompts with refusals")
 @click.option("--system", default=None, metavar="TEXT", help="system prompt for every pair")
 @click.option("--attn-unit", type=click.Choice(ATTN_UNITS), default="channel", show_default=True,
               help="attention unit: one o_proj input channel, or one whole head")
@@ -126,7 +126,7 @@ def _echo_scores(result, out: str, seconds: float) -> None:
               help="--sizes auto: the scored model (default: the spec recorded with the safety scores)")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPES),
               help="--sizes auto: model dtype")
-@click.option("--device", default="auto", show_default=True, help="--sizes auto: model device")
+@click.option("--device", default="auto", show_default=True, callback=device_option, help="--sizes auto: model device")
 @click.option("--sweep-safety-data", default=None, metavar="DATA",
               help="--sizes auto: harmful prompts for the refusal share (default: the safety scores' dataset)")
 @click.option("--sweep-utility-data", default=None, metavar="DATA",
@@ -233,7 +233,7 @@ def _names(text: str) -> tuple[str, ...]:
 @click.option("--draws", type=click.IntRange(min=1), default=2, show_default=True,
               help="seeded random draws per group size")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def faithfulness(model_args: dict, out: str, scorers: str, normalizations: str, rankings: str, sizes: str,
                  score_limit: int, samples: int, max_new_tokens: int, draws: int, batch_size: int,
                  seed: int) -> None:

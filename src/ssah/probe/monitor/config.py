@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from ssah.defaults import MonitorAction, MonitorScorer, MonitorStatistic, PromptPosition
 from ssah.errors import SsahError
 from ssah.io import atomic_write
-from ssah.settings import Settings, read_mapping_file
+from ssah.settings import Seed, Settings, read_mapping_file
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
 # Config fields the threshold depends on: a state calibrated under other values must be recalibrated.
@@ -49,7 +49,7 @@ class MonitorConfig(Settings):
     calibration_limit: int | None = Field(64, ge=2)  # prompts per calibration set, a seeded sample (None: all)
     calibration_tokens: int = Field(32, ge=1)  # new tokens per calibration reply
     batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     system: str | None = None
 
     @model_validator(mode="after")
