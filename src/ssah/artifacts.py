@@ -30,6 +30,7 @@ from typing import Any
 
 from ssah.errors import SsahError
 from ssah.io import write_json_atomic
+from ssah.schemas import check_record
 
 
 def fingerprint(value: Any) -> str:
@@ -65,7 +66,7 @@ class Artifact:
                             "the work") from None
         if not isinstance(record, dict):
             raise SsahError(f"{self.path} is damaged (not a JSON object); delete that file to redo the work")
-        return record
+        return check_record(self.path, record)
 
     def differences(self, record: dict) -> list[str]:
         """Identity keys whose recorded value differs from ours."""
@@ -74,8 +75,10 @@ class Artifact:
 
     def lookup(self, force: bool = False, replace: bool = False) -> dict | None:
         """The record to reuse, or None to (re)do the work; see the module docstring."""
+        if force:  # redone whatever the old record holds, even when it is damaged
+            return None
         record = self.read()
-        if record is None or force:
+        if record is None:
             return None
         differing = self.differences(record)
         if not differing:

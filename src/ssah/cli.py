@@ -112,14 +112,14 @@ def _error(message: str) -> None:
 
 
 def _printable_output() -> None:
-    """File names may hold bytes that are not UTF-8 (Python keeps them as surrogates): print them as the
-    bytes they are, like `ls`, instead of failing after the work is done."""
+    """File names may hold bytes that are not UTF-8 (Python keeps them as surrogates): print them as
+    escapes (\\udcff) instead of failing after the work is done."""
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             try:
-                reconfigure(errors="surrogateescape" if stream is sys.stdout else "backslashreplace")
-            except (ValueError, OSError, TypeError):  # a stream that cannot change its error handler
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError, TypeError, AttributeError):  # a stream that cannot change it
                 pass
 
 

@@ -17,6 +17,23 @@ from pathlib import Path
 from typing import Any
 
 
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn any exception of the writer inside (safetensors, matplotlib, save_pretrained: each has its
+    own error types for a full disk or a lost mount) into one SsahError line naming `path`; the
+    atomic writes around it keep everything written before."""
+    from ssah.errors import SsahError
+
+    try:
+        yield
+    except (SsahError, OSError):
+        raise  # one line already (the CLI prints an OSError with its file name)
+    except Exception as err:
+        text = str(err).strip().splitlines()
+        raise SsahError(f"could not write {path} ({text[0] if text else type(err).__name__}); nothing already "
+                        "finished was lost: free some space or choose another --out, then rerun") from err
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -42,16 +59,29 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    atomic_write(path, text.encode("utf-8"))
+    """Write UTF-8 text atomically. A file name whose bytes are not UTF-8 reaches Python as lone
+    surrogates; in text meant for reading (a report) they are written as backslash escapes."""
+    atomic_write(path, text.encode("utf-8", "backslashreplace"))
+
+
+def _json_bytes(dump) -> bytes:
+    """JSON as UTF-8, or, when a string holds such surrogates, as ASCII with \\udcXX escapes, which
+    `json.loads` reads back as the very same file name."""
+    try:
+        return dump(False).encode("utf-8")
+    except UnicodeEncodeError:
+        return dump(True).encode("ascii")
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
     """Write JSON atomically (see `atomic_write`)."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str, ensure_ascii=False) + "\n")
+    atomic_write(path, _json_bytes(lambda ascii: json.dumps(data, indent=2, sort_keys=False, default=str,
+                                                            ensure_ascii=ascii) + "\n"))
 
 
 def write_jsonl_atomic(path: str | Path, rows: Sequence[dict]) -> None:
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write(path, _json_bytes(lambda ascii: "".join(json.dumps(row, ensure_ascii=ascii) + "\n"
+                                                         for row in rows)))
 
 
 def read_json(path: str | Path, what: str, fix: str) -> Any:
@@ -72,7 +102,8 @@ def save_png(figure, path: str | Path, **savefig_kwargs) -> Path:
     import io
 
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", **savefig_kwargs)
+    with writing(path):
+        figure.savefig(buffer, format="png", **savefig_kwargs)
     atomic_write(path, buffer.getvalue())
     return Path(path)
 
@@ -81,7 +112,9 @@ def save_tensors_atomic(path: str | Path, tensors: dict, metadata: dict[str, str
     """Write a safetensors file (tensors + string metadata) with `atomic_write`."""
     from safetensors.torch import save
 
-    atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    with writing(path):
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, data)
     return Path(path)
 
 
@@ -102,6 +135,28 @@ def read_tensors_with_metadata(path: str | Path, what: str, missing_hint: str) -
 
 
 @contextlib.contextmanager
+def encodable_path(path: str | Path) -> Iterator[Path]:
+    """`path`, or, when its name holds bytes that are not UTF-8 (libraries written in Rust, such as
+    safetensors and tokenizers, take UTF-8 paths only), a symbolic link to it under an ASCII name in
+    the temporary folder, removed afterwards. Reads and writes through the link reach `path` itself."""
+    path = Path(path)
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield path
+        return
+    aliases = Path(tempfile.mkdtemp(prefix="ssah-path-"))
+    alias = aliases / (path.suffix.encode("ascii", "ignore").decode() and f"p{path.suffix}" or "p")
+    try:
+        os.symlink(os.path.abspath(path), alias)
+        yield alias
+    finally:
+        shutil.rmtree(aliases, ignore_errors=True)  # removes the link, never what it points to
+
+
+@contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary sibling folder; on success it takes `target`'s place, on error it is
     removed. A `target` that exists is swapped out and removed only after the new folder is in place:
@@ -110,7 +165,8 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        yield tmp
+        with writing(target), encodable_path(tmp) as writable:
+            yield writable  # the block writes the folder's files: any failure there is a write failure
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs follow the umask
         old = None
         if target.exists():

@@ -99,7 +99,9 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
     if monitor_path is not None and not Path(monitor_path).is_file():
         raise SsahError(f"monitor file {monitor_path} does not exist; give a monitor state (.safetensors) "
                         "or a monitor config (.yaml/.json)")
-    check_model_spec(model_args)
+    source = check_model_spec(model_args)
+    if monitor_path is not None:
+        _check_monitor(monitor_path, source)
     inputs = [spec.partition(":")[2] for spec in (harmful, sensitive, benign, text_data) if spec]
     folder = output_folder(out_dir, EVALUATION, force=force,
                            inputs=[*inputs, model_args["spec"], monitor_path, prune_spec and prune_spec.rsplit(":")[0]])
@@ -135,6 +137,23 @@ def _check_extras(settings: EvalSettings, lm_eval_tasks, judge_folder, judge_kin
         if not {"safety", "prefill"} & set(settings.suites):
             raise SsahError("--judge judges safety and prefill replies; add safety or prefill to --suite")
         check_judge_folder(judge_folder)
+
+
+def _check_monitor(path: str, source) -> None:
+    """The monitor file read and checked against the model's depth before the model loads."""
+    from ssah.models.spec import check_layers, model_depth
+    from ssah.probe.monitor.config import MonitorConfig
+
+    if Path(path).suffix == ".safetensors":
+        from ssah.probe.monitor.state import MonitorState
+
+        state = MonitorState.load(path)
+        depth = model_depth(source)
+        if depth is not None and state.num_layers != depth:
+            raise SsahError(f"monitor state {path} was calibrated on a model of {state.num_layers} layers; "
+                            f"{source.spec} has {depth}: calibrate it on this model")
+        return
+    check_layers(MonitorConfig.load(path).layers, source, f"monitor config {path}: layers")
 
 
 def _prune_mask(prune_spec: str | None, seed: int):

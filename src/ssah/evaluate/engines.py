@@ -113,8 +113,11 @@ def engine_model_folder(model, tokenizer, model_key: str, out_dir: str | Path,
         pass
     copy.mkdir(parents=True, exist_ok=True)
     record.unlink(missing_ok=True)  # a copy of another model (or a cut-short one) is rewritten
-    model.save_pretrained(copy)
-    tokenizer.save_pretrained(copy)
+    from ssah.io import writing
+
+    with writing(copy):
+        model.save_pretrained(copy)
+        tokenizer.save_pretrained(copy)
     record.write_text(json.dumps({"model": model_key}), encoding="utf-8")  # last: marks a finished copy
     return copy
 

@@ -41,6 +41,7 @@ from ssah.interventions.base import Intervention
 from ssah.interventions.base import model_key as key_under
 from ssah.io import write_jsonl_atomic
 from ssah.outputs import OutputKind
+from ssah.schemas import check_record
 
 SCHEMA_VERSION = 1
 
@@ -79,9 +80,10 @@ def read_report(out_dir: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise SsahError(f"{path} is damaged ({err}); delete it to redo the evaluation") from None
+    return check_record(path, record)
 
 
 def _rate_map(rates: dict[str, Rate]) -> tuple[dict, dict, int]:

@@ -169,16 +169,19 @@ def _load_local(path: Path, kwargs: dict) -> tuple[Any, Any]:
         if len(ggufs) == 1:
             return _load_converted(ggufs[0], _gguf_cache_path(ggufs[0]), kwargs)
         raise SsahError(f"folder {path} holds no model (no config.json and no single .gguf file)")
+    from ssah.io import encodable_path
+
     model_cls, tok_cls = _auto_classes()
-    try:
-        tokenizer = tok_cls.from_pretrained(path)
-    except Exception as err:  # tokenizers raise many types on missing or damaged files
-        raise SsahError(f"could not load the tokenizer in {path} ({_first_line(err)}); the folder needs the "
-                        "tokenizer files save_pretrained writes (tokenizer.json or vocab/merges)") from None
-    try:
-        model = model_cls.from_pretrained(path, **kwargs)
-    except Exception as err:  # safetensors, pickle and config errors all end here
-        raise SsahError(f"could not load the weights in {path}: {_first_line(err)}") from None
+    with encodable_path(path) as readable:  # any file name: the readers take UTF-8 paths only
+        try:
+            tokenizer = tok_cls.from_pretrained(readable)
+        except Exception as err:  # tokenizers raise many types on missing or damaged files
+            raise SsahError(f"could not load the tokenizer in {path} ({_first_line(err)}); the folder needs the "
+                            "tokenizer files save_pretrained writes (tokenizer.json or vocab/merges)") from None
+        try:
+            model = model_cls.from_pretrained(readable, **kwargs)
+        except Exception as err:  # safetensors, pickle and config errors all end here
+            raise SsahError(f"could not load the weights in {path}: {_first_line(err)}") from None
     return model, tokenizer
 
 
@@ -241,7 +244,8 @@ def _load_converted(gguf_path: Path, cached: Path, kwargs: dict) -> tuple[Any, A
 def _gguf_cache_path(path: Path) -> Path:
     """The cache folder of a user's GGUF file, keyed by its path, size and modification time."""
     stat = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    name = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode("utf-8", "surrogateescape")  # any file name
+    key = hashlib.sha256(name).hexdigest()[:16]
     return cache_dir() / "models" / f"{path.stem}-{key}"
 
 

@@ -165,6 +165,100 @@ def check_gguf(path: Path) -> None:
         raise SsahError(f"{path} is not a GGUF file (bad magic bytes {magic!r}); the file may be corrupted")
 
 
+_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def model_depth(source: ModelSource) -> int | None:
+    """The number of transformer blocks of a resolved model, read without loading weights (a tiny
+    model's settings, a folder's config.json, a GGUF file's header, a cached hub config); None when
+    it cannot be told that way."""
+    if source.kind == "tiny":
+        from ssah.models.tiny import _COMMON
+
+        return _COMMON["num_hidden_layers"]
+    if source.kind in ("builtin", "gguf"):
+        return _gguf_depth(source.path)
+    config_path = source.path / "config.json" if source.kind == "folder" else None
+    if source.kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.spec, "config.json")
+        config_path = Path(cached) if isinstance(cached, str) else None
+    if config_path is None:
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        for key in _DEPTH_KEYS:
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key]
+    return None
+
+
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+
+
+def _gguf_depth(path: Path | None) -> int | None:
+    """`ARCH.block_count` from a GGUF file's key-value header (read up to that key, no tensor)."""
+
+    def read(handle, fmt):
+        size = struct.calcsize(fmt)
+        data = handle.read(size)
+        if len(data) != size:
+            raise ValueError("short header")
+        return struct.unpack(fmt, data)[0]
+
+    def skip(handle, kind):
+        if kind == 8:
+            handle.seek(read(handle, "<Q"), 1)
+        elif kind == 9:
+            item, count = read(handle, "<I"), read(handle, "<Q")
+            if item in _GGUF_SIZES:
+                handle.seek(_GGUF_SIZES[item] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(handle, item)
+        elif kind in _GGUF_SIZES:
+            handle.seek(_GGUF_SIZES[kind], 1)
+        else:
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                return None
+            read(handle, "<I")  # version
+            read(handle, "<Q")  # tensor count
+            arch, counts = None, {}
+            for _ in range(read(handle, "<Q")):
+                key = handle.read(read(handle, "<Q")).decode("utf-8", "replace")
+                kind = read(handle, "<I")
+                if key == "general.architecture" and kind == 8:
+                    arch = handle.read(read(handle, "<Q")).decode("utf-8", "replace")
+                elif key.endswith(".block_count") and kind in (4, 5, 10, 11):
+                    counts[key] = read(handle, {4: "<I", 5: "<i", 10: "<Q", 11: "<q"}[kind])
+                else:
+                    skip(handle, kind)
+                if arch is not None and f"{arch}.block_count" in counts:
+                    return counts[f"{arch}.block_count"]
+    except (OSError, ValueError, struct.error, TypeError):
+        return None  # the load says what is wrong with the file
+    return None
+
+
+def check_layers(layers, source: ModelSource, what: str) -> None:
+    """One line unless every layer index (negative counts from the end) exists in the model."""
+    depth = model_depth(source)
+    if depth is None or not layers:
+        return
+    for layer in layers:
+        if not -depth <= layer < depth:
+            raise SsahError(f"{what}: layer {layer} does not exist in {source.spec}, which has {depth} layers "
+                            f"(indices 0..{depth - 1}, or -{depth}..-1 from the end)")
+
+
 def _hub(spec: str) -> ModelSource:
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
     if offline:

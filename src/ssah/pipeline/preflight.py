@@ -50,6 +50,10 @@ def check_run(config: RunConfig, out) -> None:
     except SsahError as err:
         raise SsahError(f"device: {err}") from None
     source = resolve_model_spec(config.model)
+    if config.probe.monitor:
+        from ssah.models.spec import check_layers
+
+        check_layers(config.probe.monitor_config(config.data).layers, source, "probe.monitor_settings.layers")
     try:
         get_scorer(config.scores.scorer)
     except SsahError as err:

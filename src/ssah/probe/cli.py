@@ -65,7 +65,9 @@ def probe(model_args: dict, compare_spec: str | None, harmful: str, benign: str,
                              batch_size=batch_size, full_length_only=not allow_short_openings, system=system)
     data = probe_data(harmful, benign, refusals, compliance, limit=limit, seed=seed)
     specs = [model_args["spec"]] + ([compare_spec] if compare_spec else [])
+    from ssah.models.spec import check_layers
+
     for spec in specs:
-        check_model_spec({**model_args, "spec": spec})
+        check_layers(config.layers, check_model_spec({**model_args, "spec": spec}), "--layers")
     with output_folder(out_dir, PROBE, inputs=specs):
         run_probe(specs, data, config, out_dir, load=lambda spec: load_from_options({**model_args, "spec": spec}))

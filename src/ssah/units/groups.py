@@ -74,7 +74,7 @@ from ssah.defaults import (
 )
 from ssah.errors import SsahError
 from ssah.io import atomic_write
-from ssah.units.scores import Scores, read_manifest, read_tensors
+from ssah.units.scores import Scores, check_finite, read_manifest, read_tensors
 from ssah.units.sizes import check_sizes, group_counts
 
 ASSIGNMENT_ORDER: tuple[str, ...] = ("SCU", "UCU", "RU")  # CU is the rest
@@ -226,7 +226,9 @@ def _group_code(name: str) -> int:
 # -- making groups ----------------------------------------------------------------------------------
 
 def check_compatible(safety: Scores, utility: Scores) -> None:
-    """One clear error unless both scores belong to the same model and unit layout."""
+    """One clear error unless both scores belong to the same model and unit layout, and are finite."""
+    for label, scores in (("safety", safety), ("utility", utility)):
+        check_finite(scores, f"the {label} scores")
     if safety.model_fingerprint != utility.model_fingerprint:
         raise SsahError(
             f"the safety and utility scores come from different models (fingerprints {safety.model_fingerprint} "

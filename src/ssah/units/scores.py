@@ -38,6 +38,7 @@ from ssah.defaults import RESPONSE_SOURCES, TOKEN_SCOPES
 from ssah.errors import SsahError
 from ssah.io import atomic_write, read_json
 from ssah.outputs import OutputKind
+from ssah.schemas import check_record
 from ssah.units.layout import UnitLayout
 from ssah.units.scorers import SCORERS, get_scorer, register_scorer, resolve_scope
 from ssah.units.scoring import Pair, as_pairs, compute_scores, make_batches, scope_mask, score_batches
@@ -127,10 +128,23 @@ class Scores:
                                 f"expected {(expected_layers, units)}); rerun ssah score with --force")
         # Kinds in layout order (mlp, attn), as the manifest lists them; safetensors sorts its keys.
         values = {kind: values[kind].to(torch.float64) for kind in manifest.get("units_per_layer", values)}
+        scores = cls(values, manifest)
+        check_finite(scores, str(directory / SCORES_FILE))
         if manifest.get("values_sha256") not in (None, values_digest(values)):
             raise SsahError(f"{directory / SCORES_FILE} does not match {MANIFEST_FILE} (its digest differs); "
                             "the folder mixes two runs: rerun ssah score with --force")
-        return cls(values, manifest)
+        return scores
+
+
+def check_finite(scores: Scores, what: str) -> None:
+    """One line unless every score is a finite number: a NaN compares as neither high nor low, so
+    ranking it would put a unit into a group by accident."""
+    for kind, values in scores.values.items():
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            raise SsahError(f"{what}: {bad} of {values.numel()} scores of {kind} units are NaN or infinite; "
+                            "the model's activations overflowed (score in float32: --dtype fp32) or the file was "
+                            "changed: rerun ssah score with --force")
 
 
 def read_manifest(directory: Path, what: str = "scores", filename: str = MANIFEST_FILE,
@@ -144,7 +158,7 @@ def read_manifest(directory: Path, what: str = "scores", filename: str = MANIFES
     manifest = read_json(path, what, f"rerun {made_by} with --force")
     if not isinstance(manifest, dict):
         raise SsahError(f"{path} is not a JSON object; rerun {made_by} with --force")
-    return manifest
+    return check_record(path, manifest)
 
 
 def read_tensors(path: Path, made_by: str) -> dict[str, torch.Tensor]:

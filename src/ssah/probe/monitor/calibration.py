@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -118,7 +118,8 @@ def _calibration_peaks(model, tokenizer, state: MonitorState, config: MonitorCon
                        sets: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     """Per non-empty prompt set, the highest running statistic each greedy reply reached, observed
     (never acted on) under the uncalibrated state; in the order given (benign, borderline, harmful)."""
-    observe = state.config.with_(action="observe", threshold=math.inf)
+    # the largest finite threshold (settings refuse infinity): no score reaches it
+    observe = state.config.with_(action="observe", threshold=sys.float_info.max)
     run = dict(system=config.system, max_new_tokens=config.calibration_tokens, batch_size=config.batch_size)
     return {name: torch.tensor([r.peak for r in monitored_generate(model, tokenizer, prompts, observe, state, **run)])
             for name, prompts in sets.items() if prompts}

@@ -80,14 +80,28 @@ class MonitorState:
                                                        "create it with calibrate_monitor(...).save(PATH)")
         if metadata.get("format") != STATE_FORMAT:
             raise SsahError(f"{path} is not a monitor state file (made by calibrate_monitor)")
-        saved = json.loads(metadata["config"])
+        fix = "calibrate it again: calibrate_monitor(...).save(PATH)"
+        try:
+            saved = json.loads(metadata["config"])
+            layers, meta = json.loads(metadata["layers"]), json.loads(metadata["meta"])
+            marker = json.loads(metadata.get("request_marker", "[]"))
+            threshold, depth = float(metadata["threshold"]), int(metadata["num_layers"])
+            weight, bias, steer = tensors["weight"], tensors["bias"], tensors["steer"]
+        except (KeyError, ValueError, TypeError) as err:
+            missing = f"{err.args[0]!r} is missing" if isinstance(err, KeyError) else "a field does not parse"
+            raise SsahError(f"{path} is not a monitor state ssah wrote ({missing}); {fix}") from None
+        if not isinstance(saved, dict) or not isinstance(meta, dict) or not isinstance(marker, list) \
+                or not isinstance(layers, list) or not layers or not all(type(x) is int and 0 <= x < depth
+                                                                         for x in layers):
+            raise SsahError(f"{path} is not a monitor state ssah wrote (its config, layers or meta have the wrong "
+                            f"shape); {fix}")
+        if not math.isfinite(threshold) or not all(bool(torch.isfinite(t).all()) for t in (weight, bias, steer)):
+            raise SsahError(f"{path} holds a threshold or weights that are NaN or infinite; {fix}")
         # States saved before these keys existed were calibrated reading the last token, without contrast.
         saved.setdefault("prompt_position", "last")
         saved.setdefault("contrast_borderline", False)
         config = MonitorConfig.from_dict(saved, str(path))
-        return cls(config, json.loads(metadata["layers"]), tensors["weight"], tensors["bias"], tensors["steer"],
-                   float(metadata["threshold"]), int(metadata["num_layers"]), json.loads(metadata["meta"]),
-                   json.loads(metadata.get("request_marker", "[]")))
+        return cls(config, layers, weight, bias, steer, threshold, depth, meta, marker)
 
 
 def monitor_digest(config: MonitorConfig | None, state: MonitorState) -> str:
