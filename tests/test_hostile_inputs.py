@@ -768,7 +768,7 @@ def _snapshot(*roots: Path) -> dict[Path, str]:
 
 
 def test_enough_cases():
-    assert len(CASES) >= 60 and len({case.name for case in CASES}) == len(CASES)
+    assert len(CASES) >= 200 and len({case.name for case in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
