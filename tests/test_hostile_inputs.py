@@ -413,7 +413,7 @@ def _groups(a: Path, w: Path, *options: str) -> list[str]:
 INPUT_CASES: list[Case] = [
     # -- seeds: within what torch and numpy (accelerate's set_seed) accept, wherever they enter ---------
     Case("a run seed over 2**32-1", lambda w, a: _run(w, f"seed: {SEED_OVER}\n"), ("seed", "<= 4294967295")),
-    Case("a run seed beyond 64 bits", lambda w, a: _run(w, f"seed: {2**70}\n"), ("seed", "<= 4294967295")),
+    Case("a run seed beyond 64 bits", lambda w, a: _run(w, f"seed: {2**70}\n"), ("seed", "64-bit")),
     Case("a negative run seed", lambda w, a: _run(w, "seed: -1\n"), ("seed", ">= 0")),
     Case("a monitor seed out of range", lambda w, a: _run(w, f"probe: {{monitor_settings: {{seed: {SEED_OVER}}}}}\n"),
          ("probe.monitor_settings.seed",)),
@@ -449,6 +449,9 @@ INPUT_CASES: list[Case] = [
                                                      "--out", str(w / "a")], ("--avoid-refusals", "finite")),
     Case("align --lr 1e400", lambda w, a: ["align", *TINY, "--budget", "all", "--lr", "1e400", "--out", str(w / "a")],
          ("--lr", "finite")),
+    Case("a finite learning rate that diverges", lambda w, a: _finetune(a, w, "--lr", "1e30", "--batch-size", "2",
+                                                                         "--max-steps", "3"),
+         ("training diverged", "lower the learning rate")),
     Case("an infinite learning rate in a config", lambda w, a: _run(w, "align: {train: {lr: .inf}}\n"),
          ("align.train.lr", "finite number")),
     Case("infinite epochs in a config", lambda w, a: _run(w, "finetune: {train: {epochs: .inf}}\n"),

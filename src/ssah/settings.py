@@ -23,6 +23,7 @@ S = TypeVar("S", bound="Settings")
 _nesting = threading.local()
 # a seed every random generator ssah seeds accepts (numpy's, through accelerate, is the narrowest)
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+INT64 = 2**63
 MAX_INPUT_FILE = 16 << 20  # bytes of a config or monitor file: far beyond any real one, short of a mistake
 
 
@@ -65,6 +66,11 @@ class Settings(BaseModel):
     def _tuples_are_lists(cls, data: Any) -> Any:
         # Python callers pass tuples where YAML gives lists; strict mode would refuse them
         if isinstance(data, dict):
+            for key, value in data.items():
+                for item in value if isinstance(value, (list, tuple)) else (value,):
+                    if type(item) is int and not -INT64 <= item < INT64:
+                        raise ValueError(f"{key} {quoted(item, 40)} is beyond 64-bit integers, which torch "
+                                         "takes; give a smaller number")
             return {key: list(value) if isinstance(value, tuple) else value for key, value in data.items()}
         return data
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,10 @@ def train_model(loaded, pairs, config: TrainConfig, out: str | Path, *, identity
     model = apply_lora(loaded.model) if lora else loaded.model
     share = trainable_share(model, freezer, total)
     result = fit(model, loaded.tokenizer, pairs, config, freezer=freezer, avoid=avoid)
+    diverged = next((step for step, loss in enumerate(result.loss_curve, 1) if not math.isfinite(loss)), None)
+    if diverged is not None:  # the weights are NaN or infinite too: saving them would only hide it
+        raise SsahError(f"training diverged: the loss is {result.loss_curve[diverged - 1]} at step {diverged} "
+                        f"(learning rate {config.lr:g}); lower the learning rate. Nothing was saved to {out}")
     if lora:
         model = merge_lora(model)
     record = {**record, "source_model": loaded.spec, "config": config.to_dict(), "trainable_share": share,

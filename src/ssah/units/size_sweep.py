@@ -89,8 +89,8 @@ class SweepThresholds:
                 number = float(value)
             except ValueError:
                 raise SsahError(f"sweep threshold {part!r} is not a number") from None
-            if not number >= 0 or (name.endswith("safety") and number > 1):
-                raise SsahError(f"sweep threshold {part!r} must be a non-negative number"
+            if not 0 <= number < float("inf") or (name.endswith("safety") and number > 1):
+                raise SsahError(f"sweep threshold {part!r} must be a finite non-negative number"
                                 + (" at most 1 (a share of prompts)" if name.endswith("safety") else ""))
             values[name] = number
         return cls(**values)
