@@ -684,7 +684,7 @@ RECORD_CASES: list[Case] = [
         "prune", *TINY, "--groups", str(a / "groups"), "--mask", "SCU", "--out", str(w / "pruned")],
         ("ssah_prune.json", "unit_share", "ssah prune"),
         setup=lambda w, a: _copied(w, a, "pruned", "ssah_prune.json", _set("unit_share", "5%"))),
-    Case("a monitor state with a NaN threshold", _eval_state, ("NaN or infinite",),
+    Case("a monitor state with a NaN threshold", _eval_state, ("threshold or weights that are NaN",),
          setup=lambda w, a: _monitor_state(w, threshold="nan")),
     Case("a monitor state without a threshold", _eval_state, ("'threshold' is missing",),
          setup=lambda w, a: _monitor_state(w, threshold=None)),
@@ -737,6 +737,9 @@ RECORD_CASES: list[Case] = [
         "transfer", "--before", str(a / "groups"), "--after", str(a / "groups"), "--out", str(w / "t\n\udcfe")],
         ("rows",), code=0),
     Case("a dataset file whose name is not UTF-8", lambda w, a: ["data", "show", _odd_data(w, a)], ("Say",), code=0),
+    Case("a run into a folder whose name is not UTF-8", lambda w, a: [
+        "run", "--config", _config(w, "eval: {suites: [safety], limit: 2, max_new_tokens: 2, rules: [prefix]}\n"),
+        "--out", str(w / ODD / "run"), "--only", "baseline"], (), code=0),
     Case("a fine-tuned model from and into odd names", lambda w, a: [
         "finetune", "--model", str(w / ODD / "m"), "--device", "cpu", "--data", _odd_data(w, a), "--max-steps", "1",
         "--out", str(w / ODD / "-f\udcfe")], ("saved",), code=0,

@@ -95,8 +95,10 @@ class MonitorState:
                                                                          for x in layers):
             raise SsahError(f"{path} is not a monitor state ssah wrote (its config, layers or meta have the wrong "
                             f"shape); {fix}")
-        if not math.isfinite(threshold) or not all(bool(torch.isfinite(t).all()) for t in (weight, bias, steer)):
-            raise SsahError(f"{path} holds a threshold or weights that are NaN or infinite; {fix}")
+        # an infinite threshold is a real outcome of calibration (no reply may be flagged, or every one);
+        # NaN is never one: a NaN score is flagged by no comparison
+        if math.isnan(threshold) or any(bool(torch.isnan(t).any()) for t in (weight, bias, steer)):
+            raise SsahError(f"{path} holds a threshold or weights that are NaN; {fix}")
         # States saved before these keys existed were calibrated reading the last token, without contrast.
         saved.setdefault("prompt_position", "last")
         saved.setdefault("contrast_borderline", False)
