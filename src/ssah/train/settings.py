@@ -52,6 +52,8 @@ class TrainSettings(Settings):
 class TrainConfig(TrainSettings):
     """`TrainSettings` plus what the loop takes from elsewhere (the run's seed, a system prompt)."""
 
+    # a frozen run trains `frozen_epochs_multiplier` times the user's (bounded) epochs
+    epochs: float = Field(1.0, gt=0)
     grad_clip: float = Field(1.0, ge=0)
     seed: Seed = 0
     system: str | None = None
