@@ -182,7 +182,7 @@ class AlignConfig(Settings):
     compare_full: bool = True  # also align all parameters, for the alignment-tax comparison
     # a control for the budget: per seed, units of the same per-layer, per-kind sizes drawn outside it,
     # aligned and evaluated exactly like the budget (random_budget_s{seed}); []: none
-    random_budget_seeds: list[int] = Field(default_factory=lambda: [0])
+    random_budget_seeds: list[Seed] = Field(default_factory=lambda: [0])
     study: Literal["budget", "full", "base"] = "budget"  # which model stages 3-7 study
     benign_limit: int | None = Field(None, ge=1)
     borderline_reply_tokens: int = Field(48, ge=1)  # length of the model's own replies to borderline prompts
@@ -241,7 +241,7 @@ class FinetuneConfig(Settings):
                                                                      "freeze_random"])
     freeze_i: str = "SCU+CU:top=0.06"
     freeze_ii: str = "SCU+CU"
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     frozen_epochs_multiplier: float = Field(2.0, gt=0)
     train: TrainSettings = Field(default_factory=TrainSettings)
 
@@ -296,7 +296,7 @@ class AttackConfig(Settings):
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     defenses: list[Defense] = Field(default_factory=lambda: list(DEFENSES), min_length=1)
     # seeds of the freeze_random defense's draws (a cell each: freeze_random_s{seed})
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     # TamperBench's rule: the worst case counts only attacks whose utility falls by at most this share
     # (perplexity on the prose corpus rises by at most this share)
     utility_drop: float = Field(0.10, ge=0)
