@@ -562,6 +562,15 @@ def _scores_with(w: Path, a: Path, value: float) -> None:
     save_file(tensors, folder / "scores.safetensors")
 
 
+def _groups_with(w: Path, a: Path, key: str, value) -> None:
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(a / "groups", w / "groups"))
+    tensors = load_file(folder / "groups.safetensors")
+    tensors[key][0, 0] = value
+    save_file(tensors, folder / "groups.safetensors")
+
+
 def _monitor_state(w: Path, **metadata: str) -> None:
     import torch
 
@@ -656,6 +665,12 @@ RECORD_CASES: list[Case] = [
     Case("scores beyond float32", lambda w, a: [
         "groups", "--safety", str(w / "s"), "--utility", str(a / "utility"), "--out", str(w / "g")],
         ("NaN or infinite",), setup=lambda w, a: _scores_with(w, a, float("-inf"))),
+    Case("groups whose safety scores are NaN", lambda w, a: [
+        "prune", *TINY, "--groups", str(w / "groups"), "--mask", "SCU+CU:top=0.1", "--out", str(w / "p")],
+        ("groups.safetensors", "NaN or infinite"), setup=lambda w, a: _groups_with(w, a, "S.mlp", float("nan"))),
+    Case("groups with a label that names no group", lambda w, a: [
+        "prune", *TINY, "--groups", str(w / "groups"), "--mask", "SCU", "--out", str(w / "p")],
+        ("labels that name no group",), setup=lambda w, a: _groups_with(w, a, "labels.attn", 9)),
     Case("a groups record whose counts are a list", lambda w, a: [
         "prune", *TINY, "--groups", str(w / "groups"), "--mask", "SCU", "--out", str(w / "p")],
         ("groups.json", "counts", "ssah groups"),

@@ -209,6 +209,13 @@ class Groups:
             except KeyError as err:
                 raise SsahError(f"{directory / GROUPS_FILE} lacks {err.args[0]!r}; "
                                 "rerun ssah groups with --force") from None
+        for kind in labels:
+            if not all(bool(torch.isfinite(values[kind].double()).all()) for values in (safety, utility)):
+                raise SsahError(f"{directory / GROUPS_FILE} holds NaN or infinite scores of {kind} units; "
+                                "rerun ssah groups with --force")
+            if labels[kind].is_floating_point() or not bool(((labels[kind] >= 0) & (labels[kind] < 4)).all()):
+                raise SsahError(f"{directory / GROUPS_FILE} holds {kind} labels that name no group (0..3); "
+                                "rerun ssah groups with --force")
         groups = cls(labels, safety, utility, meta)
         if groups.counts() != meta.get("counts"):
             raise SsahError(f"{directory / GROUPS_FILE} does not match {META_FILE} (group counts differ); "
