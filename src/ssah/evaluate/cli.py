@@ -96,7 +96,7 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
     data = load_eval_data(settings.suites, settings.limit, harmful=harmful, sensitive=sensitive,
                           benign=benign, text=text_data)
     mask = _prune_mask(prune_spec, seed)
-    if monitor_path is not None and not Path(monitor_path).is_file():
+    if monitor_path is not None and not Path(monitor_path).exists():
         raise SsahError(f"monitor file {monitor_path} does not exist; give a monitor state (.safetensors) "
                         "or a monitor config (.yaml/.json)")
     source = check_model_spec(model_args)
