@@ -13,6 +13,7 @@ import pytest
 from ssah.artifacts import Artifact
 from ssah.config import load_config
 from ssah.errors import SsahError
+from ssah.io import write_json_atomic
 from ssah.outputs import MARKER, OutputFolder, OutputKind
 from ssah.pipeline import run_pipeline
 from tests.helpers import assert_one_line_error, run_cli
@@ -54,17 +55,22 @@ def test_force_replaces_a_whole_folder_ssah_wrote_and_only_that(tmp_path):
     assert (target / "notes.txt").read_text() == "mine"
 
 
-def test_a_folder_from_before_the_marker_counts_as_ssahs_when_it_holds_only_its_names(tmp_path):
+def test_a_folder_ssah_did_not_make_is_never_written_into_and_an_empty_one_is_claimed(tmp_path):
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "record.json").write_text("{}")  # a name ssah uses does not make it ssah's
+    for force in (False, True):
+        with pytest.raises(SsahError, match=r"holds files ssah did not write .e.g. record.json.* \(no .ssah-output"):
+            OutputFolder(tmp_path / "theirs", KIND, force=force).check()
+    assert (tmp_path / "theirs" / "record.json").read_text() == "{}"
+    (tmp_path / "empty").mkdir()
+    with OutputFolder(tmp_path / "empty", KIND):
+        write_json_atomic(tmp_path / "empty" / "record.json", {})
+    assert json.loads((tmp_path / "empty" / MARKER).read_text())["files"] == ["record.json"]
+    # a marker from before manifests: ssah cannot tell its files from the user's
     (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "record.json").write_text("{}")
-    (tmp_path / "old" / ".record.json.x1y2.tmp").write_text("")  # a write cut short by a kill
-    with OutputFolder(tmp_path / "old", KIND):
-        pass
-    assert json.loads((tmp_path / "old" / MARKER).read_text())["kind"] == "thing"
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "essay.md").write_text("x")
-    with pytest.raises(SsahError, match="holds files ssah did not write"):
-        OutputFolder(tmp_path / "other", KIND).check()
+    (tmp_path / "old" / MARKER).write_text(json.dumps({"kind": "thing"}))
+    with pytest.raises(SsahError, match="kept no record of its files"):
+        OutputFolder(tmp_path / "old", KIND).check()
 
 
 def test_the_lock_names_its_holder_and_is_released(tmp_path):

@@ -6,7 +6,9 @@ never has to be retyped. Each `Literal` type names the choices; the matching tup
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Literal, get_args
 
 DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -132,3 +134,8 @@ MonitorStatistic = Literal["mean", "max"]
 PromptPosition = Literal["request", "last"]
 
 PRESETS: tuple[str, ...] = ("demo", "maker-aligned", "attack-grid", "paper-llama2", "paper-llama3", "paper-mistral")
+
+
+def cache_dir() -> Path:
+    """The ssah cache folder: $SSAH_CACHE, else ~/.cache/ssah (converted models, output-folder locks)."""
+    return Path(os.environ.get("SSAH_CACHE") or Path.home() / ".cache" / "ssah")

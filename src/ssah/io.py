@@ -2,7 +2,9 @@
 
 Files are written to a hidden temporary sibling (``.NAME.*.tmp``), flushed and renamed over the
 target; folders are built in a hidden sibling (``.NAME.*``) and swapped in (`atomic_dir`). Both
-follow the user's umask, like any file the user's programs create. Cheap to import (no torch).
+follow the user's umask, like any file the user's programs create. Inside an output folder a command
+holds, each write is recorded first and refused over a file ssah did not write (`ssah.ownership`).
+Cheap to import (no torch).
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from ssah import ownership
 
 
 @contextlib.contextmanager
@@ -43,6 +48,7 @@ def _umask() -> int:
 def atomic_write(path: str | Path, data: bytes) -> None:
     """Write bytes to a temporary sibling, fsync, then rename over `path`: readers never see half a file."""
     path = Path(path)
+    ownership.claim(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -160,19 +166,24 @@ def encodable_path(path: str | Path) -> Iterator[Path]:
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a hidden temporary sibling folder; on success it takes `target`'s place, on error it is
     removed. A `target` that exists is swapped out and removed only after the new folder is in place:
-    the caller must have checked that ssah wrote everything in it (`ssah.outputs.OutputFolder`)."""
+    inside a held output folder it must hold only what ssah wrote (`ssah.ownership`); elsewhere the
+    caller must have checked that (`ssah.outputs.OutputFolder`)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    ownership.make_dirs(target.parent)
+    if target.exists():
+        ownership.check_removable(target)
+    tmp = _working_dir(target, "")
     try:
         with writing(target), encodable_path(tmp) as writable:
             yield writable  # the block writes the folder's files: any failure there is a write failure
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; outputs follow the umask
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            ownership.check_removable(target)
+            old = _working_dir(target, "old.")
             os.rename(target, old / target.name)
         try:
+            ownership.claim_written(target, tmp)
             os.rename(tmp, target)
         except BaseException:
             if old is not None:
@@ -180,5 +191,15 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+            ownership.forget(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        ownership.forget(tmp)
+
+
+def _working_dir(target: Path, kind: str) -> Path:
+    """A hidden sibling of `target`, recorded whole as ssah's (a kill may leave it behind)."""
+    path = target.parent / f".{target.name}.{kind}{secrets.token_hex(4)}"
+    ownership.claim(path, "tree")  # before it exists: a folder that exists unrecorded is a user's
+    path.mkdir(mode=0o700)
+    return path

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from ssah.analysis.report_data import PAPER, gather_examples, gather_rule_agreement
-from ssah.analysis.report_html import REPORT_TITLE, report_html
+from ssah.analysis.report_html import report_html
 from ssah.errors import SsahError
 from ssah.io import write_json_atomic, write_text_atomic
 
@@ -67,37 +67,30 @@ def render_report(config, layout, summaries: dict, html_path: Path | None = None
 
 def rerender(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
     """`ssah report`: render a run folder's report again from the stages that finished, running none.
-    Writes RUN_DIR/report.html and results.json, or with `out` only the HTML there (an existing file
-    is replaced only when it is an ssah report). Returns the paths written."""
+    Writes RUN_DIR/report.html and results.json, only into a run folder ssah made (locked meanwhile),
+    or with `out` only the HTML there (an existing file is replaced only when ssah wrote it there and
+    it has not changed since: `ssah.outputs.check_file`). Returns the paths written."""
     from ssah.config import load_config
+    from ssah.outputs import OutputFolder, check_file, read_marker, record_file
     from ssah.pipeline.context import study_of
-    from ssah.pipeline.layout import CONFIG_FILE, RunLayout
+    from ssah.pipeline.layout import CONFIG_FILE, RUN, RunLayout
     from ssah.pipeline.stages.report import finished_summaries
 
     root = Path(run_dir)
-    if not (root / CONFIG_FILE).is_file():
-        raise SsahError(f"{root} is not a run folder (no {CONFIG_FILE}); give the --out folder of ssah run")
+    marker = read_marker(root) if root.is_dir() else None
+    if not (root / CONFIG_FILE).is_file() or marker is None or marker.get("kind") != RUN.name:
+        raise SsahError(f"{root} is not a run folder ssah made (no {CONFIG_FILE} with a run marker); give the "
+                        "--out folder of ssah run")
     config = load_config(path=root / CONFIG_FILE)
     layout = RunLayout(root, study_of(config))
     summaries = finished_summaries(config, layout)
     if out is None:
-        render_report(config, layout, summaries)
+        with OutputFolder(root, RUN, command="ssah report"):
+            render_report(config, layout, summaries)
         return [layout.results, layout.report]
     target = Path(out)
-    _check_replaceable(target)
+    check_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     render_report(config, layout, summaries, html_path=target, write_results=False)
+    record_file(target)
     return [target]
-
-
-def _check_replaceable(path: Path) -> None:
-    if path.is_dir():
-        raise SsahError(f"--out {path} is a folder; give the name of the HTML file to write")
-    if path.exists():
-        try:
-            with path.open("rb") as file:
-                head = file.read(512).decode("utf-8", "replace")
-        except OSError:
-            head = ""
-        if f"<title>{REPORT_TITLE}</title>" not in head:
-            raise SsahError(f"{path} exists and is not an ssah report; it is left as it is, choose another --out")

@@ -121,11 +121,8 @@ class Dataset:
     def to_jsonl(self, path: str | Path) -> Path:
         """Write one JSON object per record (all fields); `load_dataset('jsonl:PATH')` reads it back
         with the same fingerprint."""
+        from ssah.io import write_jsonl_atomic
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8", newline="\n") as out:
-            for record in self.records:
-                out.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-        tmp.replace(path)  # atomic: a crash never leaves a half-written dataset behind
+        write_jsonl_atomic(path, [record.to_dict() for record in self.records])  # a crash leaves no half file
         return path

@@ -111,21 +111,17 @@ def engine_model_folder(model, tokenizer, model_key: str, out_dir: str | Path,
             return copy
     except (OSError, ValueError, AttributeError):
         pass
-    copy.mkdir(parents=True, exist_ok=True)
-    record.unlink(missing_ok=True)  # a copy of another model (or a cut-short one) is rewritten
-    from ssah.io import writing
+    from ssah.io import atomic_dir
 
-    with writing(copy):
-        model.save_pretrained(copy)
-        tokenizer.save_pretrained(copy)
-    record.write_text(json.dumps({"model": model_key}), encoding="utf-8")  # last: marks a finished copy
+    with atomic_dir(copy) as tmp:  # a copy of another model (or a cut-short one) is replaced whole
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _KEY_FILE).write_text(json.dumps({"model": model_key}), encoding="utf-8")
     return copy
 
 
 def drop_engine_copy(out_dir: str | Path) -> None:
     """Delete the copy `engine_model_folder` saved under `out_dir` (a 7B copy is 13 GB), if there is one."""
-    import shutil
+    from ssah.ownership import remove
 
-    copy = Path(out_dir) / ENGINE_MODEL_DIR
-    if copy.is_dir():
-        shutil.rmtree(copy)
+    remove(Path(out_dir) / ENGINE_MODEL_DIR)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ssah.data.chat import EncodedPair, collate_pairs, format_prompt, has_chat_template
 from ssah.errors import SsahError
 from ssah.evaluate.batching import choose_slots, continuous_generate
+from ssah.ownership import claim
 
 Batching = Literal["continuous", "static"]
 Slots = int | Literal["auto"] | None
@@ -84,6 +85,7 @@ class GenerationCache:
             self._entries[key] = (reply, tokens)
         if self.path is None or not rows:
             return
+        claim(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a+b") as handle:
             handle.seek(0, os.SEEK_END)

@@ -41,6 +41,7 @@ from ssah.interventions.base import Intervention
 from ssah.interventions.base import model_key as key_under
 from ssah.io import write_jsonl_atomic
 from ssah.outputs import OutputKind
+from ssah.ownership import make_dirs
 from ssah.schemas import check_record
 
 SCHEMA_VERSION = 1
@@ -264,8 +265,7 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
     found = artifact.lookup(force=force, replace=replace)
     if found is not None:
         return found
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out_dir)
     with contextlib.ExitStack() as stack:
         for intervention in interventions:
             stack.enter_context(intervention)

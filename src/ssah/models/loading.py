@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ssah.defaults import DEFAULT_MODEL, check_device_present
+from ssah.defaults import DEFAULT_MODEL, cache_dir, check_device_present
 from ssah.errors import SsahError
 from ssah.models.spec import (
     BUILTIN_MODELS,
@@ -36,11 +36,6 @@ from ssah.models.spec import (
     check_weights,
     resolve_model_spec,
 )
-
-
-def cache_dir() -> Path:
-    """The ssah cache folder: $SSAH_CACHE, else ~/.cache/ssah."""
-    return Path(os.environ.get("SSAH_CACHE") or Path.home() / ".cache" / "ssah")
 
 
 @dataclass

@@ -28,7 +28,6 @@ class Stage:
     run: Callable[[Any], dict]  # RunContext -> summary (a JSON-ready dict of the stage's summary type)
     reads: Callable[[RunConfig], dict]  # the config values the stage depends on
     needs: tuple[str, ...] = ()  # stages whose results it reads
-    own: tuple[str, ...] = ("*",)  # names it writes in its folder (glob patterns), for --force safety
     needs_done: bool = True  # False: it runs on whatever of its needs has finished (the report)
 
 

@@ -4,15 +4,14 @@ Before the first stage, the whole run is checked (`ssah.pipeline.preflight`) and
 locked against a second writer. A stage whose identity (what it reads of the config, and the stages
 it needs) matches its done.json is skipped; any other stage runs, and inside it every artifact still
 valid is reused. A run folder made for another model is refused. `--force STAGE` / `--from STAGE`
-redo stages from scratch: their folders are removed first, and only when ssah wrote everything in them.
+redo stages from scratch: their folders are removed first, and only when the run folder's record says
+ssah wrote everything in them (hidden files and sub-folders included; `ssah.ownership`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import yaml
@@ -22,6 +21,7 @@ from ssah.config import RunConfig
 from ssah.errors import SsahError
 from ssah.io import write_text_atomic
 from ssah.outputs import OutputFolder
+from ssah.ownership import check_removable, make_dirs, remove
 from ssah.pipeline.context import RunContext
 from ssah.pipeline.layout import RUN, STAGES, RunLayout
 from ssah.pipeline.preflight import check_run
@@ -43,18 +43,6 @@ def _check_model(config: RunConfig, layout: RunLayout) -> None:
     write_text_atomic(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=True))
 
 
-def _clear_stage(name: str, layout: RunLayout) -> None:
-    """Remove a stage's folder to redo it, only when every entry in it is one ssah writes there."""
-    folder = layout.stage(name)
-    if not folder.exists():
-        return
-    own = (*STAGE_REGISTRY[name].own, "done.json")
-    foreign = [p.name for p in folder.iterdir() if not p.name.startswith(".")
-               and not any(fnmatchcase(p.name, pattern) for pattern in own)]
-    if foreign:
-        raise SsahError(f"{folder} holds files ssah did not write (e.g. {foreign[0]}); move them out before "
-                        f"redoing the {name} stage")
-    shutil.rmtree(folder)
 
 
 def _plan(from_stage: str | None, force: tuple[str, ...], only: tuple[str, ...] | None) -> tuple[list[str], set]:
@@ -87,10 +75,13 @@ def run_pipeline(config: RunConfig, out: str | Path, from_stage: str | None = No
     check_run(config, layout.root)
     summaries = {}
     with OutputFolder(layout.root, RUN, command="ssah run"):
+        for stage in planned:  # every folder to redo is checked before any work
+            if stage in redo:
+                check_removable(layout.stage(stage))
         _check_model(config, layout)
         for stage in planned:
             if stage in redo:
-                _clear_stage(stage, layout)
+                remove(layout.stage(stage))
             summaries[stage] = _run_stage(ctx, stage)
     return summaries
 
@@ -103,7 +94,7 @@ def _run_stage(ctx: RunContext, stage: str) -> dict:
         return found["summary"]
     log.info("[%s] running", stage)
     start = time.perf_counter()
-    ctx.layout.stage(stage).mkdir(parents=True, exist_ok=True)
+    make_dirs(ctx.layout.stage(stage))
     summary = STAGE_REGISTRY[stage].run(ctx)
     seconds = round(time.perf_counter() - start, 1)
     record.save({"stage": stage, "seconds": seconds, "summary": summary})

@@ -39,6 +39,7 @@ from ssah.defaults import NORMALIZATIONS, RANKINGS
 from ssah.errors import SsahError
 from ssah.io import write_json_atomic
 from ssah.outputs import OutputKind
+from ssah.ownership import make_dirs
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +336,7 @@ def faithfulness_table(loaded, spec: FaithfulnessSpec, out: str | Path, progress
     from ssah.units.plots import plot_faithfulness
 
     spec.check()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out)
     probe = ItemProbe.build(loaded, spec)
     measurer = _Measurer(loaded, probe, MeasurementStore(out / MEASUREMENTS_FILE, probe.identity))
     was_training = loaded.model.training

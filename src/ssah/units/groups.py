@@ -74,6 +74,7 @@ from ssah.defaults import (
 )
 from ssah.errors import SsahError
 from ssah.io import atomic_write
+from ssah.ownership import make_dirs
 from ssah.units.scores import Scores, check_finite, read_manifest, read_tensors
 from ssah.units.sizes import check_sizes, group_counts
 
@@ -174,8 +175,7 @@ class Groups:
         of `artifact` when given: see `ssah.units.recipes.group_units`); returns the folder."""
         from safetensors.torch import save as save_tensors
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dirs(directory)
         tensors = {}
         for kind in self.kinds:
             tensors[f"labels.{kind}"] = self.labels[kind].to("cpu", torch.int8).contiguous()

@@ -17,6 +17,7 @@ from ssah.artifacts import Artifact
 from ssah.defaults import DEFAULT_NORMALIZATION, DEFAULT_RANKING, DEFAULT_SCORER
 from ssah.errors import SsahError
 from ssah.outputs import OutputKind
+from ssah.ownership import make_dirs
 from ssah.units.groups import GROUPS_FILE, META_FILE, PLOT_FILE, SWEEP_PLOT_FILE, Groups, check_compatible, make_groups
 from ssah.units.scores import Scores
 from ssah.units.sizes import check_sizes
@@ -83,7 +84,7 @@ def group_units(safety: Scores, utility: Scores, out: str | Path, sizes: dict[st
                              thresholds=thresholds)
         groups = make_groups(safety, utility, chosen.sizes, normalize=normalize, ranking=ranking)
         groups.meta["size_selection"] = chosen.to_dict()
-        Path(out).mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         plot_size_sweep(chosen, Path(out) / SWEEP_PLOT_FILE)
     else:
         groups = make_groups(safety, utility, sizes, normalize=normalize, ranking=ranking)

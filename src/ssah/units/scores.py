@@ -38,6 +38,7 @@ from ssah.defaults import RESPONSE_SOURCES, TOKEN_SCOPES
 from ssah.errors import SsahError
 from ssah.io import atomic_write, read_json
 from ssah.outputs import OutputKind
+from ssah.ownership import make_dirs
 from ssah.schemas import check_record
 from ssah.units.layout import UnitLayout
 from ssah.units.scorers import SCORERS, get_scorer, register_scorer, resolve_scope
@@ -101,8 +102,7 @@ class Scores:
         the folder."""
         from safetensors.torch import save as save_tensors
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = make_dirs(directory)
         tensors = {kind: value.detach().to("cpu", torch.float32).contiguous() for kind, value in self.values.items()}
         self.manifest["values_sha256"] = values_digest(tensors)
         atomic_write(directory / SCORES_FILE, save_tensors(tensors))

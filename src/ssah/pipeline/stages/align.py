@@ -122,5 +122,4 @@ def _evaluate(ctx, kind: str, label: str) -> Headline:
     return headline(report)
 
 
-STAGE = register(Stage("align", run, reads=reads,
-                       own=("base", "model-*", "eval-*", "borderline-replies.jsonl", "harmful-replies.jsonl")))
+STAGE = register(Stage("align", run, reads=reads))

@@ -30,5 +30,4 @@ def run(ctx) -> dict:
     return summary
 
 
-STAGE = register(Stage("attacks", run, reads=reads, needs=("groups",),
-                       own=("cells", "before-*", "rsn", "harmful-replies.jsonl", "attacks.json", "*.png")))
+STAGE = register(Stage("attacks", run, reads=reads, needs=("groups",)))

@@ -12,4 +12,4 @@ def run(ctx) -> BaselineSummary:
     return {"eval": headline(report), "model_fingerprint": loaded.fingerprint}
 
 
-STAGE = register(Stage("baseline", run, reads=common, own=("eval",)))
+STAGE = register(Stage("baseline", run, reads=common))

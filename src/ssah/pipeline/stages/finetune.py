@@ -99,4 +99,4 @@ def run(ctx) -> dict[str, Headline]:
     return summary
 
 
-STAGE = register(Stage("finetune", run, reads=reads, needs=("groups",), own=("model-*", "eval-*")))
+STAGE = register(Stage("finetune", run, reads=reads, needs=("groups",)))

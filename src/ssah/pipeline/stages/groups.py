@@ -19,4 +19,4 @@ def run(ctx) -> GroupsSummary:
             "counts": groups.counts(), "total_units": groups.meta["total_units"]}
 
 
-STAGE = register(Stage("groups", run, reads=reads, needs=("align",), own=("scores-*", "groups")))
+STAGE = register(Stage("groups", run, reads=reads, needs=("align",)))

@@ -90,5 +90,4 @@ def _monitor_evaluation(ctx, studied: str) -> dict:
             "layers": state.layers, "threshold": state.threshold, "calibration": state.meta.get("calibration")}
 
 
-STAGE = register(Stage("probe", run, reads=reads, needs=("align", "baseline"),
-                       own=("probe.json", "directions*.safetensors", "*.png", "monitor.safetensors", "eval-monitor")))
+STAGE = register(Stage("probe", run, reads=reads, needs=("align", "baseline")))

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 
 from ssah.config import RunConfig
+from ssah.io import atomic_dir
+from ssah.ownership import owned
 from ssah.pipeline.registry import Stage, register
 from ssah.pipeline.summaries import Headline, headline
 
@@ -40,12 +42,14 @@ def _copy_finished_eval(source: Path, target: Path) -> None:
     whose identity does not match is simply redone."""
     if (target / "eval.json").is_file() or not (source / "eval.json").is_file():
         return
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    if target.exists():  # a partial evaluation: its cached replies are in the copy's cache anyway
-        shutil.rmtree(target)
-    tmp.replace(target)
+    # a partial evaluation in `target` is replaced: its cached replies are in the copy's cache anyway
+    with atomic_dir(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=_not_ssahs)
 
 
-STAGE = register(Stage("prune", run, reads=reads, needs=("groups", "baseline"), own=("eval-*",)))
+def _not_ssahs(folder: str, names: list[str]) -> list[str]:
+    """What a user put beside ssah's files is not copied (the copy is recorded as ssah's)."""
+    return [name for name in names if not owned(Path(folder) / name)]
+
+
+STAGE = register(Stage("prune", run, reads=reads, needs=("groups", "baseline")))

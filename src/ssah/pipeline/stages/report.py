@@ -26,4 +26,4 @@ def run(ctx) -> dict:
     return render_report(ctx.config, ctx.layout, finished_summaries(ctx.config, ctx.layout))
 
 
-STAGE = register(Stage("report", run, reads=reads, needs=REPORTED, own=(), needs_done=False))
+STAGE = register(Stage("report", run, reads=reads, needs=REPORTED, needs_done=False))

@@ -45,5 +45,4 @@ def run(ctx) -> dict:
     return summary
 
 
-STAGE = register(Stage("transfer", run, reads=reads, needs=("groups", "finetune"),
-                       own=("after-finetune", "transfer.json", "transfer-*.png")))
+STAGE = register(Stage("transfer", run, reads=reads, needs=("groups", "finetune")))
