@@ -65,7 +65,7 @@ class OutputFolder:
         self.inputs = [Path(p) for p in inputs if p]
         self.force = force
         self.need_bytes = need_bytes
-        self.command = command or " ".join(["ssah", *sys.argv[1:2]])
+        self.command = command or _command_path()
         self._lock = None
         self._hold = None
 
@@ -182,6 +182,14 @@ class OutputFolder:
         with atomic_dir(self.target) as tmp:
             yield tmp
             Manifest.scan(tmp, self._marker()).save()
+
+
+def _command_path() -> str:
+    """The command being run, e.g. 'ssah score' (recorded in the marker)."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context.command_path if context is not None else "ssah"
 
 
 def _existing_ancestor(path: Path) -> Path:
