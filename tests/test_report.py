@@ -108,20 +108,23 @@ def _synthetic_run(root, verdict_rule: str = "prefix"):
     import yaml
 
     from ssah.config import load_config
+    from ssah.io import write_jsonl_atomic, write_text_atomic
+    from ssah.outputs import OutputFolder
     from ssah.pipeline.context import study_of
-    from ssah.pipeline.layout import RunLayout
+    from ssah.pipeline.layout import RUN, RunLayout
     from ssah.pipeline.registry import done_record
     from tests.conftest import TINY_RUN_CONFIG
 
     config = load_config(path=TINY_RUN_CONFIG)
     config.eval.verdict_rule = verdict_rule
-    root.mkdir()
-    (root / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
     layout = RunLayout(root, study_of(config))
-    _write_rows(layout.prune_eval("none"), _reply_rows(["refusal"] * 4))
-    _write_rows(layout.prune_eval("SCU"), _reply_rows(["compliance"] * 4, reply="<script>x</script>"))
-    done_record("prune", config, layout).save(
-        {"stage": "prune", "seconds": 0.0, "summary": {"none": _headline(0.0), "SCU": _headline(1.0, share=0.05)}})
+    with OutputFolder(root, RUN):  # a run folder ssah made, with what a run of the prune stage writes
+        write_text_atomic(root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=True))
+        for name, rows in (("none", _reply_rows(["refusal"] * 4)),
+                           ("SCU", _reply_rows(["compliance"] * 4, reply="<script>x</script>"))):
+            write_jsonl_atomic(layout.prune_eval(name) / "replies.jsonl", rows)
+        done_record("prune", config, layout).save(
+            {"stage": "prune", "seconds": 0.0, "summary": {"none": _headline(0.0), "SCU": _headline(1.0, share=0.05)}})
     return layout
 
 
@@ -142,13 +145,13 @@ def test_ssah_report_renders_a_partly_finished_run_and_refuses_what_is_not_its_o
     assert scu["tests"][0]["result"] == "inconclusive"  # 4 of 4 prompts cannot show a rise of 30 points
     assert results["study"]["kind"] == "self-aligned" and results["verdict_rule"] == "prefix"
     assert not layout.done("report").exists() and (layout.root / "notes.txt").read_text() == "mine"
-    # --out: the HTML alone, elsewhere; a file that is not an ssah report is left as it is
+    # --out: the HTML alone, elsewhere; a file ssah did not write is left as it is
     out = tmp_path / "elsewhere" / "r.html"
     assert run_cli(capsys, "report", str(layout.root), "--out", str(out)).code == 0
     assert out.read_text() == html
     foreign = tmp_path / "foreign.html"
     foreign.write_text("<p>someone's page</p>")
-    assert_one_line_error(run_cli(capsys, "report", str(layout.root), "--out", str(foreign)), "not an ssah report")
+    assert_one_line_error(run_cli(capsys, "report", str(layout.root), "--out", str(foreign)), "ssah did not write it")
     assert foreign.read_text() == "<p>someone's page</p>"
     for bad in (tmp_path / "missing", tmp_path / "elsewhere"):
         result = run_cli(capsys, "report", str(bad))

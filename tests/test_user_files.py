@@ -290,3 +290,13 @@ def test_the_lock_is_no_file_beside_or_inside_the_folder(assets, tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out", "out.lock"]
     assert not any("lock" in name for name in os.listdir(tmp_path / "out"))
     assert lock_path(tmp_path / "out").is_file()  # under the cache, named by the folder's real path
+
+
+def test_the_runs_own_config_given_as_config_keeps_the_users_edits(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(assets / "run", run)
+    (run / "config.yaml").write_text("# my notes on this study\n" + (run / "config.yaml").read_text())
+    edited = (run / "config.yaml").read_bytes()
+    result = run_cli(capsys, "run", "--config", str(run / "config.yaml"), "--out", str(run), "--only", "baseline")
+    assert result.code == 0, result.err
+    assert (run / "config.yaml").read_bytes() == edited

@@ -13,7 +13,7 @@ def _run(preset: str | None, config_file: str | None, out: str, from_stage: str 
     from ssah.pipeline import run_pipeline
 
     config = load_config(preset, config_file, model=model)
-    run_pipeline(config, out, from_stage=from_stage, force=force, only=only or None)
+    run_pipeline(config, out, from_stage=from_stage, force=force, only=only or None, config_file=config_file)
 
 
 _stage_options = [

@@ -11,6 +11,7 @@ ssah wrote everything in them (hidden files and sub-folders included; `ssah.owne
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -30,8 +31,9 @@ from ssah.pipeline.registry import STAGE_REGISTRY, done_record
 log = logging.getLogger("ssah.pipeline")
 
 
-def _check_model(config: RunConfig, layout: RunLayout) -> None:
-    """Refuse a run folder that holds a run of another model; record this run's config in it."""
+def _check_model(config: RunConfig, layout: RunLayout, config_file: str | Path | None) -> None:
+    """Refuse a run folder that holds a run of another model; record this run's config in it (unless
+    the config given is that very file: a user's edits and comments in it are kept)."""
     if layout.config.is_file():
         try:
             stored = yaml.safe_load(layout.config.read_text(encoding="utf-8")) or {}
@@ -40,6 +42,8 @@ def _check_model(config: RunConfig, layout: RunLayout) -> None:
         model = stored.get("model") if isinstance(stored, dict) else None
         if model is not None and model != config.model:
             raise SsahError(f"{layout.root} holds a run of model {model!r}, not {config.model!r}; use another --out")
+        if config_file is not None and os.path.samefile(config_file, layout.config):
+            return
     write_text_atomic(layout.config, yaml.safe_dump(config.to_dict(), sort_keys=True))
 
 
@@ -65,8 +69,10 @@ def _check_needs(stage: str, planned: list[str], config: RunConfig, layout: RunL
 
 
 def run_pipeline(config: RunConfig, out: str | Path, from_stage: str | None = None,
-                 force: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> dict:
-    """Run every unfinished stage in order; returns {stage: summary}."""
+                 force: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                 config_file: str | Path | None = None) -> dict:
+    """Run every unfinished stage in order; returns {stage: summary}. `config_file`: the file
+    `config` was read from, if any."""
     planned, redo = _plan(from_stage, force, only)
     ctx = RunContext(config, out)
     layout = ctx.layout
@@ -78,7 +84,7 @@ def run_pipeline(config: RunConfig, out: str | Path, from_stage: str | None = No
         for stage in planned:  # every folder to redo is checked before any work
             if stage in redo:
                 check_removable(layout.stage(stage))
-        _check_model(config, layout)
+        _check_model(config, layout, config_file)
         for stage in planned:
             if stage in redo:
                 remove(layout.stage(stage))
