@@ -104,9 +104,13 @@ def test_empty_dataset_is_one_line_error(capsys, tmp_path):
 
 
 def test_output_folder_of_another_model_is_refused(capsys, tmp_path, small_data):
+    from ssah.evaluate.runner import EVALUATION
+    from ssah.io import write_json_atomic
+    from ssah.outputs import OutputFolder
+
     out = tmp_path / "taken"
-    out.mkdir()
-    (out / "eval.json").write_text(json.dumps({"model": {"key": "0123456789abcdef", "spec": "tiny:llama"}}))
+    with OutputFolder(out, EVALUATION):  # an evaluation folder ssah made for another model
+        write_json_atomic(out / "eval.json", {"model": {"key": "0123456789abcdef", "spec": "tiny:llama"}})
     args = ("eval", *FAST, "--suite", "safety", "--system-prompt", "none", "--harmful", small_data["--harmful"],
             "--out", str(out))
     assert_one_line_error(run_cli(capsys, *args), "already holds an evaluation made differently", "--force")
