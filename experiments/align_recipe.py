@@ -99,6 +99,22 @@ def shared_files(run_dir: Path) -> list[Path]:
             layout.unaligned_groups / "scores-safety", layout.unaligned_groups / "scores-utility"]
 
 
+def reuse(first: Path, run_dir: Path) -> None:
+    """Start `run_dir` as a run folder ssah made, holding copies of `first`'s shared files (recorded as
+    ssah's, so the run may rewrite or redo them)."""
+    from ssah.io import atomic_dir, atomic_write
+    from ssah.outputs import OutputFolder
+    from ssah.pipeline.layout import RUN
+
+    with OutputFolder(run_dir, RUN, command="align_recipe.py"):
+        for source, target in zip(shared_files(first), shared_files(run_dir)):
+            if source.is_dir():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(source, tmp, dirs_exist_ok=True)
+            elif source.exists():
+                atomic_write(target, source.read_bytes())
+
+
 def choose(rows: list[dict]) -> dict:
     eligible = [row for row in rows if row["asr"] is not None and row["asr"] <= MAX_ASR]
     if not eligible:
@@ -136,10 +152,7 @@ def main() -> None:
         config_path = args.out / f"{name}.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         if first is not None and not run_dir.exists():
-            for source, target in zip(shared_files(first), shared_files(run_dir)):
-                if source.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+            reuse(first, run_dir)
         summary = run_pipeline(load_config(path=config_path), run_dir, only=("align",))["align"]
         first = first or run_dir
         result = summary["budget"]["eval"]
