@@ -123,3 +123,49 @@ def test_a_typo_fails_before_any_stage_and_the_fix_reuses_finished_stages(tmp_pa
     assert "[groups] done earlier" not in result.out and "[prune] running" in result.out
     summary = json.loads((tmp_path / "run" / "4-prune" / "done.json").read_text())["summary"]
     assert set(summary) == {"none", "SCU", "UCU"}
+
+
+def test_what_a_killed_write_leaves_is_ssahs_and_a_users_look_alike_is_not(tmp_path):
+    from ssah.ownership import Manifest
+
+    out = tmp_path / "out"
+    with OutputFolder(out, KIND):
+        write_json_atomic(out / "sub" / "record.json", {})
+    manifest = Manifest.read(out)
+    assert manifest.files == {"sub/record.json"} and manifest.dirs == {"sub"}
+    (out / "sub" / ".record.json.a1b2c3d4.tmp").write_text("")  # atomic_write cut short by a kill
+    Manifest.read(out).claim(".model.0a1b2c3d", "tree")  # an atomic_dir, recorded whole before it is made
+    (out / ".model.0a1b2c3d").mkdir()
+    (out / ".model.0a1b2c3d" / "weights.bin").write_text("half")  # ... and killed while it was written
+    assert Manifest.read(out).foreign() == []
+    (out / "sub" / ".notes.a1b2c3d4.tmp").write_text("")  # the same shape, around a name ssah never wrote
+    (out / ".record.json.x.tmp").write_text("")  # ssah's name, but in another folder
+    assert Manifest.read(out).foreign() == [".record.json.x.tmp", "sub/.notes.a1b2c3d4.tmp"]
+
+
+def test_a_write_over_a_users_file_or_into_a_users_folder_is_refused(tmp_path):
+    out = tmp_path / "out"
+    with OutputFolder(out, KIND):
+        (out / "record.json").write_text("mine")  # appeared while ssah held the folder, not written by it
+        (out / "theirs").mkdir()
+        with pytest.raises(SsahError, match="record.json exists and ssah did not write it"):
+            write_json_atomic(out / "record.json", {})
+        with pytest.raises(SsahError, match="theirs is a folder ssah did not make"):
+            write_json_atomic(out / "theirs" / "data.bin", {})
+    assert (out / "record.json").read_text() == "mine" and not (out / "theirs" / "data.bin").exists()
+
+
+def test_a_sub_folder_with_its_own_marker_is_judged_by_its_own_record(tmp_path):
+    from ssah.ownership import Manifest
+
+    outer = tmp_path / "outer"
+    with OutputFolder(outer, KIND), OutputFolder(outer / "inner", KIND):  # a command's folder inside another's
+        write_json_atomic(outer / "record.json", {})
+        write_json_atomic(outer / "inner" / "record.json", {})
+    assert Manifest.read(outer).files == {"record.json"} and Manifest.read(outer / "inner").files == {"record.json"}
+    assert Manifest.read(outer).foreign() == []
+    (outer / "inner" / "notes.txt").write_text("mine")
+    assert Manifest.read(outer).foreign() == ["inner/notes.txt"]
+    with OutputFolder(outer / "elsewhere", KIND):  # made while nothing held `outer`: not recorded there
+        pass
+    assert Manifest.read(outer).foreign() == ["elsewhere", "inner/notes.txt"]
