@@ -15,6 +15,7 @@ import yaml
 
 from ssah.config import load_config
 from ssah.errors import SsahError
+from ssah.ownership import Manifest
 from ssah.pipeline import run_pipeline
 from ssah.probe.monitor import MonitorState
 from tests.helpers import assert_one_line_error, run_cli
@@ -56,9 +57,11 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path):
     # Nothing half-written: every JSON parses, temporary folders are hidden and ignored.
     for path in killed.rglob("*.json"):
         json.loads(path.read_text())
+    assert Manifest.read(killed).foreign() == []  # all it left is recorded as ssah's: --force may remove it
 
     run_pipeline(config, killed, only=STAGES)
     assert _numbers(killed) == _numbers(tmp_path / "straight")
+    assert Manifest.read(killed).foreign() == []
 
 
 # (config after the model line, the one-line error it must give)
@@ -111,6 +114,7 @@ def test_rerun_reuses_what_a_change_leaves_valid_and_refuses_another_model(tmp_p
 
 def test_full_run_writes_report_with_verdicts(full_run):
     tmp_path, summaries = full_run
+    assert Manifest.read(tmp_path).foreign() == []  # every file every stage wrote is recorded
     results = json.loads((tmp_path / "results.json").read_text())
     verdicts = results["verdicts"]
     assert set(verdicts) >= {"ru_alignment_lowers_asr", "ru_alignment_beats_random_budget",

@@ -91,7 +91,19 @@ def assets(tmp_path_factory):
     _cli("finetune", *TINY, "--data", f"jsonl:{a / 'pairs.jsonl'}", "--max-steps", "1", "--out", str(a / "tuned"))
     (a / "run.yaml").write_text(RUN_CONFIG)
     _cli("run", "--config", str(a / "run.yaml"), "--out", str(a / "run"), "--only", "baseline")
+    _cli(*COMMANDS["probe"][0](a, a / "probe"))
+    _cli(*COMMANDS["faithfulness"][0](a, a / "faithfulness"))
     return a
+
+
+@pytest.mark.parametrize("folder", ["safety", "groups", "eval", "pruned", "tuned", "transfer", "run", "probe",
+                                    "faithfulness"])
+def test_every_file_a_command_writes_is_recorded(assets, folder):
+    from ssah.ownership import Manifest
+
+    manifest = Manifest.read(assets / folder)
+    assert manifest is not None and manifest.files
+    assert manifest.foreign() == []
 
 
 # command -> (argv for an --out folder, whether it takes --force)

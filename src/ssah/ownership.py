@@ -165,7 +165,7 @@ class Manifest:
         """Write the marker atomically (temporary sibling, then rename). Not fsynced: it must
         survive a killed process, which the page cache does, and it is rewritten on every new path."""
         self.marker.update(files=sorted(self.files), dirs=sorted(self.dirs), trees=sorted(self.trees))
-        fd, tmp = tempfile.mkstemp(prefix=f"{MARKER}.", suffix=".tmp", dir=self.root)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", suffix=".tmp", dir=self.root)  # as atomic_write names it
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(self.marker, handle, indent=1, ensure_ascii=False)
