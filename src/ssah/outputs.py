@@ -45,9 +45,10 @@ _MB = 1 << 20
 
 @dataclass(frozen=True)
 class OutputKind:
-    """A kind of output folder: its name and the names ssah writes in it (glob patterns, for help
-    and messages). `record`: the file whose presence marks a finished output of this kind (e.g.
-    eval.json). `whole`: written whole into a sibling and swapped in (models)."""
+    """A kind of output folder: its name, and the names ssah writes in it (glob patterns: the layout,
+    for readers; what ssah did write is the folder's record, `ssah.ownership`). `record`: the file
+    whose presence marks a finished output of this kind (e.g. eval.json). `whole`: written whole
+    into a sibling and swapped in (models)."""
 
     name: str
     own: tuple[str, ...]
