@@ -169,3 +169,15 @@ def test_a_sub_folder_with_its_own_marker_is_judged_by_its_own_record(tmp_path):
     with OutputFolder(outer / "elsewhere", KIND):  # made while nothing held `outer`: not recorded there
         pass
     assert Manifest.read(outer).foreign() == ["elsewhere", "inner/notes.txt"]
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_and_read_back(tmp_path):
+    from ssah.ownership import Manifest
+
+    out = tmp_path / "out"
+    name = os.fsdecode(b"caf\xe9.bin")  # Latin-1 bytes: a lone surrogate in Python
+    with OutputFolder(out, KIND):
+        from ssah.io import atomic_write
+
+        atomic_write(out / name, b"x")
+    assert Manifest.read(out).files == {name} and Manifest.read(out).foreign() == []

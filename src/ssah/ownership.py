@@ -168,7 +168,7 @@ class Manifest:
         fd, tmp = tempfile.mkstemp(prefix=f".{MARKER}.", suffix=".tmp", dir=self.root)  # as atomic_write names it
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.marker, handle, indent=1, ensure_ascii=False)
+                json.dump(self.marker, handle, indent=1)  # ASCII: a name that is not UTF-8 is kept as an escape
                 handle.write("\n")
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, self.root / MARKER)
