@@ -88,6 +88,16 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def _ssah_run(folder: Path, config_text: str) -> None:
+    """A run folder ssah made (its marker records config.yaml), holding `config_text` as its config."""
+    from ssah.io import write_text_atomic
+    from ssah.outputs import OutputFolder
+    from ssah.pipeline.layout import RUN
+
+    with OutputFolder(folder, RUN):
+        write_text_atomic(folder / "config.yaml", config_text)
+
+
 def _config(w: Path, body: str, name: str = "run.yaml") -> str:
     _write(w / name, "model: tiny:llama\ndevice: cpu\n" + body)
     return str(w / name)
@@ -175,7 +185,7 @@ CASES: list[Case] = [
     Case("run into a folder made for another model", lambda w, a: [
         "run", "--config", _config(w, ""), "--out", str(w / "o"), "--only", "baseline"],
         ("holds a run of model 'tiny:qwen2'",),
-        setup=lambda w, a: _write(w / "o" / "config.yaml", "model: tiny:qwen2\n")),
+        setup=lambda w, a: _ssah_run(w / "o", "model: tiny:qwen2\n")),
     Case("an evaluation of another model", lambda w, a: ["eval", *EVAL[:-6], "--suite", "safety", "--limit", "2",
                                                          "--max-new-tokens", "2", "--system-prompt", "none",
                                                          "--model", "tiny:qwen2", "--out", str(w / "e")],
