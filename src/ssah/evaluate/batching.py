@@ -370,7 +370,7 @@ def _memory_cap(model, context: int) -> int:
 
 @torch.inference_mode()
 def measure_slots(model, *, context: int = 96, steps: int = 3, candidates: Sequence[int] = SLOT_CANDIDATES,
-                  step_budget_s: float = 1.0, gain: float = 1.1) -> SlotChoice:
+                  step_budget_s: float = 4.0, gain: float = 1.1) -> SlotChoice:
     """Decoding row-steps per second at growing slot counts; the choice is the smallest count within
     `gain` of the fastest (more slots would share too little more to be worth their memory). Every
     count is measured, so one slow measurement on a shared machine does not end the search.
