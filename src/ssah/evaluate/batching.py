@@ -326,7 +326,8 @@ class SlotChoice:
 
 
 def _machine_key(model) -> str:
-    """What a measured slot count depends on: the model's shape and dtype, the device, torch's threads."""
+    """What a measured slot count depends on: the model's shape and dtype, the device, torch's threads,
+    and the measurement rule (`rule`: choices an earlier rule made are measured again)."""
     import torch
 
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else {}
@@ -341,8 +342,8 @@ def _machine_key(model) -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
     except OSError:
         cpu = ""
-    payload = {"shape": shape, "dtype": str(parameter.dtype), "device": device.type, "where": where, "cpu": cpu,
-               "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__}
+    payload = {"rule": 2, "shape": shape, "dtype": str(parameter.dtype), "device": device.type, "where": where,
+               "cpu": cpu, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
