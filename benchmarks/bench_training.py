@@ -44,7 +44,7 @@ forwards), attention's score products aside; the full-logits side computes the L
 position, the response-only side where labels are learned. On the built-in model the head
 (49,152 x 576) holds a fifth of the weights, and the loss's softmax over 49,152 entries per position
 adds memory traffic the FLOP count does not show: computing both only at the learned positions is
-where the time goes. The share of the roofline says how much faster the same arithmetic could run
+what the response-only side saves. The share of the roofline says how much faster the same arithmetic could run
 on this machine: small matrices (batch x length rows of 576 features) and the backward's
 transposed products run below a large square matmul's rate."""
 
