@@ -12,7 +12,6 @@ and per-repeat ratios.
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -50,11 +49,12 @@ def run(loaded, batch: int = 8, tokens: int = 32, repeats: int = 3) -> dict:
     depth = states_h.shape[1]
     directions = compute_directions(states_h, states_b, list(range(depth)))
     middle = depth // 2
+    never = 1e30  # a threshold no score reaches (settings take finite numbers only): the monitor's cost alone
     variants = {
-        "1 layer, stop": MonitorConfig(layers=[middle], threshold=math.inf),
-        "1 layer, steer": MonitorConfig(layers=[middle], threshold=math.inf, action="steer"),
+        "1 layer, stop": MonitorConfig(layers=[middle], threshold=never),
+        "1 layer, steer": MonitorConfig(layers=[middle], threshold=never, action="steer"),
         "3 layers, stop": MonitorConfig(layers=sorted({max(0, middle - 4), middle, min(depth - 1, middle + 4)}),
-                                        threshold=math.inf),
+                                        threshold=never),
     }
     states = {name: MonitorState.from_directions(directions, config, depth) for name, config in variants.items()}
     inputs = {k: v.to(loaded.device) for k, v in encode_prompts(tok, harmful[16:16 + batch]).items()}
