@@ -347,6 +347,21 @@ def _machine_key(model) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _available_memory() -> int:
+    """Bytes the system can give without swapping (MemAvailable: free memory plus reclaimable caches)."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (OSError, ValueError, AttributeError):
+        return 8 * 2**30
+
+
 def _memory_cap(model, context: int) -> int:
     """The most slots whose caches of `context` tokens fill at most a quarter of the free memory."""
     import torch
@@ -362,10 +377,7 @@ def _memory_cap(model, context: int) -> int:
     if parameter.device.type == "cuda":
         free = torch.cuda.mem_get_info(parameter.device)[0]
     else:
-        try:
-            free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-        except (OSError, ValueError, AttributeError):
-            free = 8 * 2**30
+        free = _available_memory()
     return max(1, int(free / 4 // max(1, per_row)))
 
 
