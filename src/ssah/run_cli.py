@@ -45,7 +45,7 @@ def run(preset, config_file, model, out, from_stage, force, only) -> None:
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
 @stage_options
 def demo(out, from_stage, force, only) -> None:
-    """The `demo` preset on the built-in model (about 20 minutes on 2 CPU cores)."""
+    """The `demo` preset: the whole study on the built-in model, its controls included."""
     _run("demo", None, out, from_stage, force, only)
 
 
