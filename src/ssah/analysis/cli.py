@@ -45,7 +45,7 @@ def transfer(before_dir: str, after_dir: str, out: str) -> None:
               help="write the HTML here instead (RUN_DIR is then left as it is)  [default: RUN_DIR/report.html]")
 def report(run_dir: str, out: str | None) -> None:
     """Render a run folder's report.html and results.json again from the stages that finished (runs no stage)."""
-    from ssah.analysis.report import rerender
+    from ssah.pipeline.stages.report import rerender
 
     for path in rerender(run_dir, out):
         click.echo(f"wrote {path}")

@@ -3,10 +3,10 @@ report.html; the verdicts come from `ssah.analysis.verdicts`.
 
 `render_report` takes the summaries of the finished stages (`ssah.pipeline.stages.report.finished_summaries`,
 an explicit list of stages), computes the verdicts from them and the evaluations' replies, gathers a few
-replies of each evaluation and writes both files; the report stage and `ssah report` (`rerender`) both
-call it. The HTML shows every rate with its Wilson 95% interval, every test with its
-p-value, bar charts with interval error bars, and the paper's numbers beside ours (labelled with the
-paper's model, which is not ours).
+replies of each evaluation and writes both files; the report stage and `ssah report`
+(`ssah.pipeline.stages.report.rerender`) both call it. The HTML shows every rate with its Wilson 95%
+interval, every test with its p-value, bar charts with interval error bars, and the paper's numbers
+beside ours (labelled with the paper's model, which is not ours).
 """
 
 import logging
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ssah.analysis.report_data import PAPER, gather_examples, gather_rule_agreement
 from ssah.analysis.report_html import report_html
-from ssah.errors import SsahError
 from ssah.io import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -63,34 +62,3 @@ def render_report(config, layout, summaries: dict, html_path: Path | None = None
         log.info(f"  {v['verdict']:<13} {v['claim']}")
     log.info("report: %s", html_path)
     return {"verdicts": {k: v["verdict"] for k, v in verdicts.items()}}
-
-
-def rerender(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """`ssah report`: render a run folder's report again from the stages that finished, running none.
-    Writes RUN_DIR/report.html and results.json, only into a run folder ssah made (locked meanwhile),
-    or with `out` only the HTML there (an existing file is replaced only when ssah wrote it there and
-    it has not changed since: `ssah.outputs.check_file`). Returns the paths written."""
-    from ssah.config import load_config
-    from ssah.outputs import OutputFolder, check_file, read_marker, record_file
-    from ssah.pipeline.context import study_of
-    from ssah.pipeline.layout import CONFIG_FILE, RUN, RunLayout
-    from ssah.pipeline.stages.report import finished_summaries
-
-    root = Path(run_dir)
-    marker = read_marker(root) if root.is_dir() else None
-    if not (root / CONFIG_FILE).is_file() or marker is None or marker.get("kind") != RUN.name:
-        raise SsahError(f"{root} is not a run folder ssah made (no {CONFIG_FILE} with a run marker); give the "
-                        "--out folder of ssah run")
-    config = load_config(path=root / CONFIG_FILE)
-    layout = RunLayout(root, study_of(config))
-    summaries = finished_summaries(config, layout)
-    if out is None:
-        with OutputFolder(root, RUN, command="ssah report"):
-            render_report(config, layout, summaries)
-        return [layout.results, layout.report]
-    target = Path(out)
-    check_file(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    render_report(config, layout, summaries, html_path=target, write_results=False)
-    record_file(target)
-    return [target]

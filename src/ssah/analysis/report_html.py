@@ -28,7 +28,7 @@ from ssah.analysis.report_format import (
     verdict_tests_html,
 )
 
-REPORT_TITLE = "ssah report"  # in every report's <title>: how `rerender` knows a file it may replace
+REPORT_TITLE = "ssah report"  # in every report's <title>: how `ssah report` knows a file it may replace
 
 
 def _examples_html(examples: list[tuple[str, list[dict]]]) -> list[str]:
