@@ -210,7 +210,10 @@ class LlamaGuardJudge:
                                  model_key=f"judge:{self.kind}:{self.fingerprint}",
                                  max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, cache=cache,
                                  progress=progress, desc="judging")
-        return [parse_guard_output(out.reply) for out in outputs]
+        return [self.parse(out.reply) for out in outputs]
+
+    def parse(self, text: str) -> JudgeVerdict:
+        return parse_guard_output(text)
 
     def close(self) -> None:
         """Drop the judge model (and free GPU memory where there is some)."""
@@ -286,16 +289,8 @@ class RubricJudge(LlamaGuardJudge):
         return self.loaded.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                          add_generation_prompt=True)
 
-    def judge(self, prompts: Sequence[str], replies: Sequence[str], *, cache: GenerationCache | None = None,
-              progress: bool = True) -> list[JudgeVerdict]:
-        if len(prompts) != len(replies):
-            raise ValueError(f"{len(prompts)} prompts but {len(replies)} replies")
-        texts = [self.render(prompt, reply) for prompt, reply in zip(prompts, replies)]
-        outputs = generate_texts(self.loaded.model, self.loaded.tokenizer, texts,
-                                 model_key=f"judge:{self.kind}:{self.fingerprint}",
-                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, cache=cache,
-                                 progress=progress, desc="judging")
-        return [parse_rubric_output(out.reply, self.threshold) for out in outputs]
+    def parse(self, text: str) -> JudgeVerdict:
+        return parse_rubric_output(text, self.threshold)
 
 
 def judged_text(row: dict) -> str:
