@@ -241,18 +241,21 @@ def direction_part(what: str, flags: tuple[list[bool], list[bool]] | None, direc
     text = (f"{what}: {outcome} {_pct(test['before'])} {before}, {_pct(test['after'])} {after} "
             f"({_pts(test['difference'])}, 95% interval {_interval(*test['ci'])}; "
             f"{_prompts(test['rose'])} rose, {test['fell']} fell; {p_text(test)})")
-    moved = test["rose"] - test["fell"]
-    if test["rose"] + test["fell"] == 0:
-        result, reason = INCONCLUSIVE, "no prompt changed, so no test can tell"
-    elif test["p_value"] < ALPHA and moved * direction > 0:
-        result, reason = HELD, None
-    elif test["p_value"] < ALPHA and moved * direction < 0:
-        result, reason = NOT_HELD, None
-    else:
-        result, reason = INCONCLUSIVE, f"{p_text(test)} is not below {ALPHA}"
+    result, reason = _two_sided(test, test["rose"] + test["fell"], (test["rose"] - test["fell"]) * direction,
+                                "no prompt changed, so no test can tell")
     return _part(what, "exact McNemar", test["n"], result, text, reason, test["mde"], _MCNEMAR_MDE,
                  p_value=test["p_value"], ci=test["ci"], estimate=test["difference"], rose=test["rose"],
                  fell=test["fell"], n_unknown=unknown)
+
+
+def _two_sided(test: dict, changed: int, signed_effect: float, unchanged: str) -> tuple[str, str | None]:
+    """(result, reason) of a two-sided paired test: held when significant in the claimed direction
+    (`signed_effect` > 0), not held when significant against it, inconclusive otherwise."""
+    if changed == 0:
+        return INCONCLUSIVE, unchanged
+    if test["p_value"] < ALPHA and signed_effect != 0:
+        return (HELD if signed_effect > 0 else NOT_HELD), None
+    return INCONCLUSIVE, f"{p_text(test)} is not below {ALPHA}"
 
 
 def bound_part(what: str, flags: tuple[list[bool], list[bool]] | None, bound: float, at_most: bool,
@@ -296,14 +299,7 @@ def mean_part(what: str, differences: list[float] | None, direction: int, text: 
     mean = test["mean_difference"]
     differ = f"{_prompts(test['nonzero'])} {'differs' if test['nonzero'] == 1 else 'differ'}"
     text = f"{what}: {text} (mean per-prompt difference {_pts(mean)}, {differ}; {p_text(test)})"
-    if test["nonzero"] == 0:
-        result, reason = INCONCLUSIVE, "no prompt differs, so no test can tell"
-    elif test["p_value"] < ALPHA and mean * direction > 0:
-        result, reason = HELD, None
-    elif test["p_value"] < ALPHA and mean * direction < 0:
-        result, reason = NOT_HELD, None
-    else:
-        result, reason = INCONCLUSIVE, f"{p_text(test)} is not below {ALPHA}"
+    result, reason = _two_sided(test, test["nonzero"], mean * direction, "no prompt differs, so no test can tell")
     share = test["nonzero"] / test["n"]
     return _part(what, "paired sign-flip permutation test", test["n"], result, text, reason,
                  mde_paired_proportions(test["n"], share), _MCNEMAR_MDE, p_value=test["p_value"],
