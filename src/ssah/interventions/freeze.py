@@ -37,7 +37,7 @@ from torch import nn
 
 from ssah.errors import SsahError
 from ssah.interventions.base import Intervention
-from ssah.interventions.masks import UnitMask
+from ssah.interventions.masks import UnitMask, outside_slices
 from ssah.train.sharding import full, is_sharded, local, row_offset
 from ssah.units.layout import UnitLayout
 
@@ -105,25 +105,22 @@ class UnitFreezer(Intervention):
         self.copy = copy
         self.mode: str | None = None  # "masked" or "copy", set by wrap_optimizer
         params = dict(model.named_parameters())
-        slices = mask.owned_slices(layout)
         self._slices: list[_FrozenSlice] = []
         self._whole: list[str] = []
         self._hooks = []
         self._decay: list[tuple[dict, float]] = []  # (param group, weight decay) taken over in masked mode
         self._optimizer_hooks = []
         if train_only:
-            trainable_params = {name for name, _ in slices}
+            _, outside = outside_slices(mask, layout)  # frozen: every entry no budget unit owns
+            partly = {name for name, _ in outside}
             for name, param in params.items():
-                if name not in trainable_params:
+                if name not in partly:
                     param.requires_grad_(False)
                     self._whole.append(name)
-            for (name, dim), keep in slices.items():
-                # Frozen = every position along `dim` that no budget unit owns.
-                frozen = torch.ones(params[name].shape[dim], dtype=torch.bool)
-                frozen[keep] = False
-                self._add(name, params[name], dim, frozen.nonzero().flatten())
+            for (name, dim), positions in outside.items():
+                self._add(name, params[name], dim, positions)
         else:
-            for (name, dim), positions in slices.items():
+            for (name, dim), positions in mask.owned_slices(layout).items():
                 self._add(name, params[name], dim, positions)
         self._sharded = False  # parameters moved onto FSDP2 shards (see `_follow_shards`)
         self._index_rows()

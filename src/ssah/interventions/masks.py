@@ -73,6 +73,26 @@ class UnitMask:
         return {key: torch.cat(parts).unique(sorted=True) for key, parts in merged.items()}
 
 
+def outside_slices(mask: UnitMask, layout: UnitLayout) -> tuple[list[str], dict[tuple[str, int], torch.Tensor]]:
+    """The parameter entries no unit of `mask` owns: (parameters none of its units owns any entry of,
+    {(parameter name, axis): sorted positions along that axis no selected unit owns} for the others).
+    With every unit selected this is what no unit owns at all (embeddings and head, norms, q/k rows,
+    shared v rows, shared biases): the one definition of "outside the units" that freezing with
+    `train_only` and restoring (`ssah.interventions.restore`) share."""
+    slices = mask.owned_slices(layout)
+    axes: dict[str, int] = {}
+    for name, dim in slices:
+        if axes.setdefault(name, dim) != dim:
+            raise SsahError(f"units own entries of {name} along two axes; its unowned entries are not one slice")
+    whole = [name for name in layout.param_shapes if name not in axes]
+    partial = {}
+    for (name, dim), owned in slices.items():
+        outside = torch.ones(layout.param_shapes[name][dim], dtype=torch.bool)
+        outside[owned] = False
+        partial[(name, dim)] = outside.nonzero().flatten()
+    return whole, partial
+
+
 def random_mask(layout: UnitLayout, share: float, seed: int = 0, fingerprint: str | None = None) -> UnitMask:
     """Each unit of a layout drawn independently with probability `share` (seeded), e.g. a
     baseline or a stand-in for groups in tests and benchmarks."""
