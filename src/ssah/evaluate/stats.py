@@ -91,10 +91,7 @@ def paired_bootstrap(before: Sequence[float], after: Sequence[float], resamples:
         raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
     diffs = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
     n = len(diffs)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // n)  # bounds the index matrix's memory
-    means = np.concatenate([diffs[rng.integers(0, n, size=(min(chunk, resamples - start), n))].mean(axis=1)
-                            for start in range(0, resamples, chunk)])
+    means = np.concatenate([diffs[rows].mean(axis=1) for rows in _resampled_rows(n, resamples, seed)])
     alpha = (1.0 - level) / 2
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     below, above = int((means <= 0).sum()), int((means >= 0).sum())
@@ -102,6 +99,56 @@ def paired_bootstrap(before: Sequence[float], after: Sequence[float], resamples:
     return {"mean_difference": float(diffs.mean()), "ci": [float(low), float(high)], "p_value": p_value, "n": n,
             "resamples": resamples, "seed": seed, "level": level, "alternative": "two-sided",
             "p_floor": min(1.0, 2 / (resamples + 1))}
+
+
+def _resampled_rows(n: int, resamples: int, seed: int):
+    """`resamples` draws of n item indices with replacement (seeded), in chunks that bound the memory."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // n)
+    for start in range(0, resamples, chunk):
+        yield rng.integers(0, n, size=(min(chunk, resamples - start), n))
+
+
+def paired_share_bootstrap(low: Sequence[float], high: Sequence[float], middle: Sequence[float],
+                           resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """The share of a paired rise from `low` to `high` that `middle` takes back, with a percentile
+    bootstrap interval: share = mean(high - middle) / mean(high - low), the three values of each item
+    resampled together (as `paired_bootstrap`). E.g. low: an aligned model's per-prompt attack success,
+    high: the attacked model's, middle: the attacked model with some aligned weights put back; 1 means
+    all of the rise undone, 0 none of it.
+
+    Where the rise is not positive the share means nothing: `share` and `ci` are None and `reason`
+    says why. Resamples whose rise is not positive are left out of the interval; `resamples_used`
+    counts the rest (`ci` is None when none is left).
+    """
+    import numpy as np
+
+    lengths = {len(low), len(high), len(middle)}
+    if len(lengths) != 1 or not low:
+        raise ValueError(f"the share needs three equally long, non-empty lists, got lengths {sorted(lengths)}")
+    values = np.asarray([low, high, middle], dtype=np.float64)
+    rise, taken = values[1] - values[0], values[1] - values[2]
+    out = {"rise": float(rise.mean()), "taken_back": float(taken.mean()), "share": None, "ci": None,
+           "reason": None, "n": len(rise), "resamples": resamples, "resamples_used": 0, "seed": seed,
+           "level": level}
+    if out["rise"] <= 0:
+        out["reason"] = f"no rise to take back (mean rise {out['rise']:+.3f})"
+        return out
+    out["share"] = out["taken_back"] / out["rise"]
+    rises, takens = [], []
+    for rows in _resampled_rows(len(rise), resamples, seed):
+        rises.append(rise[rows].mean(axis=1))
+        takens.append(taken[rows].mean(axis=1))
+    rises, takens = np.concatenate(rises), np.concatenate(takens)
+    kept = rises > 0
+    out["resamples_used"] = int(kept.sum())
+    if kept.any():
+        alpha = (1.0 - level) / 2
+        low_q, high_q = np.quantile(takens[kept] / rises[kept], [alpha, 1.0 - alpha])
+        out["ci"] = [float(low_q), float(high_q)]
+    return out
 
 
 # -- a paired difference of proportions: Tango's score interval, Newcombe's hybrid, the MDE ------------
