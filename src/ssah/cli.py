@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
                      "Which score finds safety units: prune SCU/UCU/RU per scorer x normalisation x ranking."),
     "eval": ("ssah.evaluate.cli", "eval_command", "Evaluate safety, prefill attacks, over-refusal and utility."),
     "prune": ("ssah.interventions.cli", "prune", "Zero a unit mask permanently and save a Hugging Face folder."),
+    "restore": ("ssah.interventions.cli", "restore",
+                "Put aligned weights back one parameter group at a time: the share of the ASR rise each undoes."),
     "finetune": ("ssah.train.cli", "finetune", "Supervised fine-tuning, optionally with frozen units or LoRA."),
     "align": ("ssah.train.cli", "align", "Safety alignment that trains only a unit budget (e.g. RU)."),
     "probe": ("ssah.probe.cli", "probe", "Reasoning-direction probe: refusal vs compliance per layer and step."),
