@@ -3,6 +3,12 @@
 `pruned(...)` is reversible (an `Intervention`: the model is restored on exit, even on error);
 `prune_` is permanent. Both edit weights rather than add hooks, so a pruned model saved with
 `save_pretrained` is a normal Hugging Face model that computes exactly what `pruned` computed.
+
+Where a norm follows each sublayer before the residual add (Gemma 2 and 3, see
+`ssah.units.layout`), zeroing removes the units' terms from the sublayer's output, but the norm
+rescales what remains to the same rms per token: pruning a group changes the direction of that
+sublayer's contribution to the residual stream, not its size, and the remaining units of the
+sublayer are scaled up. Only pruning all of a sublayer's units removes its contribution.
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ which linear maps form each block's two depth-2 maps f(X) = B s(A X) (paper Eq. 
 - MLP:       A = gate/up projections (fused in Phi-3), B = down projection.
 - attention: A = q/k/v projections, B = output projection.
 
+Gemma 2 and 3 also normalise each sublayer's output before adding it to the residual stream
+(`post_norms`): there a unit's contribution reaches the residual stream as
+B[:, j] X_j * (offset + w) / rms(B X), see `ssah.units.layout.PostNorm`.
+
 Everything else (the unit layout, scorers, masks) asks `ssah.units.layout.UnitLayout`, which
 is built from an adapter. To support a new family, add an `Adapter` to `ADAPTERS` below with
 its `config.model_type` values and module paths, then run `pytest tests/test_layout.py`.
@@ -34,6 +38,9 @@ class Adapter:
     attn_qkv: tuple[str, ...]  # (q, k, v) modules, or one fused module
     qkv_layout: QkvLayout
     conv1d: bool = False  # GPT-2 style Conv1D stores weights as [in, out] instead of [out, in]
+    # RMSNorms applied to the output of B before the residual add: (after attention, after the MLP).
+    post_norms: tuple[str, str] | None = None
+    post_norm_gain_offset: float = 0.0  # the norm multiplies by offset + weight (Gemma: 1 + weight)
 
     @property
     def out_dim(self) -> int:
@@ -58,8 +65,15 @@ _LLAMA_LIKE = dict(
 
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter(
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+        # Gemma (1)'s post_attention_layernorm is the norm before the MLP, not a post norm.
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma"),
         **_LLAMA_LIKE,
+    ),
+    Adapter(
+        model_types=("gemma2", "gemma3_text"),
+        **_LLAMA_LIKE,
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+        post_norm_gain_offset=1.0,
     ),
     Adapter(
         model_types=("phi3",),

@@ -47,6 +47,10 @@ def units(model_args: dict, attn_unit: str, as_json: bool) -> None:
     click.echo(f"parameters   {summary['parameters_total']:,} total, "
                f"{summary['parameters_owned_by_units']:,} owned by units ({share:.1%}), "
                f"{summary['parameters_not_owned']:,} not (embeddings, norms, q/k, shared v, biases of B)")
+    if any(summary["post_norms"].values()):
+        names = ", ".join(f"{kind}: {name}" for kind, name in summary["post_norms"].items() if name)
+        click.echo(f"post norms   {names} (each sublayer's output is RMS-normalised before the residual add: "
+                   "scores include the norm; pruning units rescales the rest of their sublayer)")
 
 
 @click.command("score")

@@ -17,14 +17,28 @@ Two unit kinds per layer:
   With ``attn_unit="head"`` a unit is a whole head: all its o_proj columns and q rows, plus its
   k/v rows when its key-value head is not shared.
 
-Zeroing all of a unit's owned entries removes exactly its contribution (the B column alone is
-enough for that); tests check this against a hook that zeroes the unit at the input of B.
+Zeroing all of a unit's owned entries removes exactly its contribution to the output of B (the B
+column alone is enough for that); tests check this against a hook that zeroes the unit at the input
+of B.
+
+Post norms (Gemma 2 and 3). There the output y = B X of each sublayer passes an RMSNorm before the
+residual add: the residual stream receives g * y / rms(y) per token, with a learned per-channel gain
+g = 1 + w (`PostNorm`). A unit's contribution there is g * B[:, j] X_j / rms(y): its gain is fixed,
+its per-token scale 1 / rms(y) is shared by all units of the sublayer. So on these families:
+
+- pruning a unit removes its term from y exactly, but the residual change is not its term alone:
+  the remaining units' terms are divided by the new rms of y, so they are rescaled;
+- pruning a group keeps the sublayer's output at the same rms per token (only its direction
+  changes); only pruning every unit of a sublayer (y = 0) removes the sublayer's output;
+- activation scores (`ssah.units.scoring`) measure each unit's term where it enters the residual
+  stream, gain and per-token scale included; gradient scores see the norm through autograd.
+
 This module is the only one (besides the adapters) that maps units to module names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -54,6 +68,27 @@ class OwnedSlice:
 
 
 @dataclass(frozen=True)
+class PostNorm:
+    """An RMSNorm between the output y of B and the residual add: y * (gain_offset + w) / rms(y)."""
+
+    module: str
+    gain_offset: float
+
+    def gain(self, model: nn.Module) -> torch.Tensor:
+        """The per-channel gain g (float64 [hidden])."""
+        return model.get_submodule(self.module).weight.detach().to(torch.float64) + self.gain_offset
+
+    def scale(self, model: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """1 / rms(y) per token (float64 [..., 1]), with the norm's own epsilon."""
+        norm = model.get_submodule(self.module)
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        if eps is None:
+            raise SsahError(f"{self.module} has no epsilon (eps); the adapter in ssah/models/adapters.py "
+                            "does not match this implementation")
+        return torch.rsqrt(y.to(torch.float64).square().mean(dim=-1, keepdim=True) + eps)
+
+
+@dataclass(frozen=True)
 class UnitBlock:
     """The units of one kind in one layer."""
 
@@ -65,6 +100,7 @@ class UnitBlock:
     b_in_dim: int  # axis of b_weight indexing input channels
     b_channels: torch.Tensor  # long [num_units, width]: B input channels of each unit
     owned: tuple[OwnedSlice, ...]
+    post_norm: PostNorm | None = None  # the norm applied to B's output before the residual add
 
 
 @dataclass
@@ -98,6 +134,12 @@ class UnitLayout:
             prefix = f"{adapter.layers}.{layer}."
             blocks["mlp"].append(_mlp_block(adapter, prefix, layer, shapes))
             blocks["attn"].append(_attn_block(adapter, prefix, layer, shapes, config, attn_unit))
+        if adapter.post_norms is not None:
+            for kind, module in zip(("attn", "mlp"), adapter.post_norms):
+                for layer, block in enumerate(blocks[kind]):
+                    name = f"{adapter.layers}.{layer}.{module}"
+                    _require(shapes, f"{name}.weight")
+                    blocks[kind][layer] = replace(block, post_norm=PostNorm(name, adapter.post_norm_gain_offset))
         return cls(config.model_type, num_layers, attn_unit, blocks, shapes)
 
     # -- sizes -------------------------------------------------------------------------
@@ -150,6 +192,9 @@ class UnitLayout:
             "parameters_total": total_params,
             "parameters_owned_by_units": owned,
             "parameters_not_owned": total_params - owned,
+            # Per kind, the norm applied to B's output before the residual add (None: the output is added as is).
+            "post_norms": {kind: (self.blocks[kind][0].post_norm.module.rsplit(".", 1)[-1]
+                                  if self.blocks[kind][0].post_norm else None) for kind in self.kinds},
         }
 
     # -- parameter edits -----------------------------------------------------------------
