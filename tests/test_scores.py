@@ -30,15 +30,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _activations(model, layout, batches, scope):
-    """Every B input activation of the tokens in scope, per (kind, layer), as float64 NumPy [N, C]."""
+    """Every B input activation of the tokens in scope, per (kind, layer), as float64 NumPy [N, C].
+
+    Where a post norm (Gemma 2 and 3) follows B, each token's activations are divided by the rms of
+    B's output that token, as the norm divides the unit's output before the residual add."""
     store = {(kind, block.layer): [] for kind in layout.kinds for block in layout.blocks[kind]}
     handles, current = [], {}
     for kind in layout.kinds:
         for block in layout.blocks[kind]:
-            def hook(module, args, key=(kind, block.layer)):
-                x = args[0]
-                store[key].append(x.reshape(-1, x.shape[-1])[current["mask"]].double().numpy())
-            handles.append(model.get_submodule(block.b_module).register_forward_pre_hook(hook))
+            def hook(module, args, output, key=(kind, block.layer), post_norm=block.post_norm):
+                x = args[0].double()
+                if post_norm is not None:
+                    eps = model.get_submodule(post_norm.module).eps
+                    x = x / (output.double().square().mean(-1, keepdim=True) + eps).sqrt()
+                store[key].append(x.reshape(-1, x.shape[-1])[current["mask"]].numpy())
+            handles.append(model.get_submodule(block.b_module).register_forward_hook(hook))
     with torch.no_grad():
         for batch in batches:
             current["mask"] = scope_mask(batch, scope).reshape(-1)
@@ -56,6 +62,9 @@ def _brute_force(model, layout, acts, scorer):
         for block in layout.blocks[kind]:
             x = acts[(kind, block.layer)]
             weight = model.get_submodule(block.b_module).weight.detach().double().numpy()
+            if block.post_norm is not None:  # Gemma's RMSNorm multiplies output channel i by 1 + w_i
+                gain = 1 + model.get_submodule(block.post_norm.module).weight.detach().double().numpy()
+                weight = weight * gain[:, None]
             col_sq = (weight ** 2).sum(axis=1 - block.b_in_dim)
             per_channel = {
                 "variance": np.var(x, axis=0, ddof=1) * col_sq,

@@ -5,6 +5,14 @@
   activations of the tokens in scope into float64 running statistics (Chan's parallel update), so the
   result depends neither on the batch size nor on padding. Once the last hook of a batch has fired the
   forward pass is stopped: the rest of the network (final layer norm, LM head) cannot change X.
+  Where a norm follows B before the residual add (Gemma 2 and 3, see `ssah.units.layout`), a unit's
+  term reaches the residual stream as g * B[:, j] X_j / rms(B X): the hook then sees B's output too
+  and records X_j / rms(B X) per token, and B's columns are multiplied by the norm's gain g, so Eq. 1
+  measures the unit where it enters the residual stream: it then matches the effect of pruning the
+  unit alone (tests/test_post_norms.py). Measured at the input of B instead, scores miss the gain
+  (per channel; on Gemma 3 270M its mean grows from about 1 to about 300 with depth) and the
+  per-token scale (shared within a sublayer, not across sublayers), so they rank units wrongly within
+  a layer and by orders of magnitude across layers. Families without such a norm score as before.
 - Gradient scorers (`snip`) run one forward and one backward per batch for all layers at once, with
   gradients enabled only on parameters some unit owns. A hook on each such parameter reduces its
   gradient to per-unit sums as soon as it is accumulated and then frees it, so no per-weight score
@@ -157,17 +165,29 @@ class _StopForward(Exception):
 
 
 @contextlib.contextmanager
-def block_inputs(model, modules: list, on_input):
+def block_inputs(model, modules: list, on_input, post_norms: list | None = None):
     """Forward pre-hooks handing each module's input to `on_input(index, x)`; yields `forward(batch)`,
-    which runs the model on a batch and stops it once the last module has had its input."""
+    which runs the model on a batch and stops it once the last module has had its input.
+
+    Where `post_norms[index]` is a `PostNorm`, the module's input reaches `on_input` scaled per token
+    by that norm's 1 / rms of the module's output (a forward hook then sees both)."""
     fired = [0]
+
+    def count() -> None:
+        fired[0] += 1
+        if fired[0] == len(modules):
+            raise _StopForward
 
     def make_hook(index: int):
         def hook(module, args):
             on_input(index, args[0])
-            fired[0] += 1
-            if fired[0] == len(modules):
-                raise _StopForward
+            count()
+        return hook
+
+    def make_scaled_hook(index: int, post_norm):
+        def hook(module, args, output):
+            on_input(index, args[0].to(torch.float64) * post_norm.scale(model, output))
+            count()
         return hook
 
     def forward(batch: dict[str, torch.Tensor]) -> None:
@@ -175,7 +195,10 @@ def block_inputs(model, modules: list, on_input):
         with contextlib.suppress(_StopForward):
             model(**_model_inputs(model, batch), use_cache=False)
 
-    handles = [module.register_forward_pre_hook(make_hook(i)) for i, module in enumerate(modules)]
+    post_norms = post_norms or [None] * len(modules)
+    handles = [module.register_forward_pre_hook(make_hook(i)) if post_norm is None
+               else module.register_forward_hook(make_scaled_hook(i, post_norm))
+               for i, (module, post_norm) in enumerate(zip(modules, post_norms))]
     try:
         yield forward
     finally:
@@ -194,7 +217,8 @@ def _activation_scores(model, layout: UnitLayout, batches, scorer: Scorer, scope
         stats[index].update(x.reshape(-1, x.shape[-1])[current["mask"].to(x.device)])
 
     tokens = 0
-    with torch.no_grad(), block_inputs(model, modules, on_input) as forward:
+    post_norms = [block.post_norm for block in blocks]
+    with torch.no_grad(), block_inputs(model, modules, on_input, post_norms) as forward:
         for batch in _progress(batches, progress, f"scoring ({scorer.name})"):
             mask = scope_mask(batch, scope)
             if not mask.any():
@@ -210,8 +234,13 @@ def _activation_scores(model, layout: UnitLayout, batches, scorer: Scorer, scope
 
     per_block: dict[tuple[str, int], torch.Tensor] = {}
     for block, module, channel_stats in zip(blocks, modules, stats):
-        weight = module.weight.detach()
-        col_sq_norms = weight.to(torch.float64).square().sum(dim=1 - block.b_in_dim)
+        weight = module.weight.detach().to(torch.float64)
+        if block.post_norm is not None:
+            # B's output channel i reaches the residual stream multiplied by the norm's gain g_i.
+            gain_shape = [1, 1]
+            gain_shape[1 - block.b_in_dim] = -1
+            weight = weight * block.post_norm.gain(model).to(weight.device).reshape(gain_shape)
+        col_sq_norms = weight.square().sum(dim=1 - block.b_in_dim)
         channel_scores = scorer.fn(channel_stats, col_sq_norms)
         # Head-level units sum the scores of their channels; channel units have width 1.
         per_block[(block.kind, block.layer)] = channel_scores[block.b_channels.to(channel_scores.device)].sum(-1)
