@@ -256,3 +256,18 @@ def test_full_run_has_the_controls(full_run):
     assert align["full"]["trainable_share"] == 1.0
     assert drawn["train"]["check"]["max_abs_change_frozen"] == 0.0 and drawn["eval"]["n"]
     assert (tmp_path / "2-align" / "eval-random_budget_s0" / "replies.jsonl").is_file()
+
+
+def test_each_kind_of_evaluation_runs_its_stage_suites(full_run):
+    """eval.stage_suites: the random pruning draws run only safety, the fine-tuned models safety and
+    utility, the unpruned reference every suite a pruned model runs; unnamed kinds run eval.suites."""
+    tmp_path, _ = full_run
+
+    def suites(folder):
+        return json.loads((tmp_path / folder / "eval.json").read_text())["settings"]["suites"]
+
+    every = ["safety", "refusal_score", "prefill", "overrefusal", "utility"]
+    assert suites("4-prune/eval-random_like_SCU") == ["safety"]
+    assert suites("4-prune/eval-SCU") == suites("4-prune/eval-none") == every
+    assert all(suites(f"5-finetune/eval-{row}") == ["safety", "utility"] for row in ("plain", "freeze_random_s0"))
+    assert suites("1-baseline/eval") == suites("2-align/eval-budget") == every

@@ -26,7 +26,9 @@ from ssah.defaults import (
     PRESETS,
     Dtype,
     Engine,
+    EvalKind,
     FinetuneSetting,
+    GenerationDtype,
     Normalization,
     Ranking,
     Rule,
@@ -97,6 +99,11 @@ class EvalConfig(Settings):
     # is the one a short run may drop: every verdict reads generated replies
     suites: list[Suite] = Field(default_factory=lambda: ["safety", "refusal_score", "prefill", "overrefusal",
                                                          "utility"], min_length=1)
+    # the suites of each kind of evaluation, where its verdicts read fewer than `suites` (unnamed kinds run
+    # `suites`): baseline, align (the studied aligned model), align_controls (random budgets, full
+    # alignment), prune (SCU, UCU, RU...), prune_controls (random draws), finetune, monitor (default
+    # safety, prefill, overrefusal)
+    stage_suites: dict[EvalKind, list[Suite]] = Field(default_factory=dict)
     limit: int | None = Field(64, ge=1)  # items per evaluation set (None: all)
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -111,6 +118,17 @@ class EvalConfig(Settings):
     max_openings: int = Field(8, ge=1)  # refusal/compliance openings each in the refusal score
     engine: Engine = "hf"  # what generates replies (ssah.evaluate.engines); the monitor's evaluation uses hf
     vllm_gpu_memory: float = Field(0.5, gt=0, le=1)
+    # the weights' dtype while replies are generated (ssah.evaluate.generation.weights_cast); model: as loaded
+    generation_dtype: GenerationDtype = "model"
+
+    @model_validator(mode="after")
+    def _stage_suites(self) -> EvalConfig:
+        # the run loads the data of `suites`: an evaluation kind can only run fewer of them
+        for kind, suites in self.stage_suites.items():
+            if not suites or any(suite not in self.suites for suite in suites):
+                raise ValueError(f"eval.stage_suites.{kind} must be a non-empty subset of eval.suites "
+                                 f"({', '.join(self.suites)}); got {suites}")
+        return self
 
     @model_validator(mode="after")
     def _verdict_rule(self) -> EvalConfig:

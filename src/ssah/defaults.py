@@ -17,6 +17,8 @@ MODEL_HELP = ("model: builtin:smollm2-135m-instruct (default), a Hugging Face fo
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
+GenerationDtype = Literal["model", "fp32", "bf16", "fp16"]
+GENERATION_DTYPES: tuple[str, ...] = get_args(GenerationDtype)
 _DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu|npu)(:\d+)?")
 
 
@@ -107,6 +109,8 @@ RESPONSE_SOURCES: tuple[str, ...] = get_args(ResponseSource)
 Suite = Literal["safety", "refusal_score", "prefill", "overrefusal", "utility"]
 SUITES: tuple[str, ...] = get_args(Suite)
 DEFAULT_SUITES: tuple[str, ...] = SUITES
+# the kinds of evaluation a run makes, each of which may run fewer suites than the run's (eval.stage_suites)
+EvalKind = Literal["baseline", "align", "align_controls", "prune", "prune_controls", "finetune", "monitor"]
 Rule = Literal["prefix", "keywords"]
 RULES: tuple[str, ...] = get_args(Rule)
 VerdictRule = Literal["prefix", "keywords", "judge"]  # a text rule, or a judge model's verdicts

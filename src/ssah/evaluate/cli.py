@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ssah.cli_common import SEED, check_model_spec, load_from_options, model_options, output_folder
-from ssah.defaults import ENGINES, SYSTEM_PROMPT_MODES
+from ssah.defaults import ENGINES, GENERATION_DTYPES, SYSTEM_PROMPT_MODES
 from ssah.errors import SsahError
 from ssah.evaluate.settings import EvalSettings
 
@@ -63,10 +63,13 @@ def _slots(_ctx, _param, value: str):
 @click.option("--engine", type=click.Choice(ENGINES), default=_DEFAULTS["engine"], show_default=True,
               help="what generates the replies: hf (the loaded model, continuous batching) or vllm "
                    "(pip install 'ssah[vllm]'; from the model folder, or a copy saved once under OUT)")
+@click.option("--generation-dtype", type=click.Choice(GENERATION_DTYPES), default=_DEFAULTS["generation_dtype"],
+              show_default=True, help="the weights' dtype while replies are generated (model: as loaded; e.g. "
+                                      "bf16 on a CPU with bf16 instructions); scores and perplexity read the model")
 @click.option("--force", is_flag=True, help="replace an output folder that holds another model's evaluation")
 def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_data, limit, max_new_tokens,
                  batch_size, slots, system_text, system_mode, rules, judge_folder, judge_kind, lm_eval_tasks,
-                 lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, engine, force):
+                 lm_eval_include, lm_eval_limit, prune_spec, seed, monitor_path, engine, generation_dtype, force):
     """Evaluate safety (ASR per rule, refusal score), prefill attacks, over-refusal and utility.
 
     Writes OUT/eval.json (rates with Wilson 95% intervals, n, rule and data names, model fingerprint),
@@ -83,7 +86,7 @@ def eval_command(model_args, suites, out_dir, harmful, sensitive, benign, text_d
          "batch_size": batch_size, "slots": slots,
          "system_prompt": system_mode, "limit": limit,
          "lm_eval_tasks": list(_names(lm_eval_tasks or "")), "lm_eval_limit": lm_eval_limit,
-         "lm_eval_include": lm_eval_include, "engine": engine,
+         "lm_eval_include": lm_eval_include, "engine": engine, "generation_dtype": generation_dtype,
          **({} if system_text is None else {"system": system_text})})
     # Everything a user can get wrong is checked before the (possibly long) model load and run.
     _check_extras(settings, lm_eval_tasks, judge_folder, judge_kind)

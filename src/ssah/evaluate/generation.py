@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -177,6 +178,30 @@ def _checked_batching(model, max_new_tokens: int, batch_size: int, rewrite, batc
     if rewrite is not None and (batching == "continuous" or engine is not None):
         raise SsahError("a reply rewrite needs static batching on the hf engine")
     return batching
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def weights_cast(model, dtype: str = "model"):
+    """The model's floating parameters in `dtype` ("fp32", "bf16", "fp16"; "model": as they are) while the
+    block runs; on exit every parameter gets back its original tensor, so nothing is lost to rounding.
+    Buffers (rotary frequencies and the like) keep their dtype. Interventions that edit weights (pruning)
+    must be entered before: the cast copies what the weights are at that moment."""
+    target = _TORCH_DTYPES.get(dtype)
+    kept = []
+    if target is not None:
+        with torch.no_grad():
+            for param in model.parameters():  # tied weights are one parameter: cast once
+                if param.is_floating_point() and param.dtype != target:
+                    kept.append((param, param.data))
+                    param.data = param.data.to(target)
+    try:
+        yield model
+    finally:
+        for param, original in kept:
+            param.data = original
 
 
 def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, max_new_tokens: int = 64,

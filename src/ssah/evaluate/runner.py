@@ -30,7 +30,7 @@ from ssah.artifacts import Artifact
 from ssah.data import Dataset, load_dataset
 from ssah.errors import SsahError
 from ssah.evaluate.engines import ENGINE_MODEL_DIR
-from ssah.evaluate.generation import GenerationCache
+from ssah.evaluate.generation import GenerationCache, weights_cast
 from ssah.evaluate.refusal import RefusalScore, refusal_score
 from ssah.evaluate.rules import AGREEMENT_RULES, rule_agreement
 from ssah.evaluate.safety import OVERREFUSAL_RULE, SafetyRun, prefill_openings, run_prompts
@@ -140,6 +140,8 @@ class _Evaluation:
         self.model, self.tokenizer, self.settings, self.data = model, tokenizer, settings, data
         if engine is not None:  # its replies are cached apart from the hf engine's
             model_key = f"{model_key}|engine={engine.name}"
+        elif settings.generation_dtype != "model":  # other rounding, other near-tie breaks: cached apart
+            model_key = f"{model_key}|generation_dtype={settings.generation_dtype}"
         self.gen = dict(model_key=model_key, max_new_tokens=settings.max_new_tokens,
                         batch_size=settings.batch_size, slots=settings.slots, cache=cache,
                         progress=settings.progress, rewrite=rewrite, engine=engine)
@@ -154,9 +156,14 @@ class _Evaluation:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
+    def generating(self):
+        """The weights as the settings' generation dtype asks, while replies are generated (hf engine)."""
+        dtype = self.settings.generation_dtype if self.gen["engine"] is None else "model"
+        return weights_cast(self.model, dtype)
+
     def _generate(self, suite: str, role: str, condition: str, system: str | None, rules: list[str],
                   prefills: list[str] | None = None) -> SafetyRun:
-        with self.timed(suite):
+        with self.timed(suite), self.generating():
             run = run_prompts(self.model, self.tokenizer, self.data[role].prompts(), rules=rules, system=system,
                               prefills=prefills, desc=f"{suite} ({condition})", **self.gen)
         self.rows += _reply_rows(suite, condition, self.data[role], run)
@@ -189,7 +196,8 @@ class _Evaluation:
         """Task accuracy, perplexity and lm-eval tasks, without a system prompt."""
         tasks = checkable(self.data["benign"].records)
         with self.timed("utility"):
-            accuracy = task_accuracy(self.model, self.tokenizer, tasks, **self.gen)
+            with self.generating():
+                accuracy = task_accuracy(self.model, self.tokenizer, tasks, **self.gen)
             ppl = perplexity(self.model, self.tokenizer, "\n\n".join(self.data["text"].prompts()),
                              window=self.settings.ppl_window, stride=self.settings.ppl_stride,
                              progress=self.settings.progress)
@@ -310,7 +318,9 @@ def _engine(model, tokenizer, key: str, out: Path, settings: EvalSettings, folde
         return None
     from ssah.evaluate.engines import VllmEngine, engine_model_folder
 
-    return VllmEngine(engine_model_folder(model, tokenizer, key, out, folder), gpu_memory=settings.vllm_gpu_memory)
+    dtype = {"model": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[settings.generation_dtype]
+    return VllmEngine(engine_model_folder(model, tokenizer, key, out, folder), dtype=dtype,
+                      gpu_memory=settings.vllm_gpu_memory)
 
 
 def _rewrite(interventions: Sequence[Intervention]):

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from ssah.defaults import DEFAULT_SUITES, Engine, Rule, Suite, SystemPromptMode
+from ssah.defaults import DEFAULT_SUITES, Engine, GenerationDtype, Rule, Suite, SystemPromptMode
 from ssah.settings import Settings
 
 # The Llama-2-Chat default system prompt, the "with system prompt" condition of this line of work.
@@ -62,6 +62,9 @@ class EvalSettings(Settings):
     lm_eval_limit: int | None = Field(None, ge=1)
     lm_eval_include: str | None = None
     engine: Engine = "hf"  # what generates the replies (`ssah.evaluate.engines`)
+    # the weights' dtype while replies are generated: "model" keeps the model's own; bf16/fp16/fp32 cast
+    # the floating parameters for the generating suites only (scores and perplexity read the model as it is)
+    generation_dtype: GenerationDtype = "model"
     vllm_gpu_memory: float = Field(0.5, gt=0, le=1)  # share of the card vLLM may take
     progress: bool = True
 

@@ -57,6 +57,10 @@ class RunContext:
         return self.config.align.group_sizes or self.config.groups.sizes
 
     # -- evaluation ---------------------------------------------------------------------------------
+    def suites_for(self, kind: str, default=None) -> list[str] | None:
+        """The suites of one kind of evaluation (`eval.stage_suites`), else `default` (None: the run's)."""
+        return self.config.eval.stage_suites.get(kind, default)
+
     def eval_settings(self, suites=None, system: str | None = None, limit: int | None = None):
         """The run's evaluation settings; `system`: evaluate under this system prompt instead; `limit`:
         fewer items per set than the run's."""
@@ -66,7 +70,8 @@ class RunContext:
         prompt = {"system_prompt": "default", "system": system} if system else {"system_prompt": e.system_prompt}
         return EvalSettings(suites=list(suites or e.suites), rules=list(e.rules), max_new_tokens=e.max_new_tokens,
                             batch_size=e.batch_size, slots=e.slots, limit=limit or e.limit, max_openings=e.max_openings,
-                            engine=e.engine, vllm_gpu_memory=e.vllm_gpu_memory, progress=True, **prompt)
+                            engine=e.engine, vllm_gpu_memory=e.vllm_gpu_memory, generation_dtype=e.generation_dtype,
+                            progress=True, **prompt)
 
     @cached_property
     def eval_data(self) -> dict:

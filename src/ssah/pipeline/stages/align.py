@@ -87,7 +87,7 @@ def run(ctx) -> AlignSummary:
                          "trainable_share": record.get("trainable_share"), "train": train_summary(record)}
     del loaded
     release()
-    summary["budget"]["eval"] = _evaluate(ctx, "budget", "aligned (budget)")
+    summary["budget"]["eval"] = _evaluate(ctx, "budget", "aligned (budget)", studied=c.align.study == "budget")
     if c.align.random_budget_seeds:
         summary["random_budget"] = {}
     for kind, seed in zip(random_draws("random_budget", c.align.random_budget_seeds), c.align.random_budget_seeds):
@@ -110,13 +110,16 @@ def run(ctx) -> AlignSummary:
         del loaded
         release()
         summary["full"] = {"trainable_share": record.get("trainable_share"), "train": train_summary(record),
-                           "eval": _evaluate(ctx, "full", "aligned (all parameters)")}
+                           "eval": _evaluate(ctx, "full", "aligned (all parameters)",
+                                             studied=c.align.study == "full")}
     return summary
 
 
-def _evaluate(ctx, kind: str, label: str) -> Headline:
+def _evaluate(ctx, kind: str, label: str, studied: bool = False) -> Headline:
+    """Evaluate one aligned model: the studied one with the `align` suites, the others as controls."""
     aligned = ctx.load(ctx.layout.aligned_model(kind))
-    report = ctx.evaluate(aligned, ctx.layout.aligned_eval(kind), label, as_loaded=True)
+    report = ctx.evaluate(aligned, ctx.layout.aligned_eval(kind), label, as_loaded=True,
+                          suites=ctx.suites_for("align" if studied else "align_controls"))
     del aligned
     release()
     return headline(report)

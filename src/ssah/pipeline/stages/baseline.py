@@ -8,7 +8,8 @@ from ssah.pipeline.summaries import BaselineSummary, headline
 
 def run(ctx) -> BaselineSummary:
     loaded = ctx.load()
-    report = ctx.evaluate(loaded, ctx.layout.baseline_eval, "base model", as_loaded=True)
+    report = ctx.evaluate(loaded, ctx.layout.baseline_eval, "base model", as_loaded=True,
+                            suites=ctx.suites_for("baseline"))
     return {"eval": headline(report), "model_fingerprint": loaded.fingerprint}
 
 

@@ -88,7 +88,8 @@ def run(ctx) -> dict[str, Headline]:
         del loaded
         release()
         tuned = ctx.load(layout.finetuned_model(row))
-        report = ctx.evaluate(tuned, layout.finetuned_eval(row), f"fine-tuned ({row})", as_loaded=True)
+        report = ctx.evaluate(tuned, layout.finetuned_eval(row), f"fine-tuned ({row})", as_loaded=True,
+                               suites=ctx.suites_for("finetune"))
         summary[row] = {**headline(report), "train": train_summary(record),
                         "trainable_share": record.get("trainable_share"), **about}
         if mask is not None and budget is not None:

@@ -81,7 +81,7 @@ def _monitor_evaluation(ctx, studied: str) -> dict:
     state = _monitor_state(ctx, loaded)
     report = ctx.evaluate(loaded, ctx.layout.monitor_eval, "studied model under the monitor",
                           interventions=[Monitor(loaded.model, None, state, loaded.tokenizer)],
-                          suites=("safety", "prefill", "overrefusal"))
+                          suites=ctx.suites_for("monitor", ("safety", "prefill", "overrefusal")))
     without = read_report(ctx.layout.studied_eval) or {}
     del loaded
     release()

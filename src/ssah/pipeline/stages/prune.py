@@ -27,13 +27,23 @@ def run(ctx) -> dict[str, Headline]:
     groups = Groups.load(layout.groups)
     none_dir = layout.prune_eval("none")
     _copy_finished_eval(layout.studied_eval, none_dir)
-    summary = {"none": headline(ctx.evaluate(loaded, none_dir, "studied model, nothing pruned"))}
+    # the unpruned model runs every suite a pruned one does, so each has its reference
+    suites = _union(ctx.suites_for("prune"), ctx.suites_for("prune_controls"), ctx.config.eval.suites)
+    summary = {"none": headline(ctx.evaluate(loaded, none_dir, "studied model, nothing pruned", suites=suites))}
     for expression in ctx.config.prune.masks:
         mask = mask_from_expression(groups, expression, seed=ctx.config.seed)
+        kind = "prune_controls" if expression.strip().lower().startswith("random") else "prune"
         report = ctx.evaluate(loaded, layout.prune_eval(expression), f"pruned {expression}",
-                              interventions=[pruned(loaded.model, loaded.layout, mask)])
+                              interventions=[pruned(loaded.model, loaded.layout, mask)], suites=ctx.suites_for(kind))
         summary[expression] = {**headline(report), "units": mask.count(), "share": mask.share()}
     return summary
+
+
+def _union(prune: list[str] | None, controls: list[str] | None, every: list[str]) -> list[str]:
+    """The suites of `prune` and `controls` (None: every suite), in the order of `every`."""
+    if prune is None or controls is None:
+        return list(every)
+    return [suite for suite in every if suite in prune or suite in controls]
 
 
 def _copy_finished_eval(source: Path, target: Path) -> None:
