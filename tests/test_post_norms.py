@@ -238,3 +238,29 @@ def test_units_command_names_the_post_norms(capsys, family):
     else:
         assert len(lines) == 1
         assert "mlp: post_feedforward_layernorm" in lines[0] and "attn: post_attention_layernorm" in lines[0]
+
+
+@pytest.mark.parametrize("family, post_norms", [("gemma3", True), ("llama", False)])
+def test_scores_saved_before_post_norm_scoring_are_not_reused(tmp_path, family, post_norms):
+    """A Gemma score folder written before scores were read after the post norm (its manifest has no
+    `post_norms`) is redone inside a run; other families' identities are unchanged."""
+    import json
+
+    from ssah.data import Dataset, Record
+    from ssah.models.loading import load_model
+    from ssah.units.scores import score_dataset
+
+    loaded = load_model(f"tiny:{family}")
+    data = Dataset("d", [Record(id=f"r{i}", prompt=f"Tell me about rivers {i}.", response="Rivers flow.")
+                         for i in range(3)])
+    first = score_dataset(loaded, data, out=tmp_path, progress=False)
+    manifest_path = tmp_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert ("post_norms" in manifest) is post_norms and ("post_norms" in manifest["identity"]) is post_norms
+    assert score_dataset(loaded, data, out=tmp_path, progress=False).reused
+    manifest.pop("post_norms", None)
+    manifest["identity"].pop("post_norms", None)
+    manifest_path.write_text(json.dumps(manifest))
+    again = score_dataset(loaded, data, out=tmp_path, progress=False, replace=True)
+    assert again.reused is not post_norms
+    assert torch.equal(again.values["mlp"], first.values["mlp"])  # the same scores, recomputed or read

@@ -235,6 +235,8 @@ def run_identity(manifest: dict) -> dict:
         keys += ["seed", "refusals_fingerprint"]
     if manifest.get("responses") in ("self", "own-refusals"):
         keys += ["max_new_tokens"]
+    if "post_norms" in manifest or manifest.get("model_type") in ("gemma2", "gemma3", "gemma3_text"):
+        keys += ["post_norms"]
     scorer = SCORERS.get(manifest.get("scorer", ""))
     if scorer is None or not scorer.batch_invariant:
         keys += ["batch_size"]
@@ -255,6 +257,10 @@ def _manifest(loaded, dataset, layout: UnitLayout, scorer: str, scope: str, resp
         "model_spec": loaded.spec, "model_fingerprint": loaded.fingerprint, "model_type": layout.model_type,
         "attn_unit": layout.attn_unit, "num_layers": layout.num_layers, "units_per_layer": layout.units_per_layer,
         "batch_size": batch_size, "max_length": max_length, "system": system, "ssah_version": __version__,
+        # where a sublayer's norm follows it (Gemma 2/3), activation scores are read after that norm;
+        # the key keeps scores saved before that change from being reused
+        **({"post_norms": "after"} if any(block.post_norm for blocks in layout.blocks.values()
+                                          for block in blocks) else {}),
     }
 
 
