@@ -374,6 +374,13 @@ def test_the_attack_grid_needs_its_paired_test_both_ways(tmp_path):
     # a point estimate above half of no defense's rise is no evidence by itself
     _check(verdict("not held", {"n": N, "rose": 3, "fell": 3, "p_value": 1.0}), "inconclusive", "p = 1")
     _check(verdict("held", None), "inconclusive", "no paired test")
+    # the verdict reads Holm's adjusted p over the family's defenses, and states both
+    corrected = verdict("held", {"n": N, "rose": 0, "fell": 6, "p_value": 0.03, "p_holm": 0.09,
+                                 "holm_family_size": 3})
+    _check(corrected, "inconclusive", "raw p = 0.03, Holm-adjusted p = 0.09 over 3 defenses in the family")
+    assert corrected["tests"][0]["p_value"] == 0.09 and corrected["tests"][0]["p_raw"] == 0.03
+    _check(verdict("held", {"n": N, "rose": 0, "fell": 20, "p_value": 2e-6, "p_holm": 6e-6,
+                            "holm_family_size": 3}), "held")
     # freeze_ii must also beat the grid's random freezes of the same sizes at that sweep point
     layout = RunLayout(tmp_path)
     point = layout.attack_grid / "cells" / "sft" / "lr0.001-s4"

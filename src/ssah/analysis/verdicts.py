@@ -722,7 +722,8 @@ RANDOM_FREEZE_CELL = re.compile(r"freeze_random_s\d+")  # the grid's random-free
 def _attack_grid(attacks: dict, ev: Evidence | None = None) -> dict:
     """The attack grid's verdicts per family and defense (rule: `ssah.attacks.matrix`), held to the same
     standard: held only with a paired test that the defense's worst-case ASR is below no defense's, not
-    held only with a paired test that it is above. freeze_ii must also beat the grid's random freezes
+    held only with a paired test that it is above, both read at Holm's adjusted p over the family's
+    defenses. freeze_ii must also beat the grid's random freezes
     of the same sizes (`freeze_random_s*` cells) at the sweep point where no defense did worst; those
     cells are its controls, not claims, and get no verdict of their own."""
     from ssah.evaluate.stats import mde_paired_proportions
@@ -741,19 +742,22 @@ def _attack_grid(attacks: dict, ev: Evidence | None = None) -> dict:
                 part = _missing(what, found.get("why") or "no paired test against no defense")
             else:
                 moved = test["rose"] - test["fell"]
-                lower = test["p_value"] < ALPHA and moved < 0
-                higher = test["p_value"] < ALPHA and moved > 0
+                p_holm = test.get("p_holm", test["p_value"])  # summaries written before Holm carry raw p only
+                lower = p_holm < ALPHA and moved < 0
+                higher = p_holm < ALPHA and moved > 0
                 result = (HELD if found["verdict"] == HELD and lower else NOT_HELD if higher
                           else INCONCLUSIVE)
+                p_both = _holm_text(test)
                 reason = None if result != INCONCLUSIVE else (
-                    found.get("why") or f"{p_text(test)}; the worst-case rise is "
+                    found.get("why") or f"{p_both}; the worst-case rise is "
                     f"{'above' if found['verdict'] == NOT_HELD else 'within'} half of no defense's")
                 part = _part(what, "exact McNemar", test["n"], result,
                              f"{what}: worst-case ASR {_pct(found.get('worst_asr') or 0)} against "
                              f"{_pct(found.get('worst_asr_none') or 0)} with no defense; "
-                             f"{_prompts(test['rose'])} rose, {test['fell']} fell ({p_text(test)})", reason,
+                             f"{_prompts(test['rose'])} rose, {test['fell']} fell ({p_both})", reason,
                              mde_paired_proportions(test["n"], (test["rose"] + test["fell"]) / max(1, test["n"])),
-                             _MCNEMAR_MDE, p_value=test["p_value"])
+                             _MCNEMAR_MDE, p_value=p_holm, p_raw=test["p_value"],
+                             holm_family_size=test.get("holm_family_size"))
             parts = [part]
             if defense == "freeze_ii":
                 parts.append(_grid_vs_random(ev, rows, found, what))
@@ -761,6 +765,14 @@ def _attack_grid(attacks: dict, ev: Evidence | None = None) -> dict:
                 f"{defense} holds against {family} fine-tuning attacks (worst case, utility kept)"
                 + (", and better than same-size random freezing" if defense == "freeze_ii" else ""), parts, numbers)
     return out
+
+
+def _holm_text(test: dict) -> str:
+    """"raw p = 0.01, Holm-adjusted p = 0.04 over 4 defenses in the family" (raw p alone without Holm)."""
+    if test.get("p_holm") is None:
+        return p_text(test)
+    return (f"raw {p_text(test)}, Holm-adjusted {p_text({**test, 'p_value': test['p_holm']})} over "
+            f"{test['holm_family_size']} defense{'s' if test['holm_family_size'] != 1 else ''} in the family")
 
 
 def _grid_vs_random(ev: Evidence, rows: list[dict], found: dict, what: str) -> dict:

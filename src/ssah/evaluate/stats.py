@@ -345,3 +345,18 @@ def perplexity_ratio_interval(before_nll: Sequence[float], after_nll: Sequence[f
     return {"name": "paired bootstrap over perplexity blocks", "ratio": float(np.exp((a.sum() - b.sum()) / t.sum())),
             "ci": [float(low), float(high)], "n": n, "resamples": resamples, "seed": seed, "level": level,
             "sd_log_ratio": float(per_block.std(ddof=1)) if n > 1 else None}
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values for a family of tests, in the order given.
+
+    Sorted ascending, the i-th smallest (from 0) becomes max over j <= i of (m - j) * p_(j), capped at 1;
+    rejecting where the adjusted p is below alpha keeps the family-wise error rate at alpha."""
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * float(p_values[index])))
+        adjusted[index] = running
+    return adjusted
