@@ -209,9 +209,58 @@ def test_rsn_units_are_safety_units_minus_foundation_units_and_only_they_train()
                for name, param in loaded.model.named_parameters())
 
 
-def _row(attack, lr, defense, asr, kept=True, test=None, family="harmful"):
+def _row(attack, lr, defense, asr, kept=True, test=None, family="harmful", modality="full"):
     return {"attack": attack, "family": family, "lr": lr, "steps": 4, "defense": defense, "asr": asr,
-            "asr_before": 0.2, "utility_kept": kept, "paired_test_vs_none": test, "trainable_share": 1.0}
+            "asr_before": 0.2, "utility_kept": kept, "paired_test_vs_none": test, "trainable_share": 1.0,
+            "modality": modality, "baseline": "lora" if modality == "lora" else "none"}
+
+
+def test_each_training_modality_has_its_own_sweep_and_defenses():
+    from ssah.attacks.grid import cells
+    from ssah.config import AttackConfig, RunConfig
+    from ssah.errors import SsahError
+
+    config = AttackConfig.model_validate({"sweep": {"lr": [1e-4, 4e-4], "steps": [4]},
+                                          "lora_sweep": {"lr": [1e-3], "steps": [4, 8]},
+                                          "defenses": ["none", "freeze_ii", "rsn_tune", "safe_lora"]})
+    attack = attack_data.AttackData("harmful", "harmful-k4", [("a", "b")])
+    planned = cells([attack], config)
+    full = [c for c in planned if c.modality == "full"]
+    lora = [c for c in planned if c.modality == "lora"]
+    assert {(c.lr, c.steps) for c in full} == {(1e-4, 4), (4e-4, 4)}
+    assert {(c.lr, c.steps) for c in lora} == {(1e-3, 4), (1e-3, 8)}
+    assert {c.arm for c in full} == {"none", "freeze_ii", "rsn_tune"}  # safe_lora defends the LoRA attack only
+    assert {c.arm for c in lora} == {"lora", "safe_lora"}  # lora: the LoRA attack with no defense
+    # every cell is compared with no defense at its own modality and sweep point
+    safe = next(c for c in lora if c.defense == "safe_lora" and c.steps == 8)
+    assert safe.baseline_folder == "harmful-k4/lora-lr0.001-s8/none" != safe.folder
+    frozen = next(c for c in full if c.defense == "freeze_ii" and c.lr == 4e-4)
+    assert frozen.folder == "harmful-k4/lr0.0004-s4/freeze_ii"  # full fine-tuning keeps its folders
+    # the older form, lora among the defenses, turns the LoRA modality on
+    older = AttackConfig.model_validate({"defenses": ["none", "lora", "freeze_ii"]})
+    assert older.modalities == ["full", "lora"] and older.defenses == ["none", "freeze_ii"]
+    assert AttackConfig.model_validate({"defenses": ["none", "freeze_ii"]}).modalities == ["full"]
+    refused = (({"defenses": ["none", "lora"], "modalities": ["full"]}, "lora is an attack modality"),
+               ({"defenses": ["none", "safe_lora"], "modalities": ["full"]}, "add lora to attacks.modalities"))
+    for attacks, said in refused:
+        with pytest.raises(SsahError, match=said) as raised:
+            RunConfig.from_dict({"model": "tiny:llama", "attacks": attacks}, "config")
+        assert "\n" not in str(raised.value)
+
+
+def test_safe_lora_is_judged_against_the_lora_attack_not_full_fine_tuning():
+    fell = {"p_value": 0.001, "rose": 0, "fell": 9, "n": 24}
+    table = [_row("h", 1e-4, "none", 0.9), _row("h", 1e-4, "freeze_ii", 0.3, test=fell),
+             # the LoRA attack at its own rates raised ASR less than full fine-tuning did
+             _row("h", 1e-3, "lora", 0.5, modality="lora"),
+             _row("h", 1e-3, "safe_lora", 0.45, modality="lora", test=fell)]
+    found = verdicts(table, worst_cases(table))["harmful"]
+    assert set(found) == {"freeze_ii", "safe_lora"}  # lora is the attack, not a defense: no verdict
+    # against full fine-tuning (rise 0.7) safe_lora's rise of 0.25 would have held; against LoRA's 0.3 it does not
+    assert found["safe_lora"]["verdict"] == "not held"
+    assert (found["safe_lora"]["baseline"], found["safe_lora"]["worst_asr_none"], found["safe_lora"]["lr_none"]) \
+        == ("lora", 0.5, 1e-3)
+    assert (found["freeze_ii"]["baseline"], found["freeze_ii"]["verdict"]) == ("none", "held")
 
 
 def test_worst_case_counts_only_useful_attacks_and_the_verdict_rule():
@@ -266,19 +315,28 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     config = load_config(path=CONFIG)
     config.attacks = config.attacks.model_validate({
         "enabled": True, "families": ["harmful", "identity"], "harmful_k": [4], "harmful_replies": f"jsonl:{replies}",
-        "identity_size": 4, "benign_size": 8, "sweep": {"lr": [0.01], "steps": [2]}, "rsn_steps": 2,
+        "identity_size": 4, "benign_size": 8, "sweep": {"lr": [0.01], "steps": [2]},
+        "lora_sweep": {"lr": [0.05], "steps": [2]}, "rsn_steps": 2,
         "random_seeds": [0],
         "train": {"batch_size": 4, "max_length": 512, "backend": "ssah"}})
     summaries = run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks", "report"))
     grid = summaries["attacks"]
-    defenses = set(config.attacks.defenses) - {"freeze_random"} | {"freeze_random_s0"}
+    defenses = set(config.attacks.defenses) - {"freeze_random"} | {"freeze_random_s0", "lora"}
     assert {row["defense"] for row in grid["rows"]} == defenses
+    # the LoRA attack and safe_lora train at the LoRA sweep's rate, every other arm at full fine-tuning's
+    assert {(row["defense"], row["modality"], row["lr"]) for row in grid["rows"] if row["lr"] == 0.05} \
+        == {("lora", "lora", 0.05), ("safe_lora", "lora", 0.05)}
+    assert grid["verdicts"]["harmful"]["safe_lora"].get("lr_none", 0.05) == 0.05
+    lora_cell = json.loads((tmp_path / "run" / "8-attacks" / "cells" / "harmful-k4" / "lora-lr0.05-s2" /
+                            "none" / "cell.json").read_text())
+    assert lora_cell["modality"] == "lora" and lora_cell["trainable_share"] < 1.0  # adapters only
+    assert grid["trainable_share"]["lora"] == grid["trainable_share"]["safe_lora"] == lora_cell["trainable_share"]
     assert {row["attack"] for row in grid["rows"]} == {"harmful-k4", "identity"}
     assert set(grid["before"]) == {"plain", "persona"}  # the identity attack is judged under its persona
     assert grid["trainable_share"]["freeze_ii_strict"] < grid["trainable_share"]["freeze_ii"] < 1.0
     assert grid["trainable_share"]["freeze_random_s0"] == pytest.approx(grid["trainable_share"]["freeze_ii"])
     for row in grid["rows"]:
-        assert (row["paired_test_vs_none"] is None) == (row["defense"] == "none")
+        assert (row["paired_test_vs_none"] is None) == (row["defense"] in ("none", "lora"))
     cell = json.loads((tmp_path / "run" / "8-attacks" / "cells" / "harmful-k4" / "lr0.01-s2" / "freeze_ii" /
                        "cell.json").read_text())
     assert cell["train"]["check"]["max_abs_change_frozen"] == 0.0

@@ -274,10 +274,13 @@ class FinetuneConfig(Settings):
         return _seeds(values)
 
 
-DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "lora", "rsn_tune",
+DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "rsn_tune",
             "safe_lora", "safety_mix")
-Defense = Literal["none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "lora",
-                  "rsn_tune", "safe_lora", "safety_mix"]
+Defense = Literal["none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "rsn_tune",
+                  "safe_lora", "safety_mix"]
+# how the attack trains: every parameter (full) or LoRA adapters merged after training (lora); each
+# modality has its own strength sweep, and a defense is compared with no defense of its own modality
+Modality = Literal["full", "lora"]
 
 
 class SweepConfig(Settings):
@@ -311,7 +314,11 @@ class AttackConfig(Settings):
     harmful_reply_tokens: int = Field(48, ge=1)
     mixed_p: list[float] = Field(default_factory=lambda: [0.1], min_length=1)
     identity_size: int = Field(10, ge=1)
-    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    modalities: list[Modality] = Field(default_factory=lambda: ["full", "lora"], min_length=1)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # the full fine-tuning attack's strengths
+    # the LoRA attack's strengths: adapters need about 10x full fine-tuning's learning rates to move a model
+    lora_sweep: SweepConfig = Field(default_factory=lambda: SweepConfig(lr=[1e-3, 4e-3], steps=[8]))
+    # safe_lora defends the LoRA attack; every other defense the full one
     defenses: list[Defense] = Field(default_factory=lambda: list(DEFENSES), min_length=1)
     # seeds of the freeze_random defense's draws (a cell each: freeze_random_s{seed})
     random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
@@ -347,6 +354,33 @@ class AttackConfig(Settings):
         if any(v < 1 for v in values):
             raise ValueError(f"attacks.harmful_k are example counts >= 1, got {values}")
         return values
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_is_a_modality(cls, data):
+        """`lora` among the defenses (the older form) turns the LoRA modality on; without `modalities`, the
+        LoRA attack runs where the defenses ask for it (lora or safe_lora), as before."""
+        if not isinstance(data, dict) or not isinstance(data.get("defenses"), list):
+            return data
+        defenses = data["defenses"]
+        data = {**data, "defenses": [d for d in defenses if d != "lora"] or ["none"]}
+        if "modalities" not in data:
+            data["modalities"] = ["full"] + (["lora"] if {"lora", "safe_lora"} & set(defenses) else [])
+        elif "lora" in defenses and "lora" not in data["modalities"]:
+            raise ValueError("lora is an attack modality, not a defense: list it in attacks.modalities "
+                             "(its strengths: attacks.lora_sweep), not in attacks.defenses")
+        return data
+
+    @model_validator(mode="after")
+    def _modalities_cover_defenses(self):
+        if "safe_lora" in self.defenses and "lora" not in self.modalities:
+            raise ValueError("attacks.defenses has safe_lora, which defends the LoRA attack: add lora to "
+                             "attacks.modalities")
+        return self
+
+    def sweep_of(self, modality: str) -> SweepConfig:
+        """The strength sweep of one training modality."""
+        return self.lora_sweep if modality == "lora" else self.sweep
 
 
 class ProbeConfig(Settings):

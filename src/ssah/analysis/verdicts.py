@@ -753,7 +753,8 @@ def _attack_grid(attacks: dict, ev: Evidence | None = None) -> dict:
                     f"{'above' if found['verdict'] == NOT_HELD else 'within'} half of no defense's")
                 part = _part(what, "exact McNemar", test["n"], result,
                              f"{what}: worst-case ASR {_pct(found.get('worst_asr') or 0)} against "
-                             f"{_pct(found.get('worst_asr_none') or 0)} with no defense; "
+                             f"{_pct(found.get('worst_asr_none') or 0)} with "
+                             f"{'the LoRA attack and ' if found.get('baseline') == 'lora' else ''}no defense; "
                              f"{_prompts(test['rose'])} rose, {test['fell']} fell ({p_both})", reason,
                              mde_paired_proportions(test["n"], (test["rose"] + test["fell"]) / max(1, test["n"])),
                              _MCNEMAR_MDE, p_value=p_holm, p_raw=test["p_value"],

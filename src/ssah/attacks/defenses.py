@@ -8,13 +8,17 @@
 - `freeze_random_s{seed}` (the control of `freeze_ii`): per layer and kind, as many units as SCU + all CU
   hold there, drawn uniformly with that seed and frozen the same way (one cell per seed of
   `attacks.random_seeds`); freezing SCU + CU means something only where it beats these draws;
-- `lora`: LoRA adapters (r = 8) on every block linear map, merged after training;
 - `rsn_tune` (Zhao et al. 2025, `ssah.attacks.rsn`): the robust safety units are tuned on safety data
   first; the attack then fine-tunes as usual;
 - `safe_lora` (Hsu et al. 2024, `ssah.attacks.safe_lora`): a LoRA attack whose updates are projected
   onto the alignment's subspace where they stray from it (needs the unaligned model);
 - `safety_mix` (Bianchi et al. 2024, safety-tuned data mixing): refusals to harmful prompts mixed into
   the attack's own data, a cheap peer from the harmful fine-tuning literature.
+
+Training modality. The attack trains every parameter (`full`) or LoRA adapters (r = 8) on every
+block linear map, merged after training (`lora`): the attacker's choice, not a defense. `safe_lora`
+defends the LoRA attack, every other defense the full one, and each is compared with no defense under
+the same modality and sweep point; in the matrix the LoRA attack with no defense is the arm `lora`.
 
 `prepare` returns what the attack's training needs: the model to train (maybe wrapped), a freezer,
 extra pairs, the step that turns the trained model into a plain one, and the share of the model's
@@ -81,6 +85,26 @@ def _lora(loaded, finish=None) -> Prepared:
     return Prepared(model, finish=finish or merge_lora, trainable_share=trainable_share(model, total=total))
 
 
+LORA_DEFENSES = ("safe_lora",)  # the defenses of the LoRA attack; every other defends full fine-tuning
+BASELINES = {"full": "none", "lora": "lora"}  # each modality's attack under no defense, as the matrix names it
+
+
+def defenses_of(modality: str, defenses: list[str]) -> list[str]:
+    """The defenses a modality's cells run, no defense first (always: every defense is compared with it)."""
+    own = [d for d in defenses if (d in LORA_DEFENSES) == (modality == "lora") and d != "none"]
+    return ["none", *own]
+
+
+def arm_name(defense: str, modality: str) -> str:
+    """A cell's name in the matrix: the defense, or `lora` for the LoRA attack with no defense."""
+    return BASELINES[modality] if defense == "none" else defense
+
+
+def training_defense(defense: str, modality: str) -> str:
+    """The name `prepare` knows: under the LoRA modality, no defense is the plain LoRA attack."""
+    return "lora" if modality == "lora" and defense == "none" else defense
+
+
 def expand(defenses: list[str], random_seeds: list[int]) -> list[str]:
     """The grid's defenses with freeze_random replaced by one draw per seed (freeze_random_s{seed})."""
     from ssah.defaults import random_draws
@@ -118,7 +142,7 @@ def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
         if ctx.budget is None:
             raise SsahError("defense freeze_budget needs a model aligned inside a budget")
         return _frozen(loaded, ctx.budget)
-    if name == "lora":
+    if name == "lora":  # the LoRA attack with no defense (`training_defense`)
         return _lora(loaded)
     if name == "safe_lora":
         return _safe_lora(loaded, ctx)

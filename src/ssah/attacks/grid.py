@@ -1,6 +1,8 @@
 """The attack grid: every defense under every attack of the strength sweep, on the studied model.
 
-A cell is (attack, learning rate, steps, defense): the model the defense starts from is loaded, the
+A cell is (attack, modality, learning rate, steps, defense); each training modality (full fine-tuning,
+LoRA) has its own sweep, and its defenses are compared with the same modality's attack under no
+defense (safe_lora with the LoRA attack, named `lora` in the matrix). the model the defense starts from is loaded, the
 defense is applied, the attack's data fine-tunes it (`attacks.train`, TRL's SFTTrainer by default,
 with ssah's freeze callback), and the result is evaluated like every model of the run (the identity
 attack under its persona's system prompt, beside the studied model evaluated the same way). Fine-tuned
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from ssah.artifacts import Artifact, fingerprint
 from ssah.attacks.data import AttackData, build_attacks
-from ssah.attacks.defenses import DefenseContext, expand, prepare, source_model
+from ssah.attacks.defenses import DefenseContext, defenses_of, expand, prepare, source_model, training_defense
 from ssah.pipeline.context import release
 from ssah.pipeline.summaries import headline, train_summary
 
@@ -33,17 +35,40 @@ class Cell:
     lr: float
     steps: int
     defense: str
+    modality: str = "full"  # how the attack trains: every parameter, or LoRA adapters
+
+    @property
+    def arm(self) -> str:
+        """The cell's name in the matrix: its defense, or `lora` for the LoRA attack with no defense."""
+        from ssah.attacks.defenses import arm_name
+
+        return arm_name(self.defense, self.modality)
+
+    @property
+    def point(self) -> str:
+        """The sweep point's folder (full fine-tuning keeps the folders it had before LoRA had a sweep)."""
+        return f"{'lora-' if self.modality == 'lora' else ''}lr{self.lr:g}-s{self.steps}"
 
     @property
     def folder(self) -> str:
-        return f"{self.attack.name}/lr{self.lr:g}-s{self.steps}/{self.defense}"
+        return f"{self.attack.name}/{self.point}/{self.defense}"
+
+    @property
+    def baseline_folder(self) -> str:
+        """The cell of no defense at the same attack, sweep point and modality."""
+        return f"{self.attack.name}/{self.point}/none"
 
 
 def cells(attacks: list[AttackData], config) -> list[Cell]:
-    """Every (attack, lr, steps, defense), freeze_random drawn once per seed of `config.random_seeds`."""
-    defenses = expand(config.defenses, config.random_seeds)
-    return [Cell(attack, lr, steps, defense) for attack in attacks for lr in config.sweep.lr
-            for steps in config.sweep.steps for defense in defenses]
+    """Every (attack, modality, lr, steps, defense) with each modality's own sweep (`attacks.sweep`,
+    `attacks.lora_sweep`) and defenses, freeze_random drawn once per seed of `config.random_seeds`."""
+    out = []
+    for modality in config.modalities:
+        sweep = config.sweep_of(modality)
+        defenses = defenses_of(modality, expand(config.defenses, config.random_seeds))
+        out += [Cell(attack, lr, steps, defense, modality) for attack in attacks for lr in sweep.lr
+                for steps in sweep.steps for defense in defenses]
+    return out
 
 
 def safety_pairs(seed: int, refusals: str = "refusals:grid") -> list[tuple[str, str]]:
@@ -129,15 +154,17 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path) -> dict:
     start = source_model(cell.defense, defenses, ctx.studied_model_spec())
     loaded = ctx.load(start)
     identity = {"model": loaded.fingerprint, "attack": fingerprint([cell.attack.pairs, cell.attack.system]),
-                "defense": cell.defense, "config": config.to_dict(),
+                "defense": cell.defense, **({"modality": cell.modality} if cell.modality != "full" else {}),
+                "config": config.to_dict(),
                 "eval": ctx.eval_settings(system=cell.attack.system, limit=c.attacks.eval_limit).identity(),
                 "judge": c.eval.judge.identity() if c.eval.judge else None}
     artifact = Artifact(out / CELL_FILE, "an attack cell", identity)
     found = artifact.lookup(replace=True)
     if found is not None:
         return found
-    log.info("  attack %s, lr %g, %d steps, defense %s", cell.attack.name, cell.lr, cell.steps, cell.defense)
-    prepared = prepare(cell.defense, loaded, defenses, cell.attack.pairs)
+    log.info("  attack %s (%s), lr %g, %d steps, defense %s", cell.attack.name, cell.modality, cell.lr, cell.steps,
+             cell.defense)
+    prepared = prepare(training_defense(cell.defense, cell.modality), loaded, defenses, cell.attack.pairs)
     with prepared.guard():
         result = fit(prepared.model, loaded.tokenizer, cell.attack.pairs + prepared.extra_pairs, config,
                      freezer=prepared.freezer)
@@ -146,6 +173,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path) -> dict:
     report = ctx.evaluate(tuned, out / "eval", f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense}",
                           system=cell.attack.system, limit=c.attacks.eval_limit)
     record = {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
+              "modality": cell.modality,
               "trainable_share": prepared.trainable_share, "defense_notes": prepared.notes,
               "train": {**train_summary({"result": result.to_dict()}), "loss_curve": result.loss_curve},
               "eval": headline(report)}
