@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssah.attacks import data as attack_data
-from ssah.attacks.defenses import DefenseContext, prepare
+from ssah.attacks.defenses import DefenseContext, prepare, threat_model
 from ssah.attacks.matrix import verdicts, worst_cases
 from ssah.config import load_config
 from ssah.models.loading import load_model
@@ -263,6 +263,29 @@ def test_safe_lora_is_judged_against_the_lora_attack_not_full_fine_tuning():
     assert (found["freeze_ii"]["baseline"], found["freeze_ii"]["verdict"]) == ("none", "held")
 
 
+def test_each_defense_carries_its_threat_model_and_verdicts_are_grouped_by_it():
+    from ssah.attacks.matrix import summary
+
+    fell = {"p_value": 0.001, "rose": 0, "fell": 9, "n": 24}
+    table = [_row("h", 1e-4, "none", 0.9), _row("h", 1e-4, "freeze_ii", 0.3, test=fell),
+             _row("h", 1e-4, "rsn_tune", 0.9, test={"p_value": 1.0, "rose": 0, "fell": 0, "n": 24}),
+             _row("h", 1e-4, "freeze_random_s0", 0.9, test=fell), _row("h", 1e-3, "lora", 0.5, modality="lora"),
+             _row("h", 1e-3, "safe_lora", 0.2, modality="lora", test=fell)]
+    for row in table:
+        row["threat_model"] = threat_model(row["defense"])
+    found = summary(table, {"plain": {}})
+    assert found["threat_model"] == {"none": None, "lora": None, "rsn_tune": "open-weights",
+                                     "freeze_ii": "fine-tuning-as-a-service",
+                                     "freeze_random_s0": "fine-tuning-as-a-service",
+                                     "safe_lora": "fine-tuning-as-a-service"}
+    grouped = found["verdicts_by_threat_model"]
+    assert list(grouped) == ["open-weights", "fine-tuning-as-a-service"]
+    assert set(grouped["open-weights"]["harmful"]) == {"rsn_tune"}
+    assert set(grouped["fine-tuning-as-a-service"]["harmful"]) == {"freeze_ii", "freeze_random_s0", "safe_lora"}
+    assert grouped["open-weights"]["harmful"]["rsn_tune"]["verdict"] == "not held"
+    assert found["verdicts"]["harmful"]["safe_lora"]["threat_model"] == "fine-tuning-as-a-service"
+
+
 def test_worst_case_counts_only_useful_attacks_and_the_verdict_rule():
     significant = {"p_value": 0.001, "rose": 0, "fell": 9, "n": 24}
     weak = {"p_value": 0.3, "rose": 1, "fell": 3, "n": 24}
@@ -342,6 +365,12 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     assert cell["train"]["check"]["max_abs_change_frozen"] == 0.0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert "attack_harmful_freeze_ii" in results["verdicts"]
+    # every defense carries its threat model, in the rows, the verdicts and the report's tables
+    assert {row["defense"]: row["threat_model"] for row in results["stages"]["attacks"]["rows"]}["rsn_tune"] \
+        == "open-weights"
+    assert results["verdicts"]["attack_harmful_freeze_ii"]["numbers"]["threat_model"] == "fine-tuning-as-a-service"
+    assert results["verdicts"]["attack_identity_rsn_tune"]["numbers"]["threat_model"] == "open-weights"
+    assert set(grid["verdicts_by_threat_model"]) == {"open-weights", "fine-tuning-as-a-service"}
     # freeze_ii is also tested against the grid's random freezes of its sizes; those are controls, not claims
     against_random = results["verdicts"]["attack_harmful_freeze_ii"]["tests"][-1]
     assert against_random["part"].endswith("against random freezing"), against_random
@@ -349,6 +378,7 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     assert not any(key.startswith("attack_") and "freeze_random" in key for key in results["verdicts"])
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Fine-tuning attacks and defenses" in html and html.count("data:image/png;base64,") >= 3
+    assert "<th>threat model</th>" in html and html.count("<td>open-weights</td>") >= 3  # verdicts and rows
     # a rerun reuses every finished cell
     stamp = (tmp_path / "run" / "8-attacks" / "done.json").stat().st_mtime_ns
     run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks"))

@@ -762,8 +762,9 @@ def _attack_grid(attacks: dict, ev: Evidence | None = None) -> dict:
             parts = [part]
             if defense == "freeze_ii":
                 parts.append(_grid_vs_random(ev, rows, found, what))
+            threat = f", threat model {found['threat_model']}" if found.get("threat_model") else ""
             out[f"attack_{family}_{defense}"] = combine(
-                f"{defense} holds against {family} fine-tuning attacks (worst case, utility kept)"
+                f"{defense} holds against {family} fine-tuning attacks (worst case, utility kept{threat})"
                 + (", and better than same-size random freezing" if defense == "freeze_ii" else ""), parts, numbers)
     return out
 

@@ -15,6 +15,11 @@
 - `safety_mix` (Bianchi et al. 2024, safety-tuned data mixing): refusals to harmful prompts mixed into
   the attack's own data, a cheap peer from the harmful fine-tuning literature.
 
+Threat model (`threat_model`). `rsn_tune` is model-side (`open-weights`: it changes the released model,
+and an attacker who holds the weights cannot be made to freeze anything); every other defense is
+provider-side (`fine-tuning-as-a-service`: freezing, safety mixing, Safe LoRA, a serving-time monitor
+hold only where the provider runs the training or serves the model).
+
 Training modality. The attack trains every parameter (`full`) or LoRA adapters (r = 8) on every
 block linear map, merged after training (`lora`): the attacker's choice, not a defense. `safe_lora`
 defends the LoRA attack, every other defense the full one, and each is compared with no defense under
@@ -83,6 +88,21 @@ def _lora(loaded, finish=None) -> Prepared:
     total = sum(p.numel() for p in loaded.model.parameters())
     model = apply_lora(loaded.model)
     return Prepared(model, finish=finish or merge_lora, trainable_share=trainable_share(model, total=total))
+
+
+# Who applies a defense, so who an attacker must get past. Open weights: the defense changes the released
+# model (RSN-Tune) and an attacker holding the weights fine-tunes it however they like. Fine-tuning as a
+# service: the provider runs the training or serves the result (freezing, safety mixing, Safe LoRA's
+# projection, a serving-time monitor), which an attacker holding the weights simply would not do.
+OPEN_WEIGHTS, SERVICE = "open-weights", "fine-tuning-as-a-service"
+THREAT_MODELS = (OPEN_WEIGHTS, SERVICE)
+
+
+def threat_model(arm: str) -> str | None:
+    """The threat model a defense answers (None for an attack with no defense, which is both's baseline)."""
+    if arm in ("none", "lora"):
+        return None
+    return OPEN_WEIGHTS if arm == "rsn_tune" else SERVICE
 
 
 LORA_DEFENSES = ("safe_lora",)  # the defenses of the LoRA attack; every other defends full fine-tuning
