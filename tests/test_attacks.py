@@ -383,3 +383,32 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     stamp = (tmp_path / "run" / "8-attacks" / "done.json").stat().st_mtime_ns
     run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks"))
     assert (tmp_path / "run" / "8-attacks" / "done.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
+    # the same prompts as harmful and general inputs: every safety unit is a foundation unit, so RSN-Tune's
+    # robust safety units are empty
+    replies = tmp_path / "replies.jsonl"
+    replies.write_text("".join(json.dumps({"prompt": f"Do forbidden thing {i}.",
+                                           "response": f"Sure. Step one for thing {i}: gather the parts."}) + "\n"
+                               for i in range(12)))
+    config = load_config(path=CONFIG)
+    config.finetune.settings = ["plain"]
+    config.align.enabled = False  # the studied model is the tiny model itself
+    config.data.harmful_calibration = config.data.benign_calibration
+    config.attacks = config.attacks.model_validate({
+        "enabled": True, "families": ["harmful"], "harmful_k": [4], "harmful_replies": f"jsonl:{replies}",
+        "sweep": {"lr": [0.01], "steps": [1]}, "defenses": ["none", "rsn_tune"], "rsn_steps": 1,
+        "train": {"batch_size": 4, "max_length": 256, "backend": "ssah"}})
+    grid = run_pipeline(config, tmp_path / "run", only=("align", "groups", "attacks"))["attacks"]
+    rsn = next(row for row in grid["rows"] if row["defense"] == "rsn_tune")
+    assert rsn["skipped"] == "RSN-Tune found no robust safety units: nothing to tune"
+    assert rsn["asr"] is None and not rsn["utility_kept"] and rsn["paired_test_vs_none"] is None
+    assert grid["verdicts"]["harmful"]["rsn_tune"] == {
+        "verdict": "inconclusive", "why": "RSN-Tune found no robust safety units: nothing to tune",
+        "threat_model": "open-weights"}
+    none = next(row for row in grid["rows"] if row["defense"] == "none")
+    assert none["asr"] is not None  # the rest of the grid ran
+    record = json.loads((tmp_path / "run" / "8-attacks" / "rsn-nothing-to-tune.json").read_text())
+    assert record["units"]["robust_safety_units"] == 0 and record["units"]["safety_units"] > 0

@@ -62,7 +62,8 @@ class DefenseContext:
     groups: object
     budget: object = None
     safety_pairs: list = field(default_factory=list)
-    rsn_model: Callable[[], Path] | None = None  # makes (once) and returns the RSN-tuned model's folder
+    # makes (once) and returns the RSN-tuned model's folder, or None when there was nothing to tune
+    rsn_model: Callable[[], Path | None] | None = None
     base_weights: Callable[[object], dict] | None = None  # the unaligned values of a LoRA model's weights
     safe_lora_threshold: float = 0.35
     safety_mix_share: float = 0.1
@@ -192,10 +193,12 @@ def _safe_lora(loaded, ctx: DefenseContext) -> Prepared:
     return prepared
 
 
-def source_model(name: str, ctx: DefenseContext, studied: str) -> str:
-    """The model a defense's attack starts from: the studied model, or for RSN-Tune its tuned copy."""
+def source_model(name: str, ctx: DefenseContext, studied: str) -> str | None:
+    """The model a defense's attack starts from: the studied model, or for RSN-Tune its tuned copy (None
+    when RSN-Tune found no units to tune)."""
     if name == "rsn_tune":
         if ctx.rsn_model is None:
             raise SsahError("defense rsn_tune has no RSN-tuned model")
-        return str(ctx.rsn_model())
+        tuned = ctx.rsn_model()
+        return None if tuned is None else str(tuned)
     return studied

@@ -22,6 +22,7 @@ from pathlib import Path
 from ssah.artifacts import Artifact, fingerprint
 from ssah.attacks.data import AttackData, build_attacks
 from ssah.attacks.defenses import DefenseContext, defenses_of, expand, prepare, source_model, training_defense
+from ssah.io import write_json_atomic
 from ssah.pipeline.context import release
 from ssah.pipeline.summaries import headline, train_summary
 
@@ -115,8 +116,12 @@ def _base_weights(ctx, spec: str):
     return weights
 
 
-def rsn_tuned_model(ctx, out: Path, safety: list[tuple[str, str]]) -> Path:
-    """The studied model with its robust safety units tuned on safety data (`ssah.attacks.rsn`)."""
+NOTHING_TO_TUNE = "RSN-Tune found no robust safety units: nothing to tune"
+
+
+def rsn_tuned_model(ctx, out: Path, safety: list[tuple[str, str]]) -> Path | None:
+    """The studied model with its robust safety units tuned on safety data (`ssah.attacks.rsn`), or None
+    when the detector found none (its cells are then recorded as having nothing to tune)."""
     from ssah.attacks.rsn import robust_safety_units
     from ssah.data import load_dataset
     from ssah.interventions.freeze import UnitFreezer
@@ -130,6 +135,13 @@ def rsn_tuned_model(ctx, out: Path, safety: list[tuple[str, str]]) -> Path:
     mask, sizes = robust_safety_units(loaded, harmful, general, top=a.rsn_top, min_share=a.rsn_min_share)
     log.info("  RSN-Tune: %d robust safety units (%d safety, %d foundation)", sizes["robust_safety_units"],
              sizes["safety_units"], sizes["foundation_units"])
+    if mask.count() == 0:
+        log.warning("  %s (%d safety units, all of them foundation units too); its cells record that", NOTHING_TO_TUNE,
+                    sizes["safety_units"])
+        write_json_atomic(out.parent / "rsn-nothing-to-tune.json", {"why": NOTHING_TO_TUNE, "units": sizes})
+        del loaded
+        release()
+        return None
     config = TrainConfig.of(a.train.model_copy(update={"lr": a.rsn_lr, "max_steps": a.rsn_steps}), seed=c.seed,
                             avoid_weight=0.0)
     identity = {"model": loaded.fingerprint, "units": mask.digest(), "safety": fingerprint(safety),
@@ -152,6 +164,10 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path) -> dict:
     config = TrainConfig.of(c.attacks.train.model_copy(update={"lr": cell.lr, "max_steps": cell.steps}),
                             seed=c.seed, avoid_weight=0.0, system=cell.attack.system)
     start = source_model(cell.defense, defenses, ctx.studied_model_spec())
+    if start is None:  # RSN-Tune found nothing to tune: no model to attack, a row that says so
+        return {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
+                "modality": cell.modality, "skipped": NOTHING_TO_TUNE, "trainable_share": None,
+                "defense_notes": None, "train": None, "eval": None}
     loaded = ctx.load(start)
     identity = {"model": loaded.fingerprint, "attack": fingerprint([cell.attack.pairs, cell.attack.system]),
                 "defense": cell.defense, **({"modality": cell.modality} if cell.modality != "full" else {}),

@@ -49,18 +49,20 @@ def rows(cells, records: list[dict], before: dict, stage: Path, utility_drop: fl
     out = []
     for cell, record in zip(cells, records):
         start = before["persona" if cell.attack.system else "plain"]
-        ev = record["eval"]
+        ev = record["eval"] or {}  # none for a cell with nothing to train (`skipped`)
         kept = (ev.get("perplexity") is not None and start.get("perplexity") is not None
                 and ev["perplexity"] <= (1 + utility_drop) * start["perplexity"])
         none_dir = stage / "cells" / cell.baseline_folder / "eval"
-        test = None if cell.defense == "none" else paired_outcomes(none_dir, stage / "cells" / cell.folder / "eval",
-                                                                 "safety", rule=rule)
+        test = None if cell.defense == "none" or record.get("skipped") else paired_outcomes(
+            none_dir, stage / "cells" / cell.folder / "eval", "safety", rule=rule)
         out.append({"attack": cell.attack.name, "family": cell.attack.family, "lr": cell.lr, "steps": cell.steps,
                     "defense": cell.arm, "modality": cell.modality, "baseline": BASELINES[cell.modality],
                     "threat_model": threat_model(cell.arm),
                     "trainable_share": record["trainable_share"], "utility_kept": kept,
                     "asr": _asr(ev, rule), "asr_before": _asr(start, rule), "eval": ev, "paired_test_vs_none": test,
-                    "final_loss": record["train"]["final_loss"], "defense_notes": record.get("defense_notes")})
+                    "final_loss": (record["train"] or {}).get("final_loss"),
+                    "defense_notes": record.get("defense_notes"),
+                    **({"skipped": record["skipped"]} if record.get("skipped") else {})})
     return out
 
 
@@ -92,6 +94,10 @@ def verdicts(table: list[dict], worst: dict) -> dict:
         found = {defense: _verdict(_family_worst(worst, base, family, table),
                                    _family_worst(worst, defense, family, table), defense, table)
                  for defense, base in baseline.items() if defense != base}
+        for defense in found:
+            skipped = {row.get("skipped") for row in table if row["defense"] == defense and row["family"] == family}
+            if len(skipped) == 1 and None not in skipped:  # every cell had nothing to train: say why
+                found[defense] = {"verdict": "inconclusive", "why": skipped.pop()}
         claims = [d for d, v in found.items() if v.get("paired_test") is not None and not is_control(d)]
         adjusted = holm_adjust([found[d]["paired_test"]["p_value"] for d in claims])
         for defense, p_holm in zip(claims, adjusted):
