@@ -412,3 +412,54 @@ def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
     assert none["asr"] is not None  # the rest of the grid ran
     record = json.loads((tmp_path / "run" / "8-attacks" / "rsn-nothing-to-tune.json").read_text())
     assert record["units"]["robust_safety_units"] == 0 and record["units"]["safety_units"] > 0
+
+
+def _top_counts(x, mask, weight, channels, top):
+    """Per unit, on how many inputs it is in its block's top share by mean |x| x its columns' norm."""
+    mean = (x.abs() * mask).sum(1) / mask.sum(1)
+    score = (mean * weight.norm(dim=0))[:, channels].sum(-1)
+    keep = max(1, round(top * score.shape[1]))
+    return torch.zeros_like(score).scatter_(1, score.topk(keep, dim=1).indices, 1.0).sum(0)
+
+
+def test_rsn_ranks_units_where_they_enter_the_residual_stream_on_gemma3():
+    from ssah.attacks.rsn import importance_counts
+    from ssah.models.tiny import tiny_model
+    from ssah.units.layout import UnitLayout
+    from ssah.units.scoring import make_batches
+
+    model, tokenizer = tiny_model("gemma3")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # real, uneven gains: a fresh model's are all 1 and would hide a missing gain
+        for name, param in model.named_parameters():
+            if ".post_" in name and name.endswith("norm.weight"):
+                param.copy_(torch.randn(param.shape, generator=gen).exp() - 1)
+    layout = UnitLayout.from_model(model)
+    prompts = [f"Tell me about thing number {i} and why it matters." for i in range(6)]
+    batch = make_batches(tokenizer, [(p, None) for p in prompts], batch_size=6)[0]
+    top = 0.2
+    counts, n = importance_counts(model, layout, [batch], top)
+    assert n == 6
+    # by hand: x / rms(y) per token, and B's columns times the post norm's gain
+    captured, handles = {}, []
+    for kind in layout.kinds:
+        for layer in range(layout.num_layers):
+            block = layout.block(kind, layer)
+            assert block.post_norm is not None and block.b_in_dim == 1
+            handles.append(model.get_submodule(block.b_module).register_forward_hook(
+                lambda m, args, out, key=(kind, layer): captured.__setitem__(key, (args[0].double(), out.double()))))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    mask = batch["attention_mask"].double()[..., None]
+    differs = 0
+    for (kind, layer), (x, y) in captured.items():
+        block = layout.block(kind, layer)
+        norm = model.get_submodule(block.post_norm.module)
+        rms = (y.square().mean(-1, keepdim=True) + norm.eps).sqrt()
+        weight = model.get_submodule(block.b_module).weight.detach().double()
+        expected = _top_counts(x / rms, mask, weight * block.post_norm.gain(model)[:, None], block.b_channels, top)
+        torch.testing.assert_close(counts[kind][layer].double(), expected)
+        differs += int(not torch.equal(expected, _top_counts(x, mask, weight, block.b_channels, top)))
+    assert differs > 0  # ranking at B's input, without the gain, would choose other units

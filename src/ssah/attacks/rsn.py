@@ -2,7 +2,11 @@
 tuned on safety data before anyone fine-tunes the model.
 
 Detector. For each input, a unit's importance is its mean activation magnitude over the input's
-tokens times the norm of its outgoing weights (the column of B it owns). A unit is important for an
+tokens times the norm of its outgoing weights (the column of B it owns). Where a norm follows B
+before the residual add (Gemma 2 and 3's post norms), both are taken where the unit enters the
+residual stream, as `ssah.units.scoring` does: the activation divided per token by the rms of B's
+output, the column multiplied by the norm's per-channel gain (which on Gemma 3 grows with depth and
+differs between channels, so ignoring it ranks a block's units by the wrong weights). A unit is important for an
 input when it ranks in the top `top` share of its block (kind and layer); a *safety* unit is
 important for at least `min_share` of the harmful queries, a *foundation* unit likewise on general
 (benign) inputs. Robust safety units are safety units that are not foundation units, so ordinary
@@ -27,7 +31,7 @@ def importance_counts(model, layout: UnitLayout, batches, top: float) -> tuple[d
     block by mean |activation| x ||outgoing weights||; and the number of inputs."""
     blocks = [block for kind in layout.kinds for block in layout.blocks[kind]]
     modules = [model.get_submodule(block.b_module) for block in blocks]
-    norms = [module.weight.detach().float().norm(dim=1 - block.b_in_dim) for block, module in zip(blocks, modules)]
+    norms = [_outgoing_norms(model, block, module) for block, module in zip(blocks, modules)]
     counts = {kind: torch.zeros(layout.num_layers, layout.units_per_layer[kind]) for kind in layout.kinds}
     current = {"mask": None}
 
@@ -41,12 +45,24 @@ def importance_counts(model, layout: UnitLayout, batches, top: float) -> tuple[d
         counts[block.kind][block.layer] += torch.zeros_like(unit_score).scatter_(1, top_units, 1.0).sum(0).cpu()
 
     inputs = 0
-    with block_inputs(model, modules, on_input) as forward:
+    with block_inputs(model, modules, on_input, [block.post_norm for block in blocks]) as forward:
         for batch in batches:
             current["mask"] = batch["attention_mask"].float()
             forward(batch)
             inputs += batch["input_ids"].shape[0]
     return counts, inputs
+
+
+def _outgoing_norms(model, block, module) -> torch.Tensor:
+    """Per input channel of B, the norm of the weights it writes through, as they reach the residual
+    stream: where a post norm follows B (Gemma 2 and 3), each output row is multiplied by its gain."""
+    if block.post_norm is None:
+        return module.weight.detach().float().norm(dim=1 - block.b_in_dim)
+    weight = module.weight.detach().to(torch.float64)
+    shape = [1, 1]
+    shape[1 - block.b_in_dim] = -1
+    weight = weight * block.post_norm.gain(model).to(weight.device).reshape(shape)
+    return weight.norm(dim=1 - block.b_in_dim).float()
 
 
 def robust_safety_units(loaded, harmful: list[str], general: list[str], *, top: float = 0.01,
