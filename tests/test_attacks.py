@@ -401,7 +401,7 @@ def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
         "enabled": True, "families": ["harmful"], "harmful_k": [4], "harmful_replies": f"jsonl:{replies}",
         "sweep": {"lr": [0.01], "steps": [1]}, "defenses": ["none", "rsn_tune"], "rsn_steps": 1,
         "train": {"batch_size": 4, "max_length": 256, "backend": "ssah"}})
-    grid = run_pipeline(config, tmp_path / "run", only=("align", "groups", "attacks"))["attacks"]
+    grid = run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks", "report"))["attacks"]
     rsn = next(row for row in grid["rows"] if row["defense"] == "rsn_tune")
     assert rsn["skipped"] == "RSN-Tune found no robust safety units: nothing to tune"
     assert rsn["asr"] is None and not rsn["utility_kept"] and rsn["paired_test_vs_none"] is None
@@ -412,6 +412,12 @@ def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
     assert none["asr"] is not None  # the rest of the grid ran
     record = json.loads((tmp_path / "run" / "8-attacks" / "rsn-nothing-to-tune.json").read_text())
     assert record["units"]["robust_safety_units"] == 0 and record["units"]["safety_units"] > 0
+    # the report shows the row and the verdict's reason
+    html = (tmp_path / "run" / "report.html").read_text()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["verdicts"]["attack_harmful_rsn_tune"]["reason"] \
+        == "RSN-Tune found no robust safety units: nothing to tune"
+    assert "nothing to tune" in html
 
 
 def _top_counts(x, mask, weight, channels, top):
