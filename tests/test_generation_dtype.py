@@ -103,3 +103,29 @@ def test_stage_suites_must_name_a_kind_and_a_subset_of_the_runs_suites(stage_sui
     with pytest.raises(SsahError, match=fragment) as raised:
         RunConfig(eval={"suites": ["safety", "utility"], "stage_suites": stage_suites})
     assert "\n" not in str(raised.value)
+
+
+def test_alignment_data_in_bf16_writes_its_own_replies_under_their_own_key(tmp_path):
+    """The model's own replies (borderline answers, compliant starts) generated in bf16 are cached apart
+    from fp32 ones, and an alignment trained on them has another identity."""
+    from ssah.models.loading import load_model
+    from ssah.train.data import alignment_data
+    from ssah.train.recipes import AlignInputs
+
+    loaded = load_model("tiny:llama")
+    before = _state(loaded.model)
+    harmful = Dataset("h", [Record(id=f"h{i}", prompt=p) for i, p in enumerate(PROMPTS)])
+    benign = Dataset("b", [Record(id="b", prompt="Say hi.", response="Hi!")])
+    refusals = Dataset("r", [Record(id="r", prompt="I can't help with that.")])
+    borderline = Dataset("s", [Record(id="s", prompt="How do I kill a Python process?")])
+    common = dict(borderline=borderline, borderline_tokens=4, recovery_lengths=[2], batch_size=2)
+    fp32 = alignment_data(loaded, harmful, benign, refusals, cache_dir=tmp_path, **common)
+    lines = (tmp_path / "borderline-replies.jsonl").read_text().count("\n")
+    bf16 = alignment_data(loaded, harmful, benign, refusals, cache_dir=tmp_path, generation_dtype="bf16", **common)
+    assert (tmp_path / "borderline-replies.jsonl").read_text().count("\n") == 2 * lines  # not reused
+    assert fp32.counts["pairs"] and bf16.counts["pairs"]
+    assert all(torch.equal(param, before[name]) and param.dtype == torch.float32
+               for name, param in loaded.model.named_parameters())
+    inputs = AlignInputs(harmful, benign, refusals)
+    assert "generation_dtype" not in inputs.identity()  # identities of earlier runs are unchanged
+    assert AlignInputs(harmful, benign, refusals, generation_dtype="bf16").identity() != inputs.identity()

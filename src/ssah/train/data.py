@@ -86,29 +86,36 @@ class AlignmentData:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _own_replies(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, cache: Path | None) -> list[str]:
-    from ssah.evaluate.generation import generate_replies
+def _own_replies(loaded, prompts: list[str], max_new_tokens: int, batch_size: int, cache: Path | None,
+                 generation_dtype: str = "model") -> list[str]:
+    from ssah.evaluate.generation import generate_replies, weights_cast
 
-    return generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache, slots="auto")
+    # replies generated in another dtype are other replies: cached under their own key
+    key = loaded.fingerprint
+    if generation_dtype != "model":
+        key = f"{key}|generation_dtype={generation_dtype}"
+    with weights_cast(loaded.model, generation_dtype):
+        return generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=key,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache, slots="auto")
 
 
 def alignment_data(loaded, harmful, benign, refusals, *, borderline=None, borderline_tokens: int = 48,
                    borderline_repeats: int = 1, recovery_lengths=(), seed: int = 0, batch_size: int = 8,
-                   cache_dir: str | Path | None = None) -> AlignmentData:
+                   cache_dir: str | Path | None = None, generation_dtype: str = "model") -> AlignmentData:
     """Everything alignment trains on (see the module docstring), from datasets and the model itself.
 
     `borderline`: safe prompts that sound unsafe, trained on the model's own answers
     (`borderline_tokens` long, each pair `borderline_repeats` times). `recovery_lengths`: compliant
     starts of these many tokens for recovery examples. `cache_dir`: where the model's replies are
-    cached (borderline-replies.jsonl, harmful-replies.jsonl).
+    cached (borderline-replies.jsonl, harmful-replies.jsonl). `generation_dtype`: the weights' dtype while
+    the model writes its own replies (see `ssah.evaluate.generation.weights_cast`).
     """
     cache = Path(cache_dir) if cache_dir is not None else None
     own: list[tuple[str, str]] = []
     if borderline is not None:
         prompts = borderline.prompts()
         replies = _own_replies(loaded, prompts, borderline_tokens, batch_size,
-                               cache / BORDERLINE_CACHE if cache else None)
+                               cache / BORDERLINE_CACHE if cache else None, generation_dtype)
         own = [(p, r) for p, r in zip(prompts, replies) if r.strip()]
         log.info("%d borderline prompts answered by the model itself", len(own))
     pairs: list[Pair] = alignment_pairs(harmful, benign, refusals, seed=seed, borderline=own * borderline_repeats)
@@ -116,7 +123,7 @@ def alignment_data(loaded, harmful, benign, refusals, *, borderline=None, border
     if recovery_lengths:
         prompts = harmful.prompts()
         replies = _own_replies(loaded, prompts, max(recovery_lengths) + 8, batch_size,
-                               cache / HARMFUL_CACHE if cache else None)
+                               cache / HARMFUL_CACHE if cache else None, generation_dtype)
         recovery = recovery_examples(loaded.tokenizer, prompts, replies, refusals, list(recovery_lengths), seed=seed)
         log.info("%d recovery examples (of %d harmful prompts; the others were refused or too short)",
                  len(recovery), len(prompts))

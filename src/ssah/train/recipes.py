@@ -160,12 +160,15 @@ class AlignInputs:
     borderline_repeats: int = 1
     recovery_lengths: list[int] = field(default_factory=list)
     avoid_weight: float = 0.0
+    generation_dtype: str = "model"  # the weights' dtype while the model writes its own replies
 
     def identity(self) -> dict:
         data = {name: getattr(self, name).fingerprint for name in ("harmful", "benign", "refusals")}
         if self.borderline is not None:
             data.update(borderline=self.borderline.fingerprint, borderline_tokens=self.borderline_tokens,
                         borderline_repeats=self.borderline_repeats)
+        if self.generation_dtype != "model":  # other own replies, another model
+            data["generation_dtype"] = self.generation_dtype
         return {**data, "recovery": list(self.recovery_lengths), "avoid_weight": self.avoid_weight}
 
 
@@ -190,7 +193,7 @@ def align(loaded, inputs: AlignInputs, settings: TrainSettings, out: str | Path,
                               borderline_tokens=inputs.borderline_tokens,
                               borderline_repeats=inputs.borderline_repeats,
                               recovery_lengths=inputs.recovery_lengths, seed=seed, batch_size=batch_size,
-                              cache_dir=cache_dir)
+                              cache_dir=cache_dir, generation_dtype=inputs.generation_dtype)
     freezer = UnitFreezer(loaded.model, loaded.layout, budget, train_only=True) if budget is not None else None
     units = budget.count() if budget is not None else loaded.layout.total_units
     record = {"kind": "align", "data": data.counts, "budget_units": units,

@@ -58,7 +58,7 @@ def inputs(ctx):
                        borderline=load_dataset(d.borderline_train) if d.borderline_train else None,
                        borderline_tokens=c.align.borderline_reply_tokens,
                        borderline_repeats=c.align.borderline_repeats, recovery_lengths=c.align.recovery_lengths,
-                       avoid_weight=c.align.refusal_unlikelihood)
+                       avoid_weight=c.align.refusal_unlikelihood, generation_dtype=c.eval.generation_dtype)
 
 
 def run(ctx) -> AlignSummary:
@@ -74,7 +74,7 @@ def run(ctx) -> AlignSummary:
     data = alignment_data(loaded, given.harmful, given.benign, given.refusals, borderline=given.borderline,
                           borderline_tokens=given.borderline_tokens, borderline_repeats=given.borderline_repeats,
                           recovery_lengths=given.recovery_lengths, seed=c.seed, batch_size=c.eval.batch_size,
-                          cache_dir=layout.alignment_cache)
+                          cache_dir=layout.alignment_cache, generation_dtype=given.generation_dtype)
     summary: AlignSummary = dict(data.counts)  # type: ignore[assignment]
     # The budget: groups of the unaligned model from a score on the harmful prompts (paired with
     # refusals) and a utility score; RU units matter least for both.

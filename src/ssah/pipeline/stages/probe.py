@@ -56,17 +56,22 @@ def run(ctx) -> dict:
 def _monitor_state(ctx, loaded):
     """The monitor calibrated on the studied model (calibration splits only), reused when it was
     calibrated on the same model with the same settings."""
+    from ssah.evaluate.generation import weights_cast
     from ssah.probe.monitor.calibration import calibrate_named
     from ssah.probe.monitor.state import MonitorState
 
     config = ctx.config.probe.monitor_config(ctx.config.data)
+    # calibrated on replies generated as the evaluation generates them (eval.generation_dtype)
+    dtype = ctx.config.eval.generation_dtype
+    requested = {**config.to_dict(), **({"generation_dtype": dtype} if dtype != "model" else {})}
     path = ctx.layout.monitor_state
     state = MonitorState.load(path) if path.is_file() else None
     if state is None or state.meta.get("model_fingerprint") != loaded.fingerprint \
-            or state.meta.get("requested") != config.to_dict():
+            or state.meta.get("requested") != requested:
         log.info("  calibrating the runtime monitor")
-        state = calibrate_named(loaded.model, loaded.tokenizer, config)
-        state.meta["requested"] = config.to_dict()
+        with weights_cast(loaded.model, dtype):
+            state = calibrate_named(loaded.model, loaded.tokenizer, config)
+        state.meta["requested"] = requested
         state.save(path)
     return state
 
