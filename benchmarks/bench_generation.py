@@ -61,7 +61,7 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
 
     from ssah.data import load_dataset
     from ssah.evaluate.batching import BatchingStats, choose_slots, continuous_generate
-    from ssah.evaluate.generation import _encode_text, _eos_ids, _pad_id, render_prompts
+    from ssah.evaluate.generation import _encode_text, _eos_ids, _pad_id, render_prompts, weights_cast
 
     model, tokenizer = loaded.model, loaded.tokenizer
     texts = [record.prompt for record in load_dataset("harmful:test").take(prompts)]
@@ -101,18 +101,29 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
     widths = sorted(set(slots) | {choice.slots})
     sides += [(f"continuous, {w} slots" + (" (auto)" if w == choice.slots else ""), w,
                lambda w=w: continuous(w, small_prompts if small_prompts and w < 32 else None)) for w in widths]
+
+    def in_bf16() -> dict:
+        with weights_cast(model, "bf16"):
+            return continuous(choice.slots)
+
+    # eval.generation_dtype: bf16, beside the fp32 side at the same slot count (not a candidate for "best",
+    # whose target compares fp32 with fp32 batch 1)
+    sides.append((f"continuous, {choice.slots} slots (auto), weights in bf16", choice.slots, in_bf16))
     rows = []
     for name, width, call in sides:
         seconds, row = timed_call(call)
         row.update(side=name, slots=width, seconds=seconds, tokens_per_s=row["tokens"] / seconds,
                    flops_per_s=row["flops"] / seconds)
-        row["roofline_share"] = row["flops_per_s"] / roofline
+        # the roofline is an fp32 matmul's: a bf16 side has no share of it
+        row["roofline_share"] = None if "bf16" in name else row["flops_per_s"] / roofline
         rows.append(row)
         print(f"  {loaded.spec}: {name}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
     reference = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_batch1"] = row["tokens_per_s"] / reference
-    best = max(rows[1:], key=lambda r: r["tokens_per_s"])
+    fp32_auto = next(row for row in rows if row["slots"] == choice.slots and "bf16" not in row["side"])
+    rows[-1]["vs_fp32_same_slots"] = rows[-1]["tokens_per_s"] / fp32_auto["tokens_per_s"]
+    best = max((row for row in rows[1:] if "bf16" not in row["side"]), key=lambda r: r["tokens_per_s"])
     return {"model": loaded.spec, "run": loaded.spec, "weights": weights, "rows": rows, "best": best["side"],
             "best_ratio": best["vs_batch1"],
             "auto": {"slots": choice.slots, "rows_per_s": choice.rows_per_s, "reason": choice.reason,
@@ -164,13 +175,19 @@ def render(result: dict) -> list[str]:
                   "| side | prompts | seconds | tokens | tokens/s | vs batch 1 | achieved FLOP/s | share of roofline |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in model["rows"]:
+            share = "n/a (bf16)" if row.get("roofline_share") is None else f"{row['roofline_share']:.0%}"
             lines.append(f"| {row['side']} | {row['prompts']} | {row['seconds']:.1f} | {row['tokens']} | "
                          f"{row['tokens_per_s']:.1f} | "
-                         f"{row['vs_batch1']:.2f}x | {fmt_flops(row['flops_per_s'])} | {row['roofline_share']:.0%} |")
+                         f"{row['vs_batch1']:.2f}x | {fmt_flops(row['flops_per_s'])} | {share} |")
         check = model["target"]
         verdict = "met" if check["met"] else "**missed**"
         lines += ["", f"Best: {model['best']}, {model['best_ratio']:.2f}x batch 1 (target >= {check['limit']:g}x: "
-                  f"{verdict}).", ""]
+                  f"{verdict})."]
+        cast = next((row for row in model["rows"] if "vs_fp32_same_slots" in row), None)
+        if cast is not None:  # results of runs before the bf16 side have none
+            lines += [f"With the weights cast to bf16 for generation (`eval.generation_dtype: bf16`): "
+                      f"{cast['vs_fp32_same_slots']:.2f}x the fp32 side at the same slot count."]
+        lines += [""]
     if result.get("skipped"):
         lines += [result["skipped"], ""]
     return lines[:-1] if lines and lines[-1] == "" else lines

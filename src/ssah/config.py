@@ -101,8 +101,8 @@ class EvalConfig(Settings):
                                                          "utility"], min_length=1)
     # the suites of each kind of evaluation, where its verdicts read fewer than `suites` (unnamed kinds run
     # `suites`): baseline, align (the studied aligned model), align_controls (random budgets, full
-    # alignment), prune (SCU, UCU, RU...), prune_controls (random draws), finetune, monitor (default
-    # safety, prefill, overrefusal)
+    # alignment), prune (SCU, UCU, RU...), prune_controls (random draws), finetune, finetune_controls
+    # (the freeze_random rows), monitor (default safety, prefill, overrefusal)
     stage_suites: dict[EvalKind, list[Suite]] = Field(default_factory=dict)
     limit: int | None = Field(64, ge=1)  # items per evaluation set (None: all)
     max_new_tokens: int = Field(24, ge=1)

@@ -89,7 +89,8 @@ def run(ctx) -> dict[str, Headline]:
         release()
         tuned = ctx.load(layout.finetuned_model(row))
         report = ctx.evaluate(tuned, layout.finetuned_eval(row), f"fine-tuned ({row})", as_loaded=True,
-                               suites=ctx.suites_for("finetune"))
+                               suites=ctx.suites_for("finetune_controls" if row.startswith(RANDOM + "_s")
+                                                     else "finetune"))
         summary[row] = {**headline(report), "train": train_summary(record),
                         "trainable_share": record.get("trainable_share"), **about}
         if mask is not None and budget is not None:
