@@ -66,6 +66,7 @@ def main() -> None:
     aligned = RunLayout(args.aligned.resolve(), "budget")
     config = load_config(path=aligned.config)
     config.data.harmful_test = VALIDATION  # the attack is judged on validation prompts, never on test
+    config.eval.stage_suites = {}  # one evaluation kind here, ASR only
     config.eval.suites = ["safety"]
     config.eval.rules = [ASR_RULE]
     config.eval.limit = args.limit
