@@ -41,7 +41,12 @@ climbs toward the roofline (a large fp32 matmul at the same thread count). FLOPs
 multiply-adds of every position computed (prompt positions with their padding, then one per decoding
 row-step; attention's score products are left out), so a side near the roofline has little left to
 gain from more slots. The prompts' prefill is arithmetic-bound already at batch 1, which caps what
-batching can gain over batch 1 on prompts long against their replies."""
+batching can gain over batch 1 on prompts long against their replies. The ratio to batch 1 is
+therefore bounded by the roofline over batch 1's achieved FLOP/s: on an idle machine batch 1 runs at a
+larger share of the roofline than on a busy one, and the fp32 ratio is lower there, however many slots.
+The bf16 side casts the weights for generation (`eval.generation_dtype: bf16`): bf16 matmuls on a CPU
+with bf16 instructions run past the fp32 roofline, so it has no share of it; its ratio is to the same
+fp32 batch 1, what a user running `model.generate` on the model as loaded gets."""
 
 
 def _generation_flops(weights: dict, prompt_positions: int, prompt_rows: int, row_steps: int) -> float:
