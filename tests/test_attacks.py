@@ -330,11 +330,17 @@ def test_holm_adjusts_the_paired_tests_within_each_family():
     assert harmful["lora"]["verdict"] == harmful["rsn_tune"]["verdict"] == "inconclusive"
 
 
-def test_the_attack_stage_on_a_tiny_model(tmp_path):
+def _harmful_replies(tmp_path):
+    """A JSONL file of 12 harmful prompts with compliant replies (the harmful family's training pairs)."""
     replies = tmp_path / "replies.jsonl"
     replies.write_text("".join(json.dumps({"prompt": f"Do forbidden thing {i}.",
                                            "response": f"Sure. Step one for thing {i}: gather the parts."}) + "\n"
                                for i in range(12)))
+    return replies
+
+
+def test_the_attack_stage_on_a_tiny_model(tmp_path):
+    replies = _harmful_replies(tmp_path)
     config = load_config(path=CONFIG)
     config.attacks = config.attacks.model_validate({
         "enabled": True, "families": ["harmful", "identity"], "harmful_k": [4], "harmful_replies": f"jsonl:{replies}",
@@ -389,10 +395,7 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
 def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
     # the same prompts as harmful and general inputs: every safety unit is a foundation unit, so RSN-Tune's
     # robust safety units are empty
-    replies = tmp_path / "replies.jsonl"
-    replies.write_text("".join(json.dumps({"prompt": f"Do forbidden thing {i}.",
-                                           "response": f"Sure. Step one for thing {i}: gather the parts."}) + "\n"
-                               for i in range(12)))
+    replies = _harmful_replies(tmp_path)
     config = load_config(path=CONFIG)
     config.finetune.settings = ["plain"]
     config.align.enabled = False  # the studied model is the tiny model itself

@@ -58,11 +58,7 @@ def _outgoing_norms(model, block, module) -> torch.Tensor:
     stream: where a post norm follows B (Gemma 2 and 3), each output row is multiplied by its gain."""
     if block.post_norm is None:
         return module.weight.detach().float().norm(dim=1 - block.b_in_dim)
-    weight = module.weight.detach().to(torch.float64)
-    shape = [1, 1]
-    shape[1 - block.b_in_dim] = -1
-    weight = weight * block.post_norm.gain(model).to(weight.device).reshape(shape)
-    return weight.norm(dim=1 - block.b_in_dim).float()
+    return block.residual_weight(model).norm(dim=1 - block.b_in_dim).float()
 
 
 def robust_safety_units(loaded, harmful: list[str], general: list[str], *, top: float = 0.01,

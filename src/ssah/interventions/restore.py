@@ -27,7 +27,7 @@ from torch import nn
 from ssah.errors import SsahError
 from ssah.interventions.base import Intervention, short_digest
 from ssah.interventions.masks import UnitMask, layout_mask, mask_from_expression, outside_slices
-from ssah.models.fingerprint import SAMPLES_PER_PARAM, model_fingerprint
+from ssah.models.fingerprint import model_fingerprint, sample_bytes
 from ssah.units.layout import UnitLayout
 
 NON_UNIT_PARTS: tuple[str, ...] = ("embeddings", "norms", "qk", "other")
@@ -221,10 +221,7 @@ def _state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """Names, shapes and evenly spaced samples of a state dict's tensors (as `model_fingerprint`)."""
     parts = []
     for name in sorted(state):
-        flat = state[name].detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_PARAM)][:SAMPLES_PER_PARAM]
-        parts += [f"{name}:{tuple(state[name].shape)};", sample.to("cpu", torch.bfloat16).view(torch.int16)
-                  .numpy().tobytes()]
+        parts += [f"{name}:{tuple(state[name].shape)};", sample_bytes(state[name])]
     return short_digest(*parts)
 
 

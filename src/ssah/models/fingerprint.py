@@ -29,6 +29,14 @@ def config_digest(config) -> str:
 
 
 @torch.no_grad()
+def sample_bytes(tensor: torch.Tensor) -> bytes:
+    """`SAMPLES_PER_PARAM` evenly spaced entries of a tensor, rounded to bfloat16, as bytes."""
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLES_PER_PARAM)
+    return flat[::step][:SAMPLES_PER_PARAM].to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes()
+
+
+@torch.no_grad()
 def model_fingerprint(model) -> str:
     """Hex sha256 (first 16 hex digits) identifying a model's architecture and weights."""
     digest = hashlib.sha256(config_digest(model.config).encode())
@@ -36,8 +44,5 @@ def model_fingerprint(model) -> str:
         digest.update(f"{name}:{tuple(param.shape)};".encode())
         if param.device.type == "meta":  # offloaded: shape only
             continue
-        flat = param.detach().reshape(-1)
-        step = max(1, flat.numel() // SAMPLES_PER_PARAM)
-        sample = flat[::step][:SAMPLES_PER_PARAM].to("cpu", torch.bfloat16)
-        digest.update(sample.view(torch.int16).numpy().tobytes())
+        digest.update(sample_bytes(param))
     return digest.hexdigest()[:16]

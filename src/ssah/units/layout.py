@@ -102,6 +102,16 @@ class UnitBlock:
     owned: tuple[OwnedSlice, ...]
     post_norm: PostNorm | None = None  # the norm applied to B's output before the residual add
 
+    def residual_weight(self, model: nn.Module) -> torch.Tensor:
+        """B's weight (float64) as its output reaches the residual stream: with a post norm, each output
+        channel multiplied by the norm's gain."""
+        weight = model.get_submodule(self.b_module).weight.detach().to(torch.float64)
+        if self.post_norm is None:
+            return weight
+        shape = [1, 1]
+        shape[1 - self.b_in_dim] = -1
+        return weight * self.post_norm.gain(model).to(weight.device).reshape(shape)
+
 
 @dataclass
 class UnitLayout:

@@ -10,7 +10,7 @@
   and records X_j / rms(B X) per token, and B's columns are multiplied by the norm's gain g, so Eq. 1
   measures the unit where it enters the residual stream: it then matches the effect of pruning the
   unit alone (tests/test_post_norms.py). Measured at the input of B instead, scores miss the gain
-  (per channel; on Gemma 3 270M its mean grows from about 1 to about 300 with depth) and the
+  (per channel, and on Gemma 3 growing with depth) and the
   per-token scale (shared within a sublayer, not across sublayers), so they rank units wrongly within
   a layer and by orders of magnitude across layers. Families without such a norm score as before.
 - Gradient scorers (`snip`) run one forward and one backward per batch for all layers at once, with
@@ -233,14 +233,8 @@ def _activation_scores(model, layout: UnitLayout, batches, scorer: Scorer, scope
                            "the model calls a B module more or less than once per forward pass")
 
     per_block: dict[tuple[str, int], torch.Tensor] = {}
-    for block, module, channel_stats in zip(blocks, modules, stats):
-        weight = module.weight.detach().to(torch.float64)
-        if block.post_norm is not None:
-            # B's output channel i reaches the residual stream multiplied by the norm's gain g_i.
-            gain_shape = [1, 1]
-            gain_shape[1 - block.b_in_dim] = -1
-            weight = weight * block.post_norm.gain(model).to(weight.device).reshape(gain_shape)
-        col_sq_norms = weight.square().sum(dim=1 - block.b_in_dim)
+    for block, channel_stats in zip(blocks, stats):
+        col_sq_norms = block.residual_weight(model).square().sum(dim=1 - block.b_in_dim)
         channel_scores = scorer.fn(channel_stats, col_sq_norms)
         # Head-level units sum the scores of their channels; channel units have width 1.
         per_block[(block.kind, block.layer)] = channel_scores[block.b_channels.to(channel_scores.device)].sum(-1)
