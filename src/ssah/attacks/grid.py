@@ -2,8 +2,8 @@
 
 A cell is (attack, modality, learning rate, steps, defense); each training modality (full fine-tuning,
 LoRA) has its own sweep, and its defenses are compared with the same modality's attack under no
-defense (safe_lora with the LoRA attack, named `lora` in the matrix). the model the defense starts from is loaded, the
-defense is applied, the attack's data fine-tunes it (`attacks.train`, TRL's SFTTrainer by default,
+defense (safe_lora with the LoRA attack, named `lora` in the matrix). The model the defense starts
+from is loaded, the defense is applied, the attack's data fine-tunes it (`attacks.train`, TRL's SFTTrainer by default,
 with ssah's freeze callback), and the result is evaluated like every model of the run (the identity
 attack under its persona's system prompt, beside the studied model evaluated the same way). Fine-tuned
 weights are not kept: a cell's folder holds its record (`cell.json`: training summary, the share of
