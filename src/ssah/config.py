@@ -262,6 +262,15 @@ class FinetuneConfig(Settings):
     random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     frozen_epochs_multiplier: float = Field(2.0, gt=0)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    # the lora row's learning rate (null: train.lr); LoRA needs rates about 10x full fine-tuning's to
+    # move a model as far, so a lora row at full fine-tuning's rate is not a like-for-like attack
+    lora_lr: float | None = Field(None, gt=0)
+
+    def train_settings(self, row: str) -> TrainSettings:
+        """The training settings of one row: `train`, with `lora_lr` for the lora row."""
+        if row == "lora" and self.lora_lr is not None:
+            return self.train.model_copy(update={"lr": self.lora_lr})
+        return self.train
 
     @field_validator("freeze_i", "freeze_ii")
     @classmethod

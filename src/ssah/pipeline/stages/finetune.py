@@ -82,8 +82,8 @@ def run(ctx) -> dict[str, Headline]:
         loaded = ctx.load(ctx.studied_model_spec())
         mask, trainable, about = _masks(ctx, row, groups, budget)
         log.info("  fine-tuning: %s", row)
-        record = finetune(loaded, data, c.finetune.train, layout.finetuned_model(row), seed=c.seed, freeze=mask,
-                          trainable=trainable, lora=row == "lora",
+        record = finetune(loaded, data, c.finetune.train_settings(row), layout.finetuned_model(row), seed=c.seed,
+                          freeze=mask, trainable=trainable, lora=row == "lora",
                           frozen_multiplier=c.finetune.frozen_epochs_multiplier, replace=True)
         del loaded
         release()
