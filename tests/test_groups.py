@@ -221,3 +221,57 @@ def test_builtin_model_scores_and_groups(builtin_model, tmp_path):
     assert counts["UCU"] == math.floor(0.133 * total + 0.5)
     assert counts["RU"] == math.floor(0.148 * total + 0.5)
     assert sum(counts.values()) == total
+
+
+@pytest.mark.parametrize("ranking", ["global", "per-layer"])
+def test_ru_takes_its_own_definition_among_the_units_scu_and_ucu_leave(ranking):
+    """groups.ru_normalize / ru_ranking: SCU and UCU stay those of the main definition; RU is the lowest
+    S + U under its own normalisation among the rest, with the same count (per layer too); naming the
+    main definition again gives exactly the one-definition groups."""
+    from ssah.units.groups import _relabel_ru
+
+    safety, utility = _random_scores(3, dataset="s"), _random_scores(4, dataset="u")
+    sizes = {"scu": 0.05, "ucu": 0.1, "ru": 0.25}
+    main = make_groups(safety, utility, sizes, normalize="rank", ranking="global")
+    own = make_groups(safety, utility, sizes, normalize="rank", ranking="global", ru_normalize="zscore-per-layer",
+                      ru_ranking=ranking)
+    for name in ("SCU", "UCU"):
+        assert all(torch.equal(main.members(name)[k], own.members(name)[k]) for k in main.labels)
+    assert own.counts() == main.counts()
+    assert own.meta["ru_definition"] == {"normalize": "zscore-per-layer", "ranking": ranking}
+    assert main.meta["ru_definition"] == {"normalize": "rank", "ranking": "global"}
+    # every RU unit has S + U (RU's normalisation) no higher than any unit left in CU, within its pool
+    s, u = normalize_scores(safety.values, "zscore-per-layer"), normalize_scores(utility.values, "zscore-per-layer")
+    layers = range(4) if ranking == "per-layer" else [slice(None)]
+    for layer in layers:
+        key = torch.cat([(s[k][layer] + u[k][layer]).reshape(-1) for k in own.labels])
+        label = torch.cat([own.labels[k][layer].reshape(-1) for k in own.labels])
+        ru, cu = key[label == GROUP_NAMES.index("RU")], key[label == GROUP_NAMES.index("CU")]
+        assert ru.numel() and ru.max() <= cu.min()
+    if ranking == "per-layer":  # each layer its share of RU's count, as the one-definition per-layer groups
+        per_layer = make_groups(safety, utility, sizes, normalize="zscore-per-layer", ranking="per-layer")
+        def ru_per_layer(groups):
+            return [sum(groups.meta["counts_per_layer"][k]["RU"][i] for k in groups.labels) for i in range(4)]
+
+        assert ru_per_layer(own) == ru_per_layer(per_layer)
+    # RU's own definition set to the main one reproduces the one-definition groups, by either path
+    again = make_groups(safety, utility, sizes, normalize="rank", ranking=ranking, ru_normalize="rank",
+                        ru_ranking=ranking)
+    labels = {k: v.clone() for k, v in make_groups(safety, utility, {**sizes, "ru": 0.0}, normalize="rank",
+                                                       ranking=ranking).labels.items()}
+    _relabel_ru(labels, normalize_scores(safety.values, "rank"), normalize_scores(utility.values, "rank"),
+                again.counts()["RU"], ranking)
+    assert all(torch.equal(labels[k], again.labels[k]) for k in labels)
+
+
+def test_groups_are_remade_when_ru_gets_its_own_definition(tmp_path):
+    from ssah.units.recipes import group_units
+
+    safety, utility = _random_scores(5, dataset="s"), _random_scores(6, dataset="u")
+    sizes = {"scu": 0.05, "ucu": 0.1, "ru": 0.25}
+    first = group_units(safety, utility, tmp_path / "g", sizes, replace=True)
+    same = group_units(safety, utility, tmp_path / "g", sizes, replace=True, ru_normalize="rank")  # the main one
+    assert same.reused
+    other = group_units(safety, utility, tmp_path / "g", sizes, replace=True, ru_ranking="per-layer")
+    assert not other.reused and Groups.load(tmp_path / "g").meta["ru_definition"]["ranking"] == "per-layer"
+    assert not all(torch.equal(first.members("RU")[k], other.members("RU")[k]) for k in first.labels)

@@ -249,6 +249,8 @@ def test_full_run_has_the_controls(full_run):
         assert draw["train"]["check"]["max_abs_change_frozen"] == 0.0
         assert (tmp_path / "5-finetune" / f"eval-freeze_random_s{seed}" / "replies.jsonl").is_file()
     assert ft["freeze_ii_strict"]["train"]["check"]["max_abs_change_frozen"] == 0.0
+    # LoRA at its own rate (finetune.lora_lr), every other row at finetune.train's
+    assert ft["lora"]["train"]["lr"] == 0.01 and {ft[row]["train"]["lr"] for row in ft if row != "lora"} == {0.001}
     drawn = align["random_budget"]["random_budget_s0"]
     assert drawn["units"] == align["budget"]["units"] and drawn["overlap_with_budget"] == 0.0
     assert drawn["trainable_share"] == pytest.approx(align["budget"]["trainable_share"])
@@ -272,3 +274,27 @@ def test_each_kind_of_evaluation_runs_its_stage_suites(full_run):
     assert suites("5-finetune/eval-plain") == ["safety", "utility"]
     assert suites("5-finetune/eval-freeze_random_s0") == ["safety"]
     assert suites("1-baseline/eval") == suites("2-align/eval-budget") == every
+
+
+def test_restore_table_pairs_the_studied_and_attacked_models_own_evaluations(full_run):
+    """restore.enabled: the transfer stage restores each part into the plain attack's model; the table's
+    two end points are the studied model's and the attacked model's ASR on the same prompts and rule."""
+    tmp_path, summaries = full_run
+    table = summaries["transfer"]["restore"]
+    assert table["attacked_row"] == "plain" and table["rule"] == "prefix"
+    assert [row["part"] for row in table["parts"]] == ["SCU", "embeddings", "SCU+CU+norms"]
+
+    def asr(folder):
+        return json.loads((tmp_path / folder / "eval.json").read_text())["asr"]["prefix"]
+
+    assert table["aligned"]["asr"] == pytest.approx(asr("2-align/eval-budget"))
+    assert table["attacked"]["asr"] == pytest.approx(asr("5-finetune/eval-plain"))
+    for row in table["parts"]:
+        assert 0 < row["share_of_entries"] < 1 and row["entries"] > 0
+        assert (tmp_path / "7-transfer" / "restore" / row["folder"] / "replies.jsonl").is_file()
+    # a larger part holds more entries than the one inside it
+    entries = {row["part"]: row["entries"] for row in table["parts"]}
+    assert entries["SCU+CU+norms"] > entries["SCU"]
+    assert json.loads((tmp_path / "7-transfer" / "restore" / "restore.json").read_text())["n"] == table["n"]
+    page = (tmp_path / "report.html").read_text()
+    assert "Where fine-tuning breaks safety" in page and "SCU+CU+norms" in page

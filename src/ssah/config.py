@@ -37,6 +37,7 @@ from ssah.defaults import (
     TokenScope,
     VerdictRule,
     check_device,
+    random_draws,
 )
 from ssah.errors import SsahError
 from ssah.interventions.expressions import parse_mask_expression
@@ -172,6 +173,15 @@ class GroupConfig(Settings):
     sizes: dict[str, float] | Literal["auto"] = Field(default_factory=lambda: dict(DEFAULT_SIZES))
     normalize: Normalization = DEFAULT_NORMALIZATION  # see ssah.units.groups: mean is skewed by outlier neurons
     ranking: Ranking = DEFAULT_RANKING
+    # RU's own definition (null: normalize and ranking): one definition need not serve both SCU, whose
+    # pruning must hurt safety, and RU, whose pruning must hurt nothing (experiments/ru_share.py)
+    ru_normalize: Normalization | None = None
+    ru_ranking: Ranking | None = None
+
+    def identity(self) -> dict:
+        """What the groups depend on; RU's own definition only where set, so runs from before it keep
+        their identity."""
+        return self.model_dump(exclude={key for key in ("ru_normalize", "ru_ranking") if getattr(self, key) is None})
 
     @field_validator("sizes")
     @classmethod
@@ -281,6 +291,14 @@ class FinetuneConfig(Settings):
     @classmethod
     def _random_seeds(cls, values: list[int]) -> list[int]:
         return _seeds(values)
+
+
+def finetune_rows(finetune: FinetuneConfig) -> list[str]:
+    """The finetune stage's rows in order: each setting, freeze_random expanded into one row per seed."""
+    out: list[str] = []
+    for setting in finetune.settings:
+        out += random_draws("freeze_random", finetune.random_seeds) if setting == "freeze_random" else [setting]
+    return out
 
 
 DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "rsn_tune",
@@ -409,6 +427,33 @@ class ProbeConfig(Settings):
         return MonitorConfig.from_dict(settings, prefix="probe.monitor_settings")
 
 
+# each unit group and each kind of weight no unit owns alone, then the unions freezing settings hold
+# back: freeze_ii's units, everything freeze_ii_strict freezes, the units freeze_ii leaves trainable,
+# and every weight no unit owns
+RESTORE_PARTS = ("SCU", "CU", "UCU", "RU", "embeddings", "norms", "qk", "other", "SCU+CU",
+                 "SCU+CU+embeddings+norms+qk+other", "UCU+RU", "embeddings+norms+qk+other")
+
+
+class RestoreConfig(Settings):
+    """Where the fine-tuning attack broke safety (`ssah.analysis.restore`): after the transfer stage,
+    each part's aligned weights are put back into the `attacked` row's model, one part at a time, and
+    the share of the ASR rise each takes back is measured on the harmful test prompts."""
+
+    enabled: bool = False
+    attacked: str = "plain"  # the finetune row whose model is the attacked one
+    parts: list[str] = Field(default_factory=lambda: list(RESTORE_PARTS), min_length=1)
+
+    @field_validator("parts")
+    @classmethod
+    def _parts(cls, values: list[str]) -> list[str]:
+        from ssah.analysis.restore import check_parts
+
+        try:
+            return check_parts(values)
+        except SsahError as err:
+            raise ValueError(str(err)) from None
+
+
 class RunConfig(Settings):
     model: str = DEFAULT_MODEL
     seed: Seed = 0
@@ -423,6 +468,7 @@ class RunConfig(Settings):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     attacks: AttackConfig = Field(default_factory=AttackConfig)
+    restore: RestoreConfig = Field(default_factory=RestoreConfig)
 
     @field_validator("device")
     @classmethod
@@ -449,6 +495,11 @@ class RunConfig(Settings):
                                                                             and self.align.study == "budget"):
             raise ValueError("attacks.defenses freeze_budget freezes the alignment budget, so it needs "
                              "align.enabled: true and align.study: budget")
+        if self.restore.enabled and "safety" not in self.eval.suites:
+            raise ValueError("restore measures ASR on the harmful test prompts; add safety to eval.suites")
+        if self.restore.enabled and self.restore.attacked not in finetune_rows(self.finetune):
+            raise ValueError(f"restore.attacked {self.restore.attacked!r} is not a finetune row "
+                             f"({', '.join(finetune_rows(self.finetune))})")
         if self.probe.monitor:
             try:
                 self.probe.monitor_config(self.data)

@@ -95,6 +95,7 @@ def report_html(config: dict, s: dict, verdicts: dict, images: dict[str, list[Pa
     parts += _monitor_section((s.get("probe") or {}).get("monitor"), examples.get("monitor"), rule)
     parts += ["<h2>Attribute transfer (cf. paper Figures 5, 6)</h2>",
               *(image_tag(p) for p in images.get("transfer", []))]
+    parts += _restore_section((s.get("transfer") or {}).get("restore"))
     parts += _attack_section(s.get("attacks") or {}, images.get("attacks", []), verdicts)
     parts += _rule_agreement_section(agreements)
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
@@ -105,6 +106,30 @@ def report_html(config: dict, s: dict, verdicts: dict, images: dict[str, list[Pa
              ".reply{white-space:pre-wrap;font-family:monospace}.prefill{color:#888}summary{cursor:pointer}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{REPORT_TITLE}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
+
+
+def _restore_section(table: dict | None) -> list[str]:
+    """Where fine-tuning broke safety: the ASR with each part's aligned weights put back, and the share
+    of the rise it takes back with its paired bootstrap interval."""
+    if not table:
+        return []
+
+    def share(row: dict) -> str:
+        if row.get("share") is None:
+            return html.escape(row.get("share_reason") or "n/a")
+        ci = row.get("share_ci")
+        return f"{100 * row['share']:+.0f}%" + (f" [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if ci else "")
+
+    rows = [(row["part"], f"{100 * row['share_of_entries']:.1f}%", f"{100 * row['asr']:.1f}", share(row))
+            for row in table["parts"]]
+    return ["<h2>Where fine-tuning breaks safety</h2>",
+            f"<p>The studied model's weights of one part at a time put back into the model after the "
+            f"{html.escape(str(table.get('attacked_row')))} fine-tuning attack, on {table['n']} harmful test prompts "
+            f"({html.escape(table['rule'])} rule): ASR {100 * table['aligned']['asr']:.1f}% before the attack, "
+            f"{100 * table['attacked']['asr']:.1f}% after it. The share is the part of that rise the restored "
+            "weights take back (1: all of it), with a paired bootstrap 95% interval over prompts.</p>",
+            html_table(("part restored", "share of weights", "ASR %", "share of the rise taken back [95% CI]"),
+                       rows)]
 
 
 def _paper(table: str) -> list[str]:

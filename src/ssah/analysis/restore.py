@@ -35,7 +35,7 @@ DEFAULT_PARTS = ("SCU", "CU", "UCU", "RU", "embeddings", "norms", "qk", "SCU+CU"
 
 def check_parts(parts: Sequence[str]) -> list[str]:
     """The parts, each checked (`parse_part`) and none twice; one SsahError otherwise."""
-    from ssah.interventions.restore import parse_part
+    from ssah.interventions.expressions import parse_part
 
     parts = [p.strip() for p in parts if p.strip()]
     if not parts:

@@ -21,9 +21,11 @@ TRANSFER = OutputKind("transfer", ("transfer.json", "transfer.png"), record="tra
 
 
 def regroup_like(before: Groups, safety_after, utility_after) -> Groups:
-    """Groups of the trained model with the sizes, normalisation and ranking used before."""
+    """Groups of the trained model with the sizes, normalisation and ranking used before (RU's own too)."""
+    ru = before.meta.get("ru_definition") or {}
     return make_groups(safety_after, utility_after, before.meta["sizes"],
-                       normalize=before.meta["normalize"], ranking=before.meta["ranking"])
+                       normalize=before.meta["normalize"], ranking=before.meta["ranking"],
+                       ru_normalize=ru.get("normalize"), ru_ranking=ru.get("ranking"))
 
 
 def transition_table(before: Groups, after: Groups) -> torch.Tensor:

@@ -89,3 +89,24 @@ def _option_value(option: str, value: str, term: str):
     if group not in GROUP_NAMES:
         raise SsahError(f"unknown group {value!r} in {term!r}; groups: {', '.join(GROUP_NAMES)}")
     return group
+
+
+# the parts of a model no unit owns, by where they live (`ssah.interventions.restore`)
+NON_UNIT_PARTS: tuple[str, ...] = ("embeddings", "norms", "qk", "other")
+
+
+def parse_part(text: str) -> tuple[str | None, tuple[str, ...]]:
+    """(the unit terms as one mask expression or None, the non-unit parts) of a part such as
+    "SCU+embeddings"; checks the syntax only, so a typo fails before any model loads."""
+    terms = [t.strip() for t in (text.split("+") if isinstance(text, str) else []) if t.strip()]
+    if not terms:
+        raise SsahError(f"empty part {text!r}; use unit groups ({', '.join(('SCU', 'UCU', 'CU', 'RU'))}) "
+                        f"and {', '.join(NON_UNIT_PARTS)}, joined by +")
+    extras = tuple(dict.fromkeys(t.lower() for t in terms if t.lower() in NON_UNIT_PARTS))
+    units = "+".join(t for t in terms if t.lower() not in NON_UNIT_PARTS) or None
+    if units is not None:
+        try:
+            parse_mask_expression(units)
+        except SsahError as err:
+            raise SsahError(f"unknown part in {text!r}: {err}; non-unit parts: {', '.join(NON_UNIT_PARTS)}") from None
+    return units, extras

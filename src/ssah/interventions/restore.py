@@ -26,32 +26,13 @@ from torch import nn
 
 from ssah.errors import SsahError
 from ssah.interventions.base import Intervention, short_digest
+from ssah.interventions.expressions import NON_UNIT_PARTS, parse_part
 from ssah.interventions.masks import UnitMask, layout_mask, mask_from_expression, outside_slices
 from ssah.models.fingerprint import model_fingerprint, sample_bytes
 from ssah.units.layout import UnitLayout
 
-NON_UNIT_PARTS: tuple[str, ...] = ("embeddings", "norms", "qk", "other")
 # parameter name -> None (the whole parameter) or (axis, sorted positions along it)
 Selection = dict[str, "tuple[int, torch.Tensor] | None"]
-
-
-def parse_part(text: str) -> tuple[str | None, tuple[str, ...]]:
-    """(the unit terms as one mask expression or None, the non-unit parts) of a part such as
-    "SCU+embeddings"; checks the syntax only, so a typo fails before any model loads."""
-    from ssah.interventions.expressions import parse_mask_expression
-
-    terms = [t.strip() for t in (text.split("+") if isinstance(text, str) else []) if t.strip()]
-    if not terms:
-        raise SsahError(f"empty part {text!r}; use unit groups ({', '.join(('SCU', 'UCU', 'CU', 'RU'))}) "
-                        f"and {', '.join(NON_UNIT_PARTS)}, joined by +")
-    extras = tuple(dict.fromkeys(t.lower() for t in terms if t.lower() in NON_UNIT_PARTS))
-    units = "+".join(t for t in terms if t.lower() not in NON_UNIT_PARTS) or None
-    if units is not None:
-        try:
-            parse_mask_expression(units)
-        except SsahError as err:
-            raise SsahError(f"unknown part in {text!r}: {err}; non-unit parts: {', '.join(NON_UNIT_PARTS)}") from None
-    return units, extras
 
 
 def part_selection(model: nn.Module, layout: UnitLayout, part: str | UnitMask, groups=None) -> Selection:

@@ -150,7 +150,8 @@ class RunContext:
                                normalize=g.normalize, ranking=g.ranking, scorer=s.scorer, limit=s.limit,
                                batch_size=s.batch_size, max_length=s.max_length, token_scope=s.token_scope,
                                seed=self.config.seed, replace=True, responses=s.responses,
-                               refusals=self.config.data.scoring_refusals, max_new_tokens=s.reply_tokens)
+                               refusals=self.config.data.scoring_refusals, max_new_tokens=s.reply_tokens,
+                               ru_normalize=g.ru_normalize, ru_ranking=g.ru_ranking)
 
 
 def _roles(suites) -> set[str]:

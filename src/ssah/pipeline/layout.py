@@ -9,7 +9,7 @@
       4-prune/     eval-none/ eval-SCU/ ...         one evaluation per pruned mask
       5-finetune/  model-plain/ eval-plain/ ...     one model and evaluation per setting
       6-probe/     probe.json directions*.safetensors *.png monitor.safetensors eval-monitor/
-      7-transfer/  after-finetune/ transfer.json transfer-*.png
+      7-transfer/  after-finetune/ transfer.json transfer-*.png restore/   (restore.enabled)
       8-attacks/   cells/ATTACK/lrLR-sSTEPS/DEFENSE/ before-*/ rsn/ attacks.json attack_*.png   (attacks.enabled)
       9-report/
     Each stage folder ends with done.json (the stage's identity and summary).
@@ -134,6 +134,11 @@ class RunLayout:
     @property
     def attack_grid(self) -> Path:
         return self.stage("attacks")
+
+    @property
+    def restore(self) -> Path:
+        """The restore table's folder (restore.json and one evaluation per state)."""
+        return self.stage("transfer") / "restore"
 
     @property
     def transfer_record(self) -> Path:

@@ -30,6 +30,7 @@ class TrainSummary(TypedDict):
     final_loss: float | None
     seconds: float
     check: dict[str, Any]  # what moved: frozen entries' largest change (0.0 when freezing held), shares
+    lr: float  # the learning rate it trained at
 
 
 class BaselineSummary(TypedDict):
@@ -67,4 +68,4 @@ def headline_rate(block: dict | None, key: str = "asr") -> float | None:
 def train_summary(record: dict) -> TrainSummary:
     result = record["result"]
     return {"steps": result["steps"], "final_loss": result["final_loss"], "seconds": result["seconds"],
-            "check": result["check"]}
+            "check": result["check"], "lr": record["config"]["lr"]}

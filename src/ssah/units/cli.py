@@ -137,13 +137,17 @@ def _echo_scores(result, out: str, seconds: float) -> None:
               help="--sizes auto: prompts with answers for the perplexity (default: the utility scores' dataset)")
 @click.option("--sweep-samples", default=32, show_default=True, type=click.IntRange(min=1),
               help="--sizes auto: records of each sweep dataset")
+@click.option("--ru-normalize", type=click.Choice(NORMALIZATIONS), default=None,
+              help="RU's own normalisation (default: --normalize)")
+@click.option("--ru-ranking", type=click.Choice(RANKINGS), default=None, help="RU's own ranking (default: --ranking)")
 @click.option("--sweep-thresholds", default=None, metavar="NAME=V,...",
               help="--sizes auto: hurt_safety (0.3), spare_safety (0.1), hurt_utility (0.5), spare_utility (0.1)")
 @click.option("--out", required=True, type=click.Path(), help="output folder")
 @click.option("--force", is_flag=True, help="recompute and replace the groups ssah wrote in the output folder")
 def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, ranking: str, model_spec: str | None,
            dtype: str, device: str, sweep_safety_data: str | None, sweep_utility_data: str | None,
-           sweep_samples: int, sweep_thresholds: str | None, out: str, force: bool) -> None:
+           sweep_samples: int, ru_normalize: str | None, ru_ranking: str | None, sweep_thresholds: str | None, out: str,
+           force: bool) -> None:
     """Sort units into SCU / UCU / CU / RU; writes groups.safetensors, groups.json and a per-layer plot."""
     from ssah.units.recipes import GROUPS, group_units
     from ssah.units.scores import Scores
@@ -160,7 +164,7 @@ def groups(safety_dir: str, utility_dir: str, sizes: str, normalize: str, rankin
     start = time.perf_counter()
     with folder:
         result = group_units(safety, utility, out, fractions, normalize=normalize, ranking=ranking, sweep=sweep,
-                             force=force)
+                             force=force, ru_normalize=ru_normalize, ru_ranking=ru_ranking)
     if result.reused:
         click.echo(f"reused the groups already in {out} (same scores and settings); pass --force to recompute")
     elif auto:

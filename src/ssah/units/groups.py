@@ -291,11 +291,15 @@ def _assign(s: torch.Tensor, u: torch.Tensor, counts: dict[str, int]) -> torch.T
 
 
 def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None = None,
-                normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING) -> Groups:
+                normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING,
+                ru_normalize: str | None = None, ru_ranking: str | None = None) -> Groups:
     """Label every unit SCU, UCU, CU or RU from safety and utility scores of the same model.
 
     `sizes` maps scu/ucu/ru to fractions of all units (default: the paper's Llama-2 sizes);
     `normalize` is rank (default), mean or zscore-per-layer; `ranking` is global or per-layer.
+    `ru_normalize` / `ru_ranking`: RU's own definition (None: the same as SCU's and UCU's). RU is then
+    the lowest S + U under its normalisation and ranking among the units SCU and UCU left, which with
+    the same definition gives exactly the groups of one definition.
     See the module docstring for the rule, the order of assignment and the rounding.
     """
     from ssah import __version__
@@ -313,8 +317,16 @@ def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None 
     total = sum(num_layers * n for n in units_per_layer.values())
     counts = group_counts(sizes, total)
 
+    ru_normalize, ru_ranking = ru_normalize or normalize, ru_ranking or ranking
+    if ru_ranking not in RANKINGS:
+        raise SsahError(f"unknown ranking {ru_ranking!r} for RU; use one of {', '.join(RANKINGS)}")
     label = _labels_global if ranking == "global" else _labels_per_layer
-    labels = label(s_norm, u_norm, counts)
+    if (ru_normalize, ru_ranking) == (normalize, ranking):
+        labels = label(s_norm, u_norm, counts)
+    else:
+        labels = label(s_norm, u_norm, {**counts, "RU": 0})
+        _relabel_ru(labels, normalize_scores(safety.values, ru_normalize, "safety scores"),
+                    normalize_scores(utility.values, ru_normalize, "utility scores"), counts["RU"], ru_ranking)
 
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -328,6 +340,8 @@ def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None 
         "rounding": ROUNDING,
         "normalize": normalize,
         "ranking": ranking,
+        # RU's own definition (the same as above unless given)
+        "ru_definition": {"normalize": ru_normalize, "ranking": ru_ranking},
         "model_fingerprint": safety.model_fingerprint,
         "model_spec": safety.manifest.get("model_spec"),
         "attn_unit": safety.manifest.get("attn_unit"),
@@ -377,6 +391,36 @@ def _labels_per_layer(s_norm: dict, u_norm: dict, counts: dict[str, int]) -> dic
             labels[kind][layer] = layer_labels[start:start + units_per_layer[kind]]
             start += units_per_layer[kind]
     return labels
+
+
+def _relabel_ru(labels: dict[str, torch.Tensor], s_norm: dict, u_norm: dict, count: int, ranking: str) -> None:
+    """Label as RU the `count` units still CU with the lowest S + U (scores normalised by RU's own
+    definition), pooled over all units (`global`) or each layer's share apportioned over the layers as
+    `_labels_per_layer` does (`per-layer`); in place."""
+    kinds = list(labels)
+    cu, ru = GROUP_NAMES.index("CU"), GROUP_NAMES.index("RU")
+    if ranking == "global":
+        key = torch.cat([(s_norm[k] + u_norm[k]).reshape(-1) for k in kinds])
+        flat = torch.cat([labels[k].reshape(-1) for k in kinds])
+        flat[_pick(key, flat == cu, count, highest=False)] = ru
+        start = 0
+        for kind in kinds:
+            n = labels[kind].numel()
+            labels[kind].copy_(flat[start:start + n].reshape(labels[kind].shape))
+            start += n
+        return
+    num_layers = labels[kinds[0]].shape[0]
+    units = [sum(labels[k].shape[1] for k in kinds)] * num_layers
+    free = [sum(int((labels[k][layer] == cu).sum()) for k in kinds) for layer in range(num_layers)]
+    for layer, share in enumerate(_apportion(count, units, free)):
+        key = torch.cat([s_norm[k][layer] + u_norm[k][layer] for k in kinds])
+        row = torch.cat([labels[k][layer] for k in kinds])
+        row[_pick(key, row == cu, share, highest=False)] = ru
+        start = 0
+        for kind in kinds:
+            n = labels[kind].shape[1]
+            labels[kind][layer] = row[start:start + n]
+            start += n
 
 
 def _score_summary(scores: Scores) -> dict[str, Any]:

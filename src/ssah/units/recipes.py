@@ -57,13 +57,18 @@ def _sweep_probe(sweep: SweepSpec, safety: Scores, utility: Scores):
 
 def group_units(safety: Scores, utility: Scores, out: str | Path, sizes: dict[str, float] | str, *,
                 normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING, sweep: SweepSpec | None = None,
-                force: bool = False, replace: bool = False) -> Groups:
+                force: bool = False, replace: bool = False, ru_normalize: str | None = None,
+                ru_ranking: str | None = None) -> Groups:
     """Groups of the units of `safety`/`utility` (same model) saved in `out`: of fixed `sizes`, or of
     sizes a pruning sweep chooses (`sizes="auto"`, which needs `sweep`). Reused when `out` holds
-    groups made from the same scores and settings (for auto sizes: the same sweep request)."""
+    groups made from the same scores and settings (for auto sizes: the same sweep request).
+    `ru_normalize` / `ru_ranking`: RU's own definition (`make_groups`)."""
     check_compatible(safety, utility)
     identity = {"model": safety.model_fingerprint, "safety": safety.digest(), "utility": utility.digest(),
                 "normalize": normalize, "ranking": ranking}
+    ru = {"ru_normalize": ru_normalize or normalize, "ru_ranking": ru_ranking or ranking}
+    if (ru["ru_normalize"], ru["ru_ranking"]) != (normalize, ranking):  # absent otherwise: earlier groups stay valid
+        identity.update(ru)
     probe = None
     if sizes == "auto":
         if sweep is None:
@@ -81,13 +86,13 @@ def group_units(safety: Scores, utility: Scores, out: str | Path, sizes: dict[st
         from ssah.units.size_sweep import plot_size_sweep, sweep_sizes
 
         chosen = sweep_sizes(sweep.loaded, safety, utility, probe, normalize=normalize, ranking=ranking,
-                             thresholds=thresholds)
-        groups = make_groups(safety, utility, chosen.sizes, normalize=normalize, ranking=ranking)
+                             thresholds=thresholds, **ru)
+        groups = make_groups(safety, utility, chosen.sizes, normalize=normalize, ranking=ranking, **ru)
         groups.meta["size_selection"] = chosen.to_dict()
         make_dirs(out)
         plot_size_sweep(chosen, Path(out) / SWEEP_PLOT_FILE)
     else:
-        groups = make_groups(safety, utility, sizes, normalize=normalize, ranking=ranking)
+        groups = make_groups(safety, utility, sizes, normalize=normalize, ranking=ranking, **ru)
     groups.save(out, artifact=artifact)
     return groups
 
@@ -97,7 +102,7 @@ def score_and_group(loaded, out: str | Path, *, harmful: str, benign: str, sizes
                     scorer: str = DEFAULT_SCORER, limit: int | None = None, batch_size: int = 8,
                     max_length: int = 256, token_scope: str = "all", seed: int = 0, replace: bool = False,
                     responses: str = "refusals", refusals: str | None = None,
-                    max_new_tokens: int = 64) -> Groups:
+                    max_new_tokens: int = 64, ru_normalize: str | None = None, ru_ranking: str | None = None) -> Groups:
     """Score `loaded` on `harmful` prompts answered with refusals (safety) and on `benign` prompts with
     their answers (utility), the first `limit` records of each, into OUT/scores-safety and
     OUT/scores-utility; group the units into OUT/groups (see `group_units`). `responses`: "refusals"
@@ -119,4 +124,4 @@ def score_and_group(loaded, out: str | Path, *, harmful: str, benign: str, sizes
     utility = score_dataset(loaded, first(benign), responses="dataset", out=out / "scores-utility", **common)
     sweep = SweepSpec(loaded, load_dataset(harmful), load_dataset(benign)) if sizes == "auto" else None
     return group_units(safety, utility, out / "groups", sizes, normalize=normalize, ranking=ranking, sweep=sweep,
-                       replace=replace)
+                       replace=replace, ru_normalize=ru_normalize, ru_ranking=ru_ranking)

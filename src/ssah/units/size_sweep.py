@@ -226,7 +226,8 @@ def _check_grids(grids: dict[str, Sequence[float]]) -> dict[str, tuple[float, ..
 def sweep_sizes(loaded, safety: Scores, utility: Scores, probe: AttributeProbe, *,
                 normalize: str = DEFAULT_NORMALIZATION, ranking: str = DEFAULT_RANKING,
                 thresholds: SweepThresholds | None = None,
-                grids: dict[str, Sequence[float]] | None = None) -> SizeSweep:
+                grids: dict[str, Sequence[float]] | None = None, ru_normalize: str | None = None,
+                ru_ranking: str | None = None) -> SizeSweep:
     """Choose SCU, UCU and RU sizes by the rule in the module docstring; the model is left unchanged.
     Each measurement is logged (logger `ssah.units.size_sweep`)."""
     thresholds = thresholds or SweepThresholds()
@@ -253,7 +254,8 @@ def sweep_sizes(loaded, safety: Scores, utility: Scores, probe: AttributeProbe, 
         for key in SIZE_KEYS:
             group = key.upper()
             room = 1.0 - sum(chosen.values())
-            sweep = _SweepGroup(loaded, safety, utility, probe, base, thresholds, normalize, ranking, chosen)
+            sweep = _SweepGroup(loaded, safety, utility, probe, base, thresholds, normalize, ranking, chosen,
+                                ru_normalize, ru_ranking)
             pick, reasons[group] = sweep.run(group, [f for f in grids[key] if f <= room])
             steps += sweep.steps
             met[group] = pick is not None
@@ -278,6 +280,8 @@ class _SweepGroup:
     normalize: str
     ranking: str
     chosen: dict[str, float]
+    ru_normalize: str | None = None  # RU's own definition (make_groups)
+    ru_ranking: str | None = None
 
     def __post_init__(self) -> None:
         self.steps: list[SweepStep] = []
@@ -287,7 +291,8 @@ class _SweepGroup:
         from ssah.interventions.prune import pruned
 
         groups = make_groups(self.safety, self.utility, {**self.chosen, group.lower(): fraction},
-                             normalize=self.normalize, ranking=self.ranking)
+                             normalize=self.normalize, ranking=self.ranking, ru_normalize=self.ru_normalize,
+                             ru_ranking=self.ru_ranking)
         mask = mask_from_expression(groups, group)
         with pruned(self.loaded.model, self.loaded.layout, mask, check=False):
             after = self.probe.measure(self.loaded.model, self.loaded.tokenizer)

@@ -41,7 +41,7 @@ class AlignSummary(TypedDict, total=False):
 
 
 def reads(config: RunConfig) -> dict:
-    groups = {**config.groups.model_dump(), "sizes": config.align.group_sizes or config.groups.sizes}
+    groups = {**config.groups.identity(), "sizes": config.align.group_sizes or config.groups.sizes}
     return {**common(config), "align": config.align.model_dump(), "scores": config.scores.model_dump(),
             "groups": groups}
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ssah.config import RunConfig
-from ssah.defaults import random_draws
+from ssah.config import RunConfig, finetune_rows
 from ssah.pipeline.context import release
 from ssah.pipeline.registry import Stage, register
 from ssah.pipeline.summaries import Headline, headline, train_summary
@@ -25,10 +24,7 @@ def reads(config: RunConfig) -> dict:
 
 def rows(config: RunConfig) -> list[str]:
     """The stage's rows in order: each setting, freeze_random expanded into one row per seed."""
-    out: list[str] = []
-    for setting in config.finetune.settings:
-        out += random_draws(RANDOM, config.finetune.random_seeds) if setting == RANDOM else [setting]
-    return out
+    return finetune_rows(config.finetune)
 
 
 def _budget(ctx):
@@ -68,7 +64,6 @@ def _masks(ctx, row: str, groups, budget) -> tuple[object, object, dict]:
 
 def run(ctx) -> dict[str, Headline]:
     from ssah.data import load_dataset
-    from ssah.train.recipes import finetune
     from ssah.units.groups import Groups
 
     c, layout = ctx.config, ctx.layout
@@ -77,27 +72,34 @@ def run(ctx) -> dict[str, Headline]:
     # what each frozen set covers of the alignment budget says whether freezing can keep what
     # alignment put there
     budget = _budget(ctx)
-    summary: dict = {}
-    for row in rows(c):
-        loaded = ctx.load(ctx.studied_model_spec())
-        mask, trainable, about = _masks(ctx, row, groups, budget)
-        log.info("  fine-tuning: %s", row)
-        record = finetune(loaded, data, c.finetune.train_settings(row), layout.finetuned_model(row), seed=c.seed,
-                          freeze=mask, trainable=trainable, lora=row == "lora",
-                          frozen_multiplier=c.finetune.frozen_epochs_multiplier, replace=True)
-        del loaded
-        release()
-        tuned = ctx.load(layout.finetuned_model(row))
-        report = ctx.evaluate(tuned, layout.finetuned_eval(row), f"fine-tuned ({row})", as_loaded=True,
-                               suites=ctx.suites_for("finetune_controls" if row.startswith(RANDOM + "_s")
-                                                     else "finetune"))
-        summary[row] = {**headline(report), "train": train_summary(record),
-                        "trainable_share": record.get("trainable_share"), **about}
-        if mask is not None and budget is not None:
-            summary[row]["alignment_budget_frozen"] = \
-                sum(int((mask.units[k] & budget.units[k]).sum()) for k in budget.units) / budget.count()
-        del tuned
-        release()
+    return {row: run_row(ctx, row, data, groups, budget) for row in rows(c)}
+
+
+def run_row(ctx, row: str, data, groups, budget=None) -> dict:
+    """Fine-tune the studied model as `row` says (a setting, or freeze_random_s{seed}) into the run's
+    folder for it, evaluate it, and return the row's summary. `groups`: the studied model's; `budget`:
+    the alignment budget's units, or None."""
+    from ssah.train.recipes import finetune
+
+    c, layout = ctx.config, ctx.layout
+    loaded = ctx.load(ctx.studied_model_spec())
+    mask, trainable, about = _masks(ctx, row, groups, budget)
+    log.info("  fine-tuning: %s", row)
+    record = finetune(loaded, data, c.finetune.train_settings(row), layout.finetuned_model(row), seed=c.seed,
+                      freeze=mask, trainable=trainable, lora=row == "lora",
+                      frozen_multiplier=c.finetune.frozen_epochs_multiplier, replace=True)
+    del loaded
+    release()
+    tuned = ctx.load(layout.finetuned_model(row))
+    report = ctx.evaluate(tuned, layout.finetuned_eval(row), f"fine-tuned ({row})", as_loaded=True,
+                          suites=ctx.suites_for("finetune_controls" if row.startswith(RANDOM + "_s") else "finetune"))
+    summary = {**headline(report), "train": train_summary(record), "trainable_share": record.get("trainable_share"),
+               **about}
+    if mask is not None and budget is not None:
+        summary["alignment_budget_frozen"] = \
+            sum(int((mask.units[k] & budget.units[k]).sum()) for k in budget.units) / budget.count()
+    del tuned
+    release()
     return summary
 
 

@@ -8,7 +8,7 @@ from ssah.pipeline.summaries import GroupsSummary
 
 
 def reads(config: RunConfig) -> dict:
-    return {"scores": config.scores.model_dump(), "groups": config.groups.model_dump(),
+    return {"scores": config.scores.model_dump(), "groups": config.groups.identity(),
             "data": [config.data.harmful_calibration, config.data.benign_calibration, config.data.scoring_refusals]}
 
 
