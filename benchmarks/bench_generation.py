@@ -45,8 +45,9 @@ batching can gain over batch 1 on prompts long against their replies. The ratio 
 therefore bounded by the roofline over batch 1's achieved FLOP/s: on an idle machine batch 1 runs at a
 larger share of the roofline than on a busy one, and the fp32 ratio is lower there, however many slots.
 The bf16 side casts the weights for generation (`eval.generation_dtype: bf16`): bf16 matmuls on a CPU
-with bf16 instructions run past the fp32 roofline, so it has no share of it; its ratio is to the same
-fp32 batch 1, what a user running `model.generate` on the model as loaded gets."""
+with bf16 instructions run past the fp32 roofline, so they have no share of it; their "vs batch 1" is
+to the same fp32 batch 1, what a user running `model.generate` on the model as loaded gets, and the
+line under each table gives the like-for-like ratio, bf16 slots against bf16 batch 1."""
 
 
 def _generation_flops(weights: dict, prompt_positions: int, prompt_rows: int, row_steps: int) -> float:
@@ -107,13 +108,15 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
     sides += [(f"continuous, {w} slots" + (" (auto)" if w == choice.slots else ""), w,
                lambda w=w: continuous(w, small_prompts if small_prompts and w < 32 else None)) for w in widths]
 
-    def in_bf16() -> dict:
+    def in_bf16(call, *args) -> dict:
         with weights_cast(model, "bf16"):
-            return continuous(choice.slots)
+            return call(*args)
 
-    # eval.generation_dtype: bf16, beside the fp32 side at the same slot count (not a candidate for "best",
-    # whose target compares fp32 with fp32 batch 1)
-    sides.append((f"continuous, {choice.slots} slots (auto), weights in bf16", choice.slots, in_bf16))
+    # eval.generation_dtype: bf16, beside the fp32 sides (not candidates for "best", whose target compares
+    # fp32 with fp32 batch 1): batch 1 and the auto slot count, so the bf16 ratio is like for like too
+    sides.append(("batch 1 (model.generate), weights in bf16", 1, lambda: in_bf16(batch_one)))
+    sides.append((f"continuous, {choice.slots} slots (auto), weights in bf16", choice.slots,
+                  lambda: in_bf16(continuous, choice.slots)))
     rows = []
     for name, width, call in sides:
         seconds, row = timed_call(call)
@@ -128,6 +131,7 @@ def measure(loaded, prompts: int, tokens: int, slots, batch1_prompts: int, roofl
         row["vs_batch1"] = row["tokens_per_s"] / reference
     fp32_auto = next(row for row in rows if row["slots"] == choice.slots and "bf16" not in row["side"])
     rows[-1]["vs_fp32_same_slots"] = rows[-1]["tokens_per_s"] / fp32_auto["tokens_per_s"]
+    rows[-1]["vs_bf16_batch1"] = rows[-1]["tokens_per_s"] / rows[-2]["tokens_per_s"]
     best = max((row for row in rows[1:] if "bf16" not in row["side"]), key=lambda r: r["tokens_per_s"])
     return {"model": loaded.spec, "run": loaded.spec, "weights": weights, "rows": rows, "best": best["side"],
             "best_ratio": best["vs_batch1"],
@@ -191,7 +195,8 @@ def render(result: dict) -> list[str]:
         cast = next((row for row in model["rows"] if "vs_fp32_same_slots" in row), None)
         if cast is not None:  # results of runs before the bf16 side have none
             lines += [f"With the weights cast to bf16 for generation (`eval.generation_dtype: bf16`): "
-                      f"{cast['vs_fp32_same_slots']:.2f}x the fp32 side at the same slot count."]
+                      f"{cast['vs_fp32_same_slots']:.2f}x the fp32 side at the same slot count"
+                      + (f", {cast['vs_bf16_batch1']:.2f}x batch 1 in bf16." if "vs_bf16_batch1" in cast else ".")]
         lines += [""]
     if result.get("skipped"):
         lines += [result["skipped"], ""]

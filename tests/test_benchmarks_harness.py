@@ -53,9 +53,12 @@ def test_tiny_run_renders_markdown_and_regenerates_from_json(tmp_path, monkeypat
     assert "absent.gguf is absent" in text and "share of roofline" in text
     generation = results["generation"]["models"][0]
     assert [row["slots"] for row in generation["rows"]][:2] == [1, 2] and generation["rows"][0]["vs_batch1"] == 1
-    fp32_rows, (cast,) = generation["rows"][:-1], generation["rows"][-1:]
+    fp32_rows, (one, cast) = generation["rows"][:-2], generation["rows"][-2:]
     assert all(0 < row["roofline_share"] for row in fp32_rows)
     assert "bf16" in cast["side"] and cast["roofline_share"] is None and cast["vs_fp32_same_slots"] > 0
+    # the like-for-like bf16 ratio: the bf16 slots against bf16 batch 1
+    assert one["slots"] == 1 and "bf16" in one["side"] and one["roofline_share"] is None
+    assert cast["vs_bf16_batch1"] == cast["tokens_per_s"] / one["tokens_per_s"] and "x batch 1 in bf16" in text
     assert "bf16" not in generation["best"] and "weights cast to bf16 for generation" in text
     for entry in results["training"]["data"]:  # response-only logits do less arithmetic than the full ones
         assert 0 < entry["learned_share"] < 1
