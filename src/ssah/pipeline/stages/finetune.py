@@ -75,14 +75,14 @@ def run(ctx) -> dict[str, Headline]:
     return {row: run_row(ctx, row, data, groups, budget) for row in rows(c)}
 
 
-def run_row(ctx, row: str, data, groups, budget=None) -> dict:
+def run_row(ctx, row: str, data, groups, budget=None, model: str | None = None) -> dict:
     """Fine-tune the studied model as `row` says (a setting, or freeze_random_s{seed}) into the run's
     folder for it, evaluate it, and return the row's summary. `groups`: the studied model's; `budget`:
-    the alignment budget's units, or None."""
+    the alignment budget's units, or None; `model`: the studied model's spec (default: the run's)."""
     from ssah.train.recipes import finetune
 
     c, layout = ctx.config, ctx.layout
-    loaded = ctx.load(ctx.studied_model_spec())
+    loaded = ctx.load(model or ctx.studied_model_spec())
     mask, trainable, about = _masks(ctx, row, groups, budget)
     log.info("  fine-tuning: %s", row)
     record = finetune(loaded, data, c.finetune.train_settings(row), layout.finetuned_model(row), seed=c.seed,
