@@ -50,13 +50,14 @@ def committed_results_untouched():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     """A tiny run folder with every stage the scripts read: the RU budget and borderline replies (align),
-    the studied model's groups, its plain fine-tuning attack and its runtime monitor (probe)."""
+    the studied model's groups, its unpruned evaluation (prune), its plain fine-tuning attack and its
+    runtime monitor (probe)."""
     config = load_config(path=CONFIG)
     config.align.compare_full = False
     config.align.random_budget_seeds = []
     config.finetune.settings = ["plain"]
     out = tmp_path_factory.mktemp("experiments") / "run"
-    run_pipeline(config, out, only=("baseline", "align", "groups", "finetune", "probe"))
+    run_pipeline(config, out, only=("baseline", "align", "groups", "prune", "finetune", "probe"))
     return out
 
 
@@ -116,6 +117,45 @@ def test_finetune_attack_strength(tmp_path, tiny_run):
     report = json.loads((out / "lr0.0004" / "eval-freeze_ii" / "eval.json").read_text())
     assert report["data"]["harmful"]["name"].startswith("harmful:calibration")  # validation, never test
     assert (out / "groups" / "groups" / "groups.json").is_file()
+
+
+def test_maker_aligned_freezing(tmp_path, tiny_run):
+    out = tmp_path / "strengths"
+    run = run_script("maker_aligned_freezing", tmp_path, "--run", str(tiny_run), "--out", str(out),
+                     "--strengths", "1e-3:2", "4e-3:2", "--seeds", "0", "1")
+    rows = run["rows"]
+    assert [(r["lr"], r["steps"]) for r in rows] == [(1e-3, 2), (4e-3, 2)]
+    before = json.loads((RunLayout(tiny_run, "budget").prune_eval("none") / "eval.json").read_text())
+    for r in rows:
+        assert r["asr_before"] == before["asr"]["prefix"]  # the run's own unpruned evaluation
+        assert all(is_rate(r[f"asr_{row}"]) for row in ("plain", "freeze_ii", "freeze_random_s0", "freeze_random_s1"))
+        assert r["freeze_ii_keeps_rise_to_half"]["verdict"] in ("held", "not held", "inconclusive")
+        assert r["freeze_ii_beats_random"]["verdict"] in ("held", "not held", "inconclusive")
+        folder = out / f"lr{r['lr']:g}-s{r['steps']}"
+        record = json.loads((folder / "5-finetune" / "model-freeze_ii" / "train.json").read_text())
+        assert record["config"]["lr"] == r["lr"]
+        saved = json.loads((folder / "verdicts.json").read_text())
+        # the verdict's test paired the before, plain and freeze_ii replies of these folders
+        verdict = r["freeze_ii_keeps_rise_to_half"]["verdict"]
+        assert saved["verdicts"]["freeze_ii_keeps_rise_to_half"]["verdict"] == verdict
+    assert run["decision"]["summary"] == {f"lr{r['lr']:g}-s{r['steps']}": r["freeze_ii_keeps_rise_to_half"]["verdict"]
+                                          for r in rows}
+
+
+def test_ru_share(tmp_path, tiny_run):
+    run = run_script("ru_share", tmp_path, "--run", str(tiny_run), "--definitions", "rank/global",
+                     "zscore-per-layer/per-layer", "--grid", "0.3", "0.1", "0.02")
+    rows = run["rows"]
+    assert [r["definition"] for r in rows] == ["rank/global", "zscore-per-layer/per-layer"]
+    for r in rows:
+        # the rule, applied to the measured steps: the largest share within 5 points and x1.10
+        kept = [s["share"] for s in r["steps"] if abs(s["refusal_rate"] - r["unpruned_refusal_rate"]) <= 0.05 + 1e-9
+                and s["perplexity_ratio"] <= 1.10]
+        assert r["ru_share"] == (max(kept) if kept else 0.0)
+        assert [s["share"] for s in r["steps"]] == [0.3, 0.1, 0.02][:len(r["steps"])]  # largest first
+        assert all(s["units"] > 0 for s in r["steps"])
+    best = max(rows, key=lambda r: r["ru_share"])
+    assert run["decision"]["ru_share"] == best["ru_share"]
 
 
 def test_finetune_trainable_units(tmp_path, tiny_run):
