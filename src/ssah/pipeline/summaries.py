@@ -30,7 +30,7 @@ class TrainSummary(TypedDict):
     final_loss: float | None
     seconds: float
     check: dict[str, Any]  # what moved: frozen entries' largest change (0.0 when freezing held), shares
-    lr: float  # the learning rate it trained at
+    lr: float | None  # the learning rate it trained at (None: a record that trained nothing, or an older one)
 
 
 class BaselineSummary(TypedDict):
@@ -68,4 +68,4 @@ def headline_rate(block: dict | None, key: str = "asr") -> float | None:
 def train_summary(record: dict) -> TrainSummary:
     result = record["result"]
     return {"steps": result["steps"], "final_loss": result["final_loss"], "seconds": result["seconds"],
-            "check": result["check"], "lr": record["config"]["lr"]}
+            "check": result["check"], "lr": (record.get("config") or {}).get("lr")}
