@@ -80,6 +80,14 @@ def section(doc: str, label: str) -> str:
     raise ValueError(f"the docstring has no paragraph starting with {label!r}")
 
 
+def run_context(run: Path):
+    """The `RunContext` of a run folder: its config.yaml and its layout (whose study the config says)."""
+    from ssah.config import load_config
+    from ssah.pipeline.context import RunContext
+
+    return RunContext(load_config(path=Path(run) / "config.yaml"), Path(run).resolve())
+
+
 def merged(base: dict, changes: dict) -> dict:
     """`base` with `changes` applied, nested dicts merged key by key (neither argument is modified)."""
     out = dict(base)

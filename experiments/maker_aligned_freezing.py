@@ -49,19 +49,17 @@ def main() -> None:
     args = parser.parse_args()
 
     from ssah.analysis.verdicts import compute_verdicts
-    from ssah.config import load_config
     from ssah.data import load_dataset
     from ssah.evaluate.runner import read_report
-    from ssah.pipeline import RunLayout
-    from ssah.pipeline.context import RunContext, study_of
+    from ssah.pipeline.context import RunContext
     from ssah.pipeline.stages.finetune import rows as finetune_rows
     from ssah.pipeline.stages.finetune import run_row
     from ssah.pipeline.summaries import headline
     from ssah.units.groups import Groups
 
-    base = load_config(path=args.run / "config.yaml")
-    run = RunLayout(args.run.resolve(), study_of(base))
-    studied = RunContext(base, run.root).studied_model_spec()
+    run_ctx = common.run_context(args.run)
+    base, run = run_ctx.config, run_ctx.layout
+    studied = run_ctx.studied_model_spec()
     before = run.prune_eval("none")
     if not (before / "eval.json").is_file():
         raise SystemExit(f"error: {before} holds no evaluation; run the prune stage of {args.run} first")

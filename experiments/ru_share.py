@@ -40,16 +40,14 @@ def main() -> None:
     parser.add_argument("--grid", type=float, nargs="+", default=GRID, help="RU shares, largest first")
     args = parser.parse_args()
 
-    from ssah.config import load_config
     from ssah.data import Dataset, load_dataset
-    from ssah.pipeline import RunLayout
-    from ssah.pipeline.context import RunContext, release, study_of
+    from ssah.pipeline.context import release
     from ssah.units.scores import Scores
     from ssah.units.size_sweep import AttributeProbe, SweepThresholds, sweep_sizes
 
-    config = load_config(path=args.run / "config.yaml")
-    layout = RunLayout(args.run.resolve(), study_of(config))
-    scores = layout.groups.parent
+    ctx = common.run_context(args.run)
+    config = ctx.config
+    scores = ctx.layout.groups.parent
     safety, utility = Scores.load(scores / "scores-safety"), Scores.load(scores / "scores-utility")
     used = config.scores.limit
     harmful = load_dataset(config.data.harmful_calibration)[used:]
@@ -57,7 +55,6 @@ def main() -> None:
     benign = benign[used:] if used else benign
     answered = [r for r in benign if r.response]
     held_out = max(1, min(len(harmful), len(answered)) if not args.smoke else 4)
-    ctx = RunContext(config, args.run)
     loaded = ctx.load(ctx.studied_model_spec())
     system = None if config.eval.system_prompt == "none" else config.eval.system
     probe = AttributeProbe.build(loaded, harmful, Dataset(f"{benign.name}[answered]", answered), samples=held_out,

@@ -318,15 +318,7 @@ def make_groups(safety: Scores, utility: Scores, sizes: dict[str, float] | None 
     counts = group_counts(sizes, total)
 
     ru_normalize, ru_ranking = ru_normalize or normalize, ru_ranking or ranking
-    if ru_ranking not in RANKINGS:
-        raise SsahError(f"unknown ranking {ru_ranking!r} for RU; use one of {', '.join(RANKINGS)}")
-    label = _labels_global if ranking == "global" else _labels_per_layer
-    if (ru_normalize, ru_ranking) == (normalize, ranking):
-        labels = label(s_norm, u_norm, counts)
-    else:
-        labels = label(s_norm, u_norm, {**counts, "RU": 0})
-        _relabel_ru(labels, normalize_scores(safety.values, ru_normalize, "safety scores"),
-                    normalize_scores(utility.values, ru_normalize, "utility scores"), counts["RU"], ru_ranking)
+    labels = _labels(safety, utility, s_norm, u_norm, counts, ranking, (ru_normalize, ru_ranking), normalize)
 
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -390,6 +382,21 @@ def _labels_per_layer(s_norm: dict, u_norm: dict, counts: dict[str, int]) -> dic
         for kind in kinds:
             labels[kind][layer] = layer_labels[start:start + units_per_layer[kind]]
             start += units_per_layer[kind]
+    return labels
+
+
+def _labels(safety: Scores, utility: Scores, s_norm: dict, u_norm: dict, counts: dict[str, int], ranking: str,
+            ru: tuple[str, str], normalize: str) -> dict[str, torch.Tensor]:
+    """Group codes per kind under (`normalize`, `ranking`), RU under its own definition `ru`
+    (normalisation, ranking) where that differs."""
+    if ru[1] not in RANKINGS:
+        raise SsahError(f"unknown ranking {ru[1]!r} for RU; use one of {', '.join(RANKINGS)}")
+    label = _labels_global if ranking == "global" else _labels_per_layer
+    if ru == (normalize, ranking):
+        return label(s_norm, u_norm, counts)
+    labels = label(s_norm, u_norm, {**counts, "RU": 0})
+    _relabel_ru(labels, normalize_scores(safety.values, ru[0], "safety scores"),
+                normalize_scores(utility.values, ru[0], "utility scores"), counts["RU"], ru[1])
     return labels
 
 
