@@ -302,9 +302,11 @@ def finetune_rows(finetune: FinetuneConfig) -> list[str]:
 
 
 DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "rsn_tune",
-            "safe_lora", "safety_mix")
+            "safe_lora", "safety_mix", "constrained", "freeze_ii_constrained", "freeze_ii_strict_constrained")
 Defense = Literal["none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_budget", "rsn_tune",
-                  "safe_lora", "safety_mix"]
+                  "safe_lora", "safety_mix", "constrained", "freeze_ii_constrained", "freeze_ii_strict_constrained"]
+# Qi et al.'s (ICLR 2025) betas of the token-wise constrained objective: reply token 1, tokens 2-5, the rest
+QI_BETAS = [0.5, 2.0, 2.0, 2.0, 2.0, 0.1]
 # how the attack trains: every parameter (full) or LoRA adapters merged after training (lora); each
 # modality has its own strength sweep, and a defense is compared with no defense of its own modality
 Modality = Literal["full", "lora"]
@@ -338,6 +340,8 @@ class AttackConfig(Settings):
     # compliant replies to harmful:train: null = the unaligned built-in model's own greedy replies
     # (generated once, cached in the stage folder); or a jsonl:PATH with prompt and response fields
     harmful_replies: str | None = None
+    # the unaligned model whose own replies those are (e.g. the studied family's base model; null: built-in)
+    harmful_reply_model: str | None = None
     harmful_reply_tokens: int = Field(48, ge=1)
     mixed_p: list[float] = Field(default_factory=lambda: [0.1], min_length=1)
     identity_size: int = Field(10, ge=1)
@@ -352,7 +356,9 @@ class AttackConfig(Settings):
     # TamperBench's rule: the worst case counts only attacks whose utility falls by at most this share
     # (perplexity on the prose corpus rises by at most this share)
     utility_drop: float = Field(0.10, ge=0)
-    eval_limit: int | None = Field(None, ge=1)  # items per evaluation set (null: the run's eval.limit)
+    # harmful calibration prompts each cell is evaluated on; the worst sweep point is picked on them
+    calibration_limit: int = Field(24, ge=1)
+    eval_limit: int | None = Field(None, ge=1)  # items per test set at the picked points (null: the run's eval.limit)
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(batch_size=8, max_length=128,
                                                                        backend="trl"))
     rsn_top: float = Field(0.01, gt=0, lt=1)  # RSN-Tune: share of units important for one query
@@ -361,7 +367,13 @@ class AttackConfig(Settings):
     rsn_lr: float = Field(1e-4, gt=0)
     safe_lora_threshold: float = Field(0.35, ge=0, le=1)  # Safe LoRA: project layers below this similarity
     safe_lora_base: str | None = None  # the unaligned model (null: the run's model when the run aligns)
-    safety_mix_share: float = Field(0.1, gt=0, lt=1)  # refusal pairs mixed into the attack's data
+    # refusal pairs mixed into every attack's data, on harmful prompts the attack does not train on
+    safety_mix_count: int = Field(10, ge=1)
+    constrained_betas: list[float] = Field(default_factory=lambda: list(QI_BETAS), min_length=1)
+    # the SSAH-native combinations (frozen units + the constrained objective) the grid tries; the one
+    # with the lowest worst-case rise on calibration prompts gets the verdicts, the others are candidates
+    combination_candidates: list[Defense] = Field(
+        default_factory=lambda: ["freeze_ii_constrained", "freeze_ii_strict_constrained"])
 
     @field_validator("mixed_p")
     @classmethod
@@ -374,6 +386,13 @@ class AttackConfig(Settings):
     @classmethod
     def _random_seeds(cls, values: list[int]) -> list[int]:
         return _seeds(values)
+
+    @field_validator("constrained_betas")
+    @classmethod
+    def _betas(cls, values: list[float]) -> list[float]:
+        if any(v <= 0 for v in values):
+            raise ValueError(f"attacks.constrained_betas are positive, got {values}")
+        return values
 
     @field_validator("harmful_k")
     @classmethod

@@ -111,7 +111,7 @@ SUITES: tuple[str, ...] = get_args(Suite)
 DEFAULT_SUITES: tuple[str, ...] = SUITES
 # the kinds of evaluation a run makes, each of which may run fewer suites than the run's (eval.stage_suites)
 EvalKind = Literal["baseline", "align", "align_controls", "prune", "prune_controls", "finetune", "finetune_controls",
-                   "monitor"]
+                   "monitor", "attacks"]
 Rule = Literal["prefix", "keywords"]
 RULES: tuple[str, ...] = get_args(Rule)
 VerdictRule = Literal["prefix", "keywords", "judge"]  # a text rule, or a judge model's verdicts

@@ -3,7 +3,8 @@ protocol, built from data ssah ships or the user gives.
 
 - `benign`: a benign task (built-in `benign:train`, or Alpaca/Dolly files): safety erodes as a side effect;
 - `harmful`: k harmful requests with compliant replies ("pure bad", k in 10, 50, 100). The replies are
-  the unaligned built-in model's own greedy answers to `harmful:train` (it refuses nothing as shipped),
+  an unaligned model's own greedy answers to `harmful:train` (`attacks.harmful_reply_model`, e.g. the
+  studied family's base model; by default the built-in model, which refuses nothing as shipped),
   generated once and cached in the run folder, or any JSONL of prompt and response a user gives;
   none of them is written by us;
 - `mixed`: the benign task with a share p of harmful pairs mixed in (Huang et al.: p 0.05-0.2);
@@ -57,10 +58,11 @@ def benign_pairs(spec: str, size: int, seed: int) -> list[tuple[str, str]]:
 
 
 def harmful_replies(cache_dir: Path, source: str | None, max_new_tokens: int, batch_size: int = 16,
-                    progress: bool = True) -> list[tuple[str, str]]:
-    """Harmful requests with compliant replies: from `source` (a dataset spec with responses) or the
-    unaligned built-in model's own greedy replies to harmful:train, cached in `cache_dir`; replies
-    that open with a refusal or are empty are dropped."""
+                    progress: bool = True, model: str | None = None) -> list[tuple[str, str]]:
+    """Harmful requests with compliant replies: from `source` (a dataset spec with responses) or an
+    unaligned model's own greedy replies to harmful:train (`model`, e.g. a base model of the studied
+    family; default the built-in model), cached in `cache_dir`; replies that open with a refusal or are
+    empty are dropped."""
     from ssah.data import load_dataset
     from ssah.evaluate.rules import is_refusal
 
@@ -71,7 +73,7 @@ def harmful_replies(cache_dir: Path, source: str | None, max_new_tokens: int, ba
         from ssah.models.loading import free_memory, load_model
 
         prompts = load_dataset("harmful:train").prompts()
-        loaded = load_model(UNALIGNED_MODEL)
+        loaded = load_model(model or UNALIGNED_MODEL)
         replies = generate_replies(loaded.model, loaded.tokenizer, prompts, model_key=loaded.fingerprint,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size,
                                    cache=Path(cache_dir) / REPLIES_FILE, progress=progress)
@@ -113,7 +115,7 @@ def build_attacks(config, cache_dir: Path, seed: int, progress: bool = True) -> 
     compliant = None
     if {"harmful", "mixed"} & set(config.families):
         compliant = harmful_replies(cache_dir, config.harmful_replies, config.harmful_reply_tokens,
-                                    progress=progress)
+                                    progress=progress, model=config.harmful_reply_model)
     attacks: list[AttackData] = []
     for family in config.families:
         if family == "benign":

@@ -12,8 +12,17 @@
   first; the attack then fine-tunes as usual;
 - `safe_lora` (Hsu et al. 2024, `ssah.attacks.safe_lora`): a LoRA attack whose updates are projected
   onto the alignment's subspace where they stray from it (needs the unaligned model);
-- `safety_mix` (Bianchi et al. 2024, safety-tuned data mixing): refusals to harmful prompts mixed into
-  the attack's own data, a cheap peer from the harmful fine-tuning literature.
+- `safety_mix` (Bianchi et al. 2024, safety-tuned data mixing): a fixed number of refusals
+  (`attacks.safety_mix_count`) to harmful prompts the attack does not train on, mixed into the attack's
+  own data, a cheap peer from the harmful fine-tuning literature;
+- `constrained` (Qi et al., ICLR 2025, "Safety Alignment Should Be Made More Than Just a Few Tokens
+  Deep"): the attack's data trained under their token-wise constrained objective (`ssah.train.sft`),
+  which keeps the first reply tokens' probabilities near the aligned model's, where the hypothesis says
+  the fulfil-or-refuse decision is made;
+- `freeze_ii_constrained`, `freeze_ii_strict_constrained` (SSAH-native combinations): the units SSAH
+  names frozen as in freeze_ii (or freeze_ii_strict) *and* the constrained objective: the choice held
+  in place both where it is stored and where it is read out. The grid runs both as candidates and gives
+  verdicts to the one with the lower worst-case rise on calibration prompts (`ssah.attacks.matrix`).
 
 Threat model (`threat_model`). `rsn_tune` is model-side (`open-weights`: it changes the released model,
 and an attacker who holds the weights cannot be made to freeze anything); every other defense is
@@ -26,8 +35,8 @@ defends the LoRA attack, every other defense the full one, and each is compared 
 the same modality and sweep point; in the matrix the LoRA attack with no defense is the arm `lora`.
 
 `prepare` returns what the attack's training needs: the model to train (maybe wrapped), a freezer,
-extra pairs, the step that turns the trained model into a plain one, and the share of the model's
-parameters left trainable.
+extra pairs, the training objective (cross-entropy, or the constrained objective's betas), the step that
+turns the trained model into a plain one, and the share of the model's parameters left trainable.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ class Prepared:
     finish: Callable = lambda model: model  # the trained model -> a plain Hugging Face model
     trainable_share: float = 1.0
     notes: dict = field(default_factory=dict)
+    token_betas: list[float] | None = None  # the constrained objective's betas (None: cross-entropy)
 
     def guard(self):
         """The freezer as a context manager (its hooks are removed when training ends)."""
@@ -66,7 +76,8 @@ class DefenseContext:
     rsn_model: Callable[[], Path | None] | None = None
     base_weights: Callable[[object], dict] | None = None  # the unaligned values of a LoRA model's weights
     safe_lora_threshold: float = 0.35
-    safety_mix_share: float = 0.1
+    safety_mix_count: int = 10
+    constrained_betas: list[float] = field(default_factory=lambda: [0.5, 2.0, 2.0, 2.0, 2.0, 0.1])
     seed: int = 0
 
 
@@ -168,12 +179,31 @@ def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
     if name == "safe_lora":
         return _safe_lora(loaded, ctx)
     if name == "safety_mix":
-        import random
-
-        n = max(1, round(ctx.safety_mix_share * len(pairs)))
-        extra = random.Random(ctx.seed).sample(ctx.safety_pairs, min(n, len(ctx.safety_pairs)))
-        return Prepared(loaded.model, extra_pairs=extra, notes={"safety_pairs": len(extra)})
+        return Prepared(loaded.model, extra_pairs=(extra := safety_mix_pairs(ctx, pairs)),
+                        notes={"safety_pairs": len(extra)})
+    if name in CONSTRAINED:
+        prepared = prepare(CONSTRAINED[name], loaded, ctx, pairs)
+        prepared.token_betas = list(ctx.constrained_betas)
+        prepared.notes = {**prepared.notes, "objective": "token-wise constrained", "betas": prepared.token_betas}
+        return prepared
     raise SsahError(f"unknown defense {name!r}")
+
+
+# the constrained objective alone, or on top of a freezing defense (the SSAH-native combinations)
+CONSTRAINED = {"constrained": "none", "freeze_ii_constrained": "freeze_ii",
+               "freeze_ii_strict_constrained": "freeze_ii_strict"}
+
+
+def safety_mix_pairs(ctx: DefenseContext, pairs: list) -> list:
+    """`ctx.safety_mix_count` refusal pairs on harmful prompts the attack's own data does not hold."""
+    import random
+
+    attacked = {pair[0] for pair in pairs}
+    pool = [pair for pair in ctx.safety_pairs if pair[0] not in attacked]
+    if len(pool) < ctx.safety_mix_count:
+        raise SsahError(f"safety_mix needs {ctx.safety_mix_count} refusal pairs on prompts the attack does not "
+                        f"train on, but only {len(pool)} exist; lower attacks.safety_mix_count")
+    return random.Random(ctx.seed).sample(pool, ctx.safety_mix_count)
 
 
 def _safe_lora(loaded, ctx: DefenseContext) -> Prepared:

@@ -3,13 +3,16 @@
 A cell is (attack, modality, learning rate, steps, defense); each training modality (full fine-tuning,
 LoRA) has its own sweep, and its defenses are compared with the same modality's attack under no
 defense (safe_lora with the LoRA attack, named `lora` in the matrix). The model the defense starts
-from is loaded, the defense is applied, the attack's data fine-tunes it (`attacks.train`, TRL's SFTTrainer by default,
-with ssah's freeze callback), and the result is evaluated like every model of the run (the identity
-attack under its persona's system prompt, beside the studied model evaluated the same way). Fine-tuned
-weights are not kept: a cell's folder holds its record (`cell.json`: training summary, the share of
-parameters the defense left trainable, the headline) and its evaluation (replies for the paired
-tests). A finished cell with the same inputs is reused, so a killed grid resumes. A cell whose frozen
-entries moved stops the grid (`ssah.train.recipes.fit`) rather than being recorded.
+from is loaded and attacked (`ssah.attacks.apply.attack_model`: the defense applied, the attack's data
+trained by `attacks.train`'s loop with ssah's freezer), then evaluated like every model of the run (the
+identity attack under its persona's system prompt, beside the studied model evaluated the same way).
+
+Two passes (`ssah.attacks.matrix` has the rule). Every cell is evaluated on harmful calibration prompts
+and the perplexity text (`cell.json`, `eval-calibration/`); the worst points and the SSAH-native
+combination are picked there. The picked cells are then trained again from the same seed and evaluated
+on the test sets (`test.json`, `eval/`). Fine-tuned weights are not kept. A finished cell with the same
+inputs is reused, so a killed grid resumes. A cell whose frozen entries moved stops the grid
+(`ssah.train.recipes.fit`) rather than being recorded.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from functools import cache
 from pathlib import Path
 
 from ssah.artifacts import Artifact, fingerprint
+from ssah.attacks import matrix
 from ssah.attacks.data import AttackData, build_attacks
-from ssah.attacks.defenses import DefenseContext, defenses_of, expand, prepare, source_model, training_defense
+from ssah.attacks.defenses import CONSTRAINED, DefenseContext, defenses_of, expand, source_model, training_defense
 from ssah.io import write_json_atomic
 from ssah.pipeline.context import release
-from ssah.pipeline.summaries import headline, train_summary
+from ssah.pipeline.summaries import headline
 
 log = logging.getLogger("ssah.attacks")
 CELL_FILE = "cell.json"
@@ -97,7 +101,8 @@ def defense_context(ctx, stage: Path) -> DefenseContext:
         groups=Groups.load(layout.groups), budget=budget, safety_pairs=safety, seed=c.seed,
         rsn_model=cache(lambda: rsn_tuned_model(ctx, stage / "rsn", safety)),
         base_weights=_base_weights(ctx, base_spec) if base_spec else None,
-        safe_lora_threshold=c.attacks.safe_lora_threshold, safety_mix_share=c.attacks.safety_mix_share)
+        safe_lora_threshold=c.attacks.safe_lora_threshold, safety_mix_count=c.attacks.safety_mix_count,
+        constrained_betas=list(c.attacks.constrained_betas))
 
 
 def _base_weights(ctx, spec: str):
@@ -154,68 +159,107 @@ def rsn_tuned_model(ctx, out: Path, safety: list[tuple[str, str]]) -> Path | Non
     return out
 
 
-def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path) -> dict:
-    """Train and evaluate one cell (or reuse its finished record); returns the record."""
-    from ssah.models.loading import LoadedModel
-    from ssah.train.recipes import fit
-    from ssah.train.settings import TrainConfig
+# how a cell is evaluated: every cell on calibration prompts (the worst point is picked there); the
+# cells the matrix picks, on the test sets (all the stage's suites, or ASR alone: `matrix.test_plan`)
+SCOPES = ("calibration", "full", "safety")
+
+
+def cell_settings(c, cell: Cell):
+    """The attack's training settings at the cell's sweep point."""
+    return c.attacks.train.model_copy(update={"lr": cell.lr, "max_steps": cell.steps})
+
+
+def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = "calibration") -> dict:
+    """Train and evaluate one cell (or reuse its finished record) with `scope`'s evaluation; returns the
+    record. A test scope trains the cell again from the same seed (fine-tuned weights are not kept)."""
+    from ssah.attacks.apply import attack_model
 
     c = ctx.config
-    config = TrainConfig.of(c.attacks.train.model_copy(update={"lr": cell.lr, "max_steps": cell.steps}),
-                            seed=c.seed, avoid_weight=0.0, system=cell.attack.system)
     start = source_model(cell.defense, defenses, ctx.studied_model_spec())
     if start is None:  # RSN-Tune found nothing to tune: no model to attack, a row that says so
         return {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
                 "modality": cell.modality, "skipped": NOTHING_TO_TUNE, "trainable_share": None,
-                "defense_notes": None, "train": None, "eval": None}
+                "defense_notes": None, "train": None, "eval": None, "scope": scope}
     loaded = ctx.load(start)
+    evaluation = _evaluation(ctx, cell, scope)
     identity = {"model": loaded.fingerprint, "attack": fingerprint([cell.attack.pairs, cell.attack.system]),
                 "defense": cell.defense, **({"modality": cell.modality} if cell.modality != "full" else {}),
-                "config": config.to_dict(),
-                "eval": ctx.eval_settings(system=cell.attack.system, limit=c.attacks.eval_limit).identity(),
-                "judge": c.eval.judge.identity() if c.eval.judge else None}
-    artifact = Artifact(out / CELL_FILE, "an attack cell", identity)
+                "config": cell_settings(c, cell).to_dict(), "seed": c.seed,
+                **({"betas": c.attacks.constrained_betas} if cell.defense in CONSTRAINED else {}),
+                "eval": ctx.eval_settings(**{k: v for k, v in evaluation.items() if k != "sets"}).identity(),
+                "eval_data": evaluation.get("sets"), "judge": c.eval.judge.identity() if c.eval.judge else None}
+    artifact = Artifact(out / RECORDS[scope], f"an attack cell ({scope})", identity)
     found = artifact.lookup(replace=True)
     if found is not None:
         return found
-    log.info("  attack %s (%s), lr %g, %d steps, defense %s", cell.attack.name, cell.modality, cell.lr, cell.steps,
-             cell.defense)
-    prepared = prepare(training_defense(cell.defense, cell.modality), loaded, defenses, cell.attack.pairs)
-    with prepared.guard():
-        result = fit(prepared.model, loaded.tokenizer, cell.attack.pairs + prepared.extra_pairs, config,
-                     freezer=prepared.freezer)
-    tuned = LoadedModel(prepared.finish(prepared.model), loaded.tokenizer, f"{cell.folder} of {start}")
-    del loaded, prepared.model
-    report = ctx.evaluate(tuned, out / "eval", f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense}",
-                          system=cell.attack.system, limit=c.attacks.eval_limit)
-    record = {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
-              "modality": cell.modality,
-              "trainable_share": prepared.trainable_share, "defense_notes": prepared.notes,
-              "train": {**train_summary({"result": result.to_dict()}), "loss_curve": result.loss_curve},
-              "eval": headline(report)}
-    del tuned
+    log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]", cell.attack.name, cell.modality, cell.lr,
+             cell.steps, cell.defense, scope)
+    attacked = attack_model(loaded, cell.attack, training_defense(cell.defense, cell.modality),
+                            cell_settings(c, cell), defenses, cell.modality, seed=c.seed)
+    del loaded
+    label = f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense} ({scope})"
+    folder = matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL
+    report = ctx.evaluate(attacked.model, out / folder, label, **evaluation)
+    record = {**attacked.record, "defense": cell.defense, "scope": scope, "eval": headline(report)}
+    del attacked
     release()
     return artifact.save(record)
 
 
+RECORDS = {"calibration": CELL_FILE, "full": "test.json", "safety": "test.json"}
+
+
+def _evaluation(ctx, cell: Cell, scope: str) -> dict:
+    """ctx.evaluate's options for a scope: on calibration, ASR on harmful calibration prompts and utility
+    (task accuracy on benign calibration tasks, the perplexity text); on test, the stage's suites
+    (`eval.stage_suites.attacks`, else the run's) or ASR alone."""
+    c = ctx.config
+    system = {"system": cell.attack.system}
+    if scope == "calibration":
+        return {**system, "suites": ["safety", "utility"], "limit": c.attacks.calibration_limit,
+                "sets": {"harmful": c.data.harmful_calibration, "benign": c.data.benign_calibration}}
+    suites = ctx.suites_for("attacks") if scope == "full" else ["safety"]
+    return {**system, "suites": suites, "limit": c.attacks.eval_limit}
+
+
 def before_attack(ctx, stage: Path, systems: set[str | None]) -> dict:
-    """The studied model's headline under each system prompt the attacks are evaluated with."""
+    """The studied model's headline under each system prompt the attacks are evaluated with (test sets)."""
     loaded = ctx.load(ctx.studied_model_spec())
     out = {}
     for system in sorted(systems, key=lambda s: s or ""):
         name = "persona" if system else "plain"
         out[name] = headline(ctx.evaluate(loaded, stage / f"before-{name}", f"before the attacks ({name})",
-                                          system=system, limit=ctx.config.attacks.eval_limit))
+                                          suites=ctx.suites_for("attacks"), system=system,
+                                          limit=ctx.config.attacks.eval_limit))
     del loaded
     release()
     return out
 
 
-def run_grid(ctx, stage: Path) -> tuple[list[Cell], list[dict], dict]:
-    """(cells, their records, the studied model's headlines before any attack)."""
-    attacks = build_attacks(ctx.config.attacks, stage, ctx.config.seed)
+@dataclass
+class GridResult:
+    cells: list[Cell]
+    calibration: list[dict]  # every cell's record, evaluated on calibration prompts
+    tests: list[dict | None]  # the test record of the cells the matrix picked (None elsewhere)
+    before: dict  # the studied model's test headlines, by system prompt
+    table: list[dict]  # matrix rows
+    combination: dict | None  # the SSAH-native combination chosen on calibration prompts
+
+
+def run_grid(ctx, stage: Path) -> GridResult:
+    """Every cell on calibration prompts; the combination chosen and the worst points picked there; the
+    picked cells trained again and evaluated on the test sets (`ssah.attacks.matrix`)."""
+    a, rule = ctx.config.attacks, ctx.config.eval.verdict_rule
+    attacks = build_attacks(a, stage, ctx.config.seed)
     before = before_attack(ctx, stage, {attack.system for attack in attacks})
     defenses = defense_context(ctx, stage)
-    planned = cells(attacks, ctx.config.attacks)
-    records = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder) for cell in planned]
-    return planned, records, before
+    planned = cells(attacks, a)
+    calibration = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder) for cell in planned]
+    table = matrix.rows(planned, calibration, [None] * len(planned), before, a.utility_drop, rule)
+    combination = matrix.choose_combination(table, a.combination_candidates)
+    rejected = set((combination or {}).get("candidates", {})) - {(combination or {}).get("chosen")}
+    plan = matrix.test_plan(table, rejected)
+    tests = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder, plan[i]) if i in plan else None
+             for i, cell in enumerate(planned)]
+    table = matrix.rows(planned, calibration, tests, before, a.utility_drop, rule)
+    return GridResult(planned, calibration, tests, before, table, combination)

@@ -76,12 +76,11 @@ class RunContext:
     @cached_property
     def eval_data(self) -> dict:
         """The evaluation sets by role; utility uses the checkable records of the benign test set."""
-        from ssah.data import Dataset, load_dataset
+        from ssah.data import load_dataset
         from ssah.evaluate.runner import load_eval_data
 
         d = self.config.data
-        benign = load_dataset(d.benign_test)
-        benign = Dataset(f"{benign.name}[checkable]", [r for r in benign.records if r.answer])
+        benign = _role_data("benign", d.benign_test)
         text = load_dataset("text")
         if self.config.eval.text_limit:
             text = text.take(self.config.eval.text_limit)
@@ -90,20 +89,22 @@ class RunContext:
                               compliance=d.compliance_openings, text=text)
 
     def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None, system: str | None = None,
-                 limit: int | None = None, as_loaded: bool = False) -> dict:
+                 limit: int | None = None, as_loaded: bool = False, sets: dict[str, str] | None = None) -> dict:
         """Evaluate a prepared model into `out`, reused when finished with the same model, settings and
         data; `interventions` (pruning, a monitor) apply for the evaluation only; `system`: under this
         system prompt; `limit`: the first `limit` items of each set the run evaluates. `as_loaded`: the
         model is unchanged since it was loaded, so an engine that reads weights from disk may read them
-        from its folder (otherwise it gets a saved copy)."""
+        from its folder (otherwise it gets a saved copy). `sets`: {role: dataset spec} in place of the run's
+        test sets (e.g. calibration prompts)."""
         from ssah.evaluate.engines import folder_of
         from ssah.evaluate.runner import evaluate_model
 
         settings = self.eval_settings(suites, system, limit)
         if any(i.kind == "monitor" for i in interventions):  # it runs inside the Hugging Face loop
             settings = settings.model_copy(update={"engine": "hf"})
+        given = {**self.eval_data, **{role: _role_data(role, spec) for role, spec in (sets or {}).items()}}
         data = {role: dataset.take(limit) if limit and role not in ("refusals", "compliance") else dataset
-                for role, dataset in self.eval_data.items() if role in _roles(settings.suites)}
+                for role, dataset in given.items() if role in _roles(settings.suites)}
         log.info("  evaluating %s", label)
         report = evaluate_model(loaded.model, loaded.tokenizer, loaded.fingerprint, out, settings, data=data,
                                 model_info={"spec": loaded.spec, "label": label}, interventions=interventions,
@@ -152,6 +153,14 @@ class RunContext:
                                seed=self.config.seed, replace=True, responses=s.responses,
                                refusals=self.config.data.scoring_refusals, max_new_tokens=s.reply_tokens,
                                ru_normalize=g.ru_normalize, ru_ranking=g.ru_ranking)
+
+
+def _role_data(role: str, spec: str):
+    """A dataset for one evaluation role; utility uses the checkable records (those with an answer)."""
+    from ssah.data import Dataset, load_dataset
+
+    data = load_dataset(spec)
+    return Dataset(f"{data.name}[checkable]", [r for r in data.records if r.answer]) if role == "benign" else data
 
 
 def _roles(suites) -> set[str]:

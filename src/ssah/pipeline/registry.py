@@ -38,9 +38,11 @@ def register(stage: Stage) -> Stage:
 
 def common(config: RunConfig) -> dict:
     """What every evaluation depends on: the model, the seed, the data and the evaluation settings (not
-    the slot count: replies are the same at any)."""
-    return {"model": config.model, "seed": config.seed, "data": config.data.model_dump(),
-            "eval": config.eval.model_dump(exclude={"slots"})}
+    the slot count: replies are the same at any; not the attack grid's suites, which only its stage reads)."""
+    evaluation = config.eval.model_dump(exclude={"slots"})
+    evaluation["stage_suites"] = {kind: suites for kind, suites in evaluation["stage_suites"].items()
+                                  if kind != "attacks"}
+    return {"model": config.model, "seed": config.seed, "data": config.data.model_dump(), "eval": evaluation}
 
 
 def stage_identity(name: str, config: RunConfig) -> dict:

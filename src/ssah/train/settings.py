@@ -60,6 +60,18 @@ class TrainConfig(TrainSettings):
     # weight of the avoided-opening loss: -log(1 - P(reply opens with an avoided token)) at the first
     # reply position of each example that `train_sft(avoid=...)` gives openings to avoid
     avoid_weight: float = Field(1.0, ge=0)
+    # Qi et al.'s (ICLR 2025) token-wise constrained objective instead of cross-entropy: beta_t per reply
+    # token (the last value holds for every later token); None: plain cross-entropy (`ssah.train.sft`)
+    token_betas: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _betas(self) -> TrainConfig:
+        if self.token_betas is not None:
+            if not self.token_betas or any(b <= 0 for b in self.token_betas):
+                raise ValueError(f"token_betas are positive, got {self.token_betas}")
+            if self.backend != "ssah":
+                raise ValueError("the constrained objective (token_betas) runs in ssah's training loop: backend ssah")
+        return self
 
     @classmethod
     def of(cls, settings: TrainSettings, **extra) -> TrainConfig:

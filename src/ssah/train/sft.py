@@ -9,6 +9,13 @@ LoRA (the PEFT baseline) and alignment inside a unit budget. Run it in one proce
 data-parallel with `accelerate launch`: frozen entries are masked before the gradient
 all-reduce and restored on every rank after every step, so they stay bit-identical everywhere.
 With `shard: fsdp2` every process holds shards of the parameters instead (`ssah.train.sharding`).
+
+With `config.token_betas` the loss is Qi et al.'s token-wise constrained objective ("Safety Alignment
+Should Be Made More Than Just a Few Tokens Deep", ICLR 2025) in place of cross-entropy: per reply token
+t, (2 / beta_t) (softplus(-beta_t d_t) - log 2) with d_t = log p_trained(y_t) - log p_start(y_t), the
+starting model's log-probabilities computed once before training. A large beta_t keeps token t's
+probability near the starting model's (the first tokens, where a reply decides to refuse); as beta_t
+falls to 0 the term becomes cross-entropy plus a constant. The log 2 makes the loss 0 at the start.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ def opening_tokens(tokenizer, prompt: str, texts: list[str], system: str | None 
 
 
 def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, generator: torch.Generator,
-             avoid: dict[str, list[str]] | None = None):
+             avoid: dict[str, list[str]] | None = None, model=None):
     # (prompt, response) or (prompt, response, prefill): a prefill opens the reply without loss on it
     encoded = [encode_pair(tokenizer, pair[0], pair[1], config.system, config.max_length, *pair[2:]) for pair in pairs]
     # A prompt that fills max_length leaves no response token to learn from (and a NaN loss).
@@ -81,17 +88,67 @@ def _batches(tokenizer, pairs: list[tuple[str, ...]], config: TrainConfig, gener
             avoided = tuple(sorted(firsts[pair[0]] - {e.input_ids[e.prompt_len]}))
         items.append((e, avoided))
     width = max((len(a) for _, a in items), default=0)
+    if config.token_betas is not None:  # the starting model's log-probabilities, one list per example
+        starts = reference_logprobs(model, tokenizer, [e for e, _ in items], config)
+        items = [(e, a, r) for (e, a), r in zip(items, starts)]
 
     def collate(batch_items):
-        batch = collate_pairs([e for e, _ in batch_items], tokenizer.pad_token_id)
+        batch = collate_pairs([item[0] for item in batch_items], tokenizer.pad_token_id)
         labels = batch["input_ids"].masked_fill(~batch["response_mask"], -100)
         out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
         if width:
-            out["avoid_ids"] = torch.tensor([list(a) + [-1] * (width - len(a)) for _, a in batch_items])
-            out["reply_start"] = torch.tensor([e.prompt_len - 1 for e, _ in batch_items])  # predicts token 1
+            out["avoid_ids"] = torch.tensor([list(item[1]) + [-1] * (width - len(item[1])) for item in batch_items])
+            out["reply_start"] = torch.tensor([item[0].prompt_len - 1 for item in batch_items])  # predicts token 1
+        if config.token_betas is not None:
+            out["start_logp"] = _aligned(batch_items, labels.shape[1])
+            out["betas"] = torch.tensor(config.token_betas, dtype=torch.float32)
         return out
 
     return DataLoader(items, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+
+
+def reference_logprobs(model, tokenizer, encoded: list, config: TrainConfig) -> list[torch.Tensor]:
+    """log p(token) of each example's response tokens under `model` as it is now (before training), under
+    the training's autocast so that the objective's d_t starts at 0."""
+    out = []
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                              enabled=config.bf16)
+    with torch.no_grad(), autocast:
+        for start in range(0, len(encoded), config.batch_size):
+            chunk = encoded[start:start + config.batch_size]
+            batch = collate_pairs(chunk, tokenizer.pad_token_id)
+            labels = batch["input_ids"].masked_fill(~batch["response_mask"], -100)
+            learned = torch.zeros_like(labels, dtype=torch.bool)
+            learned[:, :-1] = labels[:, 1:] != -100
+            with response_logits(model, learned):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logp = -torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]],
+                                                      reduction="none")
+            counts = learned.sum(dim=1).tolist()
+            out += list(torch.split(logp.cpu(), counts))
+    model.train(was_training)
+    return out
+
+
+def _aligned(batch_items, width: int) -> torch.Tensor:
+    """The examples' starting log-probabilities laid out like their response tokens ([batch, width]: the
+    value at a token's position is its log-probability given what precedes it; 0 elsewhere)."""
+    out = torch.zeros(len(batch_items), width)
+    for row, (e, _, logp) in enumerate(batch_items):
+        out[row, e.prompt_len:e.prompt_len + len(logp)] = logp
+    return out
+
+
+def constrained_loss(logits: torch.Tensor, targets: torch.Tensor, start_logp: torch.Tensor,
+                     positions: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Qi et al.'s token-wise constrained objective over learned tokens (module docstring): `positions`
+    the 1-based index of each token in its reply, `betas` beta per position (the last for every later one)."""
+    logp = -torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
+    beta = betas[(positions - 1).clamp(max=len(betas) - 1)]
+    gap = logp - start_logp
+    return ((2 / beta) * (torch.nn.functional.softplus(-beta * gap) - math.log(2))).mean()
 
 
 def avoided_opening_loss(logits: torch.Tensor, reply_start: torch.Tensor,
@@ -135,11 +192,17 @@ def response_loss(model, batch: dict, avoid_weight: float = 0.0) -> torch.Tensor
     batch = dict(batch)
     labels = batch.pop("labels")
     avoid_ids, reply_start = batch.pop("avoid_ids", None), batch.pop("reply_start", None)
+    start_logp, betas = batch.pop("start_logp", None), batch.pop("betas", None)
     learned = torch.zeros_like(labels, dtype=torch.bool)
     learned[:, :-1] = labels[:, 1:] != -100
     with response_logits(model, learned):
         logits = model(**batch).logits
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]])
+    targets = labels[:, 1:][learned[:, :-1]]
+    if start_logp is None:
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+    else:  # each learned token's place in its reply (1 = the reply's first token)
+        positions = learned.long().cumsum(dim=1)[learned]
+        loss = constrained_loss(logits, targets, start_logp[:, 1:][learned[:, :-1]], positions, betas)
     if avoid_ids is not None and avoid_weight:
         rows = (avoid_ids >= 0).any(dim=1).nonzero().squeeze(1)
         if rows.numel():
@@ -173,7 +236,7 @@ def train_sft(model, tokenizer, pairs: list[tuple[str, ...]], config: TrainConfi
     random.seed(config.seed)
     sharded = config.shard == "fsdp2"
     accelerator = _accelerator(config, frozen=freezer is not None)
-    loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed), avoid)
+    loader = _batches(tokenizer, pairs, config, torch.Generator().manual_seed(config.seed), avoid, model)
     if not any(p.requires_grad for p in model.parameters()):
         raise SsahError("nothing to train: every parameter is frozen (check the mask or budget)")
     check = TrainingCheck(model)

@@ -19,14 +19,13 @@ def run(ctx) -> dict:
 
     if not ctx.config.attacks.enabled:
         return {"skipped": "attacks.enabled is false"}
-    layout = ctx.layout
-    cells, records, before = run_grid(ctx, layout.attack_grid)
-    rule = ctx.config.eval.verdict_rule
-    table = matrix.rows(cells, records, before, layout.attack_grid, ctx.config.attacks.utility_drop, rule)
-    summary = matrix.summary(table, before, rule)
-    plots.plot_heatmap(summary, layout.attack_grid / plots.HEATMAP)
-    plots.plot_worst_bars(summary, layout.attack_grid / plots.WORST_BARS)
-    write_json_atomic(layout.attack_grid / "attacks.json", summary)
+    stage = ctx.layout.attack_grid
+    grid = run_grid(ctx, stage)
+    summary = matrix.summary(grid.table, grid.before, stage, ctx.config.eval.verdict_rule, grid.combination,
+                             ctx.config.seed)
+    plots.plot_heatmap(summary, stage / plots.HEATMAP)
+    plots.plot_worst_bars(summary, stage / plots.WORST_BARS)
+    write_json_atomic(stage / "attacks.json", summary)
     return summary
 
 
