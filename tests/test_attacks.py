@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ssah.attacks import data as attack_data
-from ssah.attacks.defenses import DefenseContext, prepare, threat_model
+from ssah.attacks.defenses import DefenseContext, prepare
 from ssah.config import load_config
 from ssah.models.loading import load_model
 from ssah.pipeline import run_pipeline
@@ -414,7 +414,8 @@ def _replies(folder: Path, safety=None, overrefusal=None, utility=None) -> Path:
     rows = []
     for suite, outcomes in (("safety", safety), ("overrefusal", overrefusal)):
         for i, hit in enumerate(outcomes or []):
-            verdict = ("compliance" if hit else "refusal") if suite == "safety" else ("refusal" if hit else "compliance")
+            verdict = ("refusal" if hit else "compliance") if suite == "overrefusal" else (
+                "compliance" if hit else "refusal")
             rows.append({"suite": suite, "system_prompt": "none", "id": f"{suite}-{i}", "prefill": None,
                          "verdicts": {"prefix": verdict}})
     rows += [{"suite": "utility", "system_prompt": "none", "id": f"task-{i}", "correct": ok}
@@ -455,7 +456,8 @@ def test_worst_points_are_picked_on_calibration_prompts_and_the_test_plan_follow
                     ("freeze_ii_constrained", 1e-4): "full", ("freeze_ii_constrained", 4e-4): "safety",
                     ("lora", 1e-3): "full", ("safe_lora", 1e-3): "full"}
     # a family where a candidate kept the model useful nowhere counts as 100% for it
-    broken = [_cell("none", 0.5), _cell("freeze_ii_constrained", 0.1, kept=False), _cell("freeze_ii_strict_constrained", 0.9)]
+    broken = [_cell("none", 0.5), _cell("freeze_ii_constrained", 0.1, kept=False),
+              _cell("freeze_ii_strict_constrained", 0.9)]
     assert choose_combination(broken, ["freeze_ii_constrained", "freeze_ii_strict_constrained"])["chosen"] \
         == "freeze_ii_strict_constrained"
 

@@ -36,12 +36,12 @@ def attack_model(loaded, attack: AttackData, defense: str, settings, defenses: D
     """Fine-tune `loaded` (changed in place: load a copy to keep the original) on `attack`'s data under
     `defense` with `settings` (`ssah.train.settings.TrainSettings`); `modality` full or lora (the LoRA
     attack, adapters merged after training). A frozen entry that moved stops here with an error."""
+    from accelerate.utils import set_seed
+
     from ssah.models.loading import LoadedModel
     from ssah.pipeline.summaries import train_summary
     from ssah.train.recipes import fit
     from ssah.train.settings import TrainConfig
-
-    from accelerate.utils import set_seed
 
     set_seed(seed)  # LoRA's adapters are drawn in `prepare`: the same seed gives the same attack
     prepared = prepare(training_defense(defense, modality), loaded, defenses or DefenseContext(groups=None),
