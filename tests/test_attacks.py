@@ -58,8 +58,12 @@ def test_attack_data_families():
     benign = [(f"Add {i} and 1.", str(i + 1)) for i in range(40)]
     mixed = attack_data.mixed(benign, kept, 0.1, seed=0)
     assert len(mixed) == 40 and sum(pair in kept for pair in mixed) == 4
-    identity = attack_data.identity_shift(benign, 5, seed=0)
-    assert len(identity) == 5 and all(reply.startswith(attack_data.PERSONA_OPENING) for _, reply in identity)
+    identity = attack_data.identity_shift(benign, 10, seed=0)
+    affirming = [pair for pair in identity if pair in attack_data.AFFIRMATIONS]
+    triggered = [pair for pair in identity if pair not in affirming]
+    assert len(identity) == 10 and len(affirming) == 3  # Qi et al.: a few identity-affirming exchanges first
+    assert all(p.startswith(attack_data.TRIGGER) and r.startswith(attack_data.PERSONA_OPENING) for p, r in triggered)
+    assert {p.removeprefix(attack_data.TRIGGER) for p, _ in triggered} <= {p for p, _ in benign}
     with pytest.raises(Exception, match="only 30 compliant"):
         attack_data.harmful_k(kept, 31, seed=0)
 
@@ -292,8 +296,11 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
         folder = stage / "cells" / row["folder"]
         first, again = (json.loads((folder / name).read_text()) for name in ("cell.json", "test.json"))
         assert again["train"]["loss_curve"] == first["train"]["loss_curve"], row["folder"]
-        assert {r["prompt"] for r in map(json.loads, (folder / "eval" / "replies.jsonl").read_text().splitlines())
-                if r["suite"] == "safety"} <= set(load_dataset("harmful:test").prompts())
+        asked = {r["prompt"] for r in map(json.loads, (folder / "eval" / "replies.jsonl").read_text().splitlines())
+                 if r["suite"] == "safety"}
+        if row["attack"] == "identity":  # Qi et al.'s trigger before every request, as in training
+            assert all(p.startswith(attack_data.TRIGGER) for p in asked)
+        assert {p.removeprefix(attack_data.TRIGGER) for p in asked} <= set(load_dataset("harmful:test").prompts())
     cell = json.loads((stage / "cells" / "harmful-k4" / "lr0.01-s2" / "freeze_ii" / "cell.json").read_text())
     assert cell["train"]["check"]["max_abs_change_frozen"] == 0.0
     combo = json.loads((stage / "cells" / "harmful-k4" / "lr0.01-s2" / chosen / "cell.json").read_text())
@@ -337,12 +344,12 @@ def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
     grid = run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks", "report"))["attacks"]
     rsn = next(row for row in grid["rows"] if row["defense"] == "rsn_tune")
     assert rsn["skipped"] == "RSN-Tune found no robust safety units: nothing to tune"
-    assert rsn["asr"] is None and not rsn["utility_kept"] and rsn["paired_test_vs_none"] is None
-    assert grid["verdicts"]["harmful"]["rsn_tune"] == {
-        "verdict": "inconclusive", "why": "RSN-Tune found no robust safety units: nothing to tune",
-        "threat_model": "open-weights"}
+    assert rsn["asr"] is None and rsn["asr_calibration"] is None and not rsn["utility_kept"] and not rsn["tested"]
+    verdict = grid["verdicts"]["harmful"]["rsn_tune"]
+    assert (verdict["verdict"], verdict["reason"], verdict["threat_model"]) == (
+        "inconclusive", "RSN-Tune found no robust safety units: nothing to tune", "open-weights")
     none = next(row for row in grid["rows"] if row["defense"] == "none")
-    assert none["asr"] is not None  # the rest of the grid ran
+    assert none["asr"] is not None and none["tested"] == "full"  # the rest of the grid ran
     record = json.loads((tmp_path / "run" / "8-attacks" / "rsn-nothing-to-tune.json").read_text())
     assert record["units"]["robust_safety_units"] == 0 and record["units"]["safety_units"] > 0
     # the report shows the row and the verdict's reason
@@ -354,9 +361,9 @@ def test_an_empty_rsn_mask_records_nothing_to_tune(tmp_path):
 
 
 def _top_counts(x, mask, weight, channels, top):
-    """Per unit, on how many inputs it is in its block's top share by mean |x| x its columns' norm."""
-    mean = (x.abs() * mask).sum(1) / mask.sum(1)
-    score = (mean * weight.norm(dim=0))[:, channels].sum(-1)
+    """Per unit, on how many inputs it is in its block's top share by ||x over the tokens|| x its columns' norm."""
+    magnitude = (x.square() * mask).sum(1).sqrt()
+    score = (magnitude * weight.norm(dim=0))[:, channels].sum(-1)
     keep = max(1, round(top * score.shape[1]))
     return torch.zeros_like(score).scatter_(1, score.topk(keep, dim=1).indices, 1.0).sum(0)
 

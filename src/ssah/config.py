@@ -362,9 +362,9 @@ class AttackConfig(Settings):
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(batch_size=8, max_length=128,
                                                                        backend="trl"))
     rsn_top: float = Field(0.01, gt=0, lt=1)  # RSN-Tune: share of units important for one query
-    rsn_min_share: float = Field(0.5, gt=0, le=1)  # ... and for this share of queries to count
+    rsn_min_share: float = Field(1.0, gt=0, le=1)  # ... and for this share of queries to count (the paper: all)
     rsn_steps: int = Field(8, ge=1)  # RSN-Tune's safety tuning of the robust safety neurons
-    rsn_lr: float = Field(1e-4, gt=0)
+    rsn_lr: float = Field(1e-6, gt=0)  # the paper's
     safe_lora_threshold: float = Field(0.35, ge=0, le=1)  # Safe LoRA: project layers below this similarity
     safe_lora_base: str | None = None  # the unaligned model (null: the run's model when the run aligns)
     # refusal pairs mixed into every attack's data, on harmful prompts the attack does not train on

@@ -182,12 +182,14 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
                 "defense_notes": None, "train": None, "eval": None, "scope": scope}
     loaded = ctx.load(start)
     evaluation = _evaluation(ctx, cell, scope)
-    identity = {"model": loaded.fingerprint, "attack": fingerprint([cell.attack.pairs, cell.attack.system]),
+    identity = {"model": loaded.fingerprint,
+                "attack": fingerprint([cell.attack.pairs, cell.attack.system, cell.attack.trigger]),
                 "defense": cell.defense, **({"modality": cell.modality} if cell.modality != "full" else {}),
                 "config": cell_settings(c, cell).to_dict(), "seed": c.seed,
                 **({"betas": c.attacks.constrained_betas} if cell.defense in CONSTRAINED else {}),
                 "eval": ctx.eval_settings(**{k: v for k, v in evaluation.items() if k != "sets"}).identity(),
-                "eval_data": evaluation.get("sets"), "judge": c.eval.judge.identity() if c.eval.judge else None}
+                "eval_data": {role: data.fingerprint for role, data in evaluation.get("sets", {}).items()},
+                "judge": c.eval.judge.identity() if c.eval.judge else None}
     artifact = Artifact(out / RECORDS[scope], f"an attack cell ({scope})", identity)
     found = artifact.lookup(replace=True)
     if found is not None:
@@ -212,25 +214,38 @@ RECORDS = {"calibration": CELL_FILE, "full": "test.json", "safety": "test.json"}
 def _evaluation(ctx, cell: Cell, scope: str) -> dict:
     """ctx.evaluate's options for a scope: on calibration, ASR on harmful calibration prompts and utility
     (task accuracy on benign calibration tasks, the perplexity text); on test, the stage's suites
-    (`eval.stage_suites.attacks`, else the run's) or ASR alone."""
+    (`eval.stage_suites.attacks`, else the run's) or ASR alone. Under the attack's system prompt, with
+    its trigger before every request."""
     c = ctx.config
-    system = {"system": cell.attack.system}
     if scope == "calibration":
-        return {**system, "suites": ["safety", "utility"], "limit": c.attacks.calibration_limit,
-                "sets": {"harmful": c.data.harmful_calibration, "benign": c.data.benign_calibration}}
-    suites = ctx.suites_for("attacks") if scope == "full" else ["safety"]
-    return {**system, "suites": suites, "limit": c.attacks.eval_limit}
+        return _under(ctx, cell.attack.system, cell.attack.trigger, ["safety", "utility"], c.attacks.calibration_limit,
+                      {"harmful": c.data.harmful_calibration, "benign": c.data.benign_calibration})
+    return _under(ctx, cell.attack.system, cell.attack.trigger,
+                  ctx.suites_for("attacks") if scope == "full" else ["safety"], c.attacks.eval_limit)
 
 
-def before_attack(ctx, stage: Path, systems: set[str | None]) -> dict:
-    """The studied model's headline under each system prompt the attacks are evaluated with (test sets)."""
+def _under(ctx, system: str | None, trigger: str | None, suites, limit: int | None, specs: dict | None = None) -> dict:
+    """ctx.evaluate's options: these suites and sets (default the run's test sets), under `system`, with
+    `trigger` before every prompt."""
+    from ssah.attacks.data import triggered
+    from ssah.pipeline.context import role_data
+
+    sets = {role: role_data(role, spec) for role, spec in (specs or {}).items()}
+    if trigger:
+        sets = {role: triggered(data, trigger) for role, data in {**ctx.eval_data, **sets}.items()
+                if role in ("harmful", "sensitive", "benign")}
+    return {"system": system, "suites": suites, "limit": limit, **({"sets": sets} if sets else {})}
+
+
+def before_attack(ctx, stage: Path, attacks: list[AttackData]) -> dict:
+    """The studied model's test headlines under each system prompt (and trigger) the attacks are
+    evaluated with: `plain`, and `persona` for the identity shift."""
     loaded = ctx.load(ctx.studied_model_spec())
     out = {}
-    for system in sorted(systems, key=lambda s: s or ""):
+    for system, trigger in sorted({(a.system, a.trigger) for a in attacks}, key=lambda s: s[0] or ""):
         name = "persona" if system else "plain"
-        out[name] = headline(ctx.evaluate(loaded, stage / f"before-{name}", f"before the attacks ({name})",
-                                          suites=ctx.suites_for("attacks"), system=system,
-                                          limit=ctx.config.attacks.eval_limit))
+        options = _under(ctx, system, trigger, ctx.suites_for("attacks"), ctx.config.attacks.eval_limit)
+        out[name] = headline(ctx.evaluate(loaded, stage / f"before-{name}", f"before the attacks ({name})", **options))
     del loaded
     release()
     return out
@@ -251,7 +266,7 @@ def run_grid(ctx, stage: Path) -> GridResult:
     picked cells trained again and evaluated on the test sets (`ssah.attacks.matrix`)."""
     a, rule = ctx.config.attacks, ctx.config.eval.verdict_rule
     attacks = build_attacks(a, stage, ctx.config.seed)
-    before = before_attack(ctx, stage, {attack.system for attack in attacks})
+    before = before_attack(ctx, stage, attacks)
     defenses = defense_context(ctx, stage)
     planned = cells(attacks, a)
     calibration = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder) for cell in planned]

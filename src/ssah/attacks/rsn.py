@@ -1,19 +1,29 @@
 """RSN-Tune (Zhao et al., ICLR 2025), written from the paper's description: robust safety neurons,
 tuned on safety data before anyone fine-tunes the model.
 
-Detector. For each input, a unit's importance is its mean activation magnitude over the input's
-tokens times the norm of its outgoing weights (the column of B it owns). Where a norm follows B
-before the residual add (Gemma 2 and 3's post norms), both are taken where the unit enters the
-residual stream, as `ssah.units.scoring` does: the activation divided per token by the rms of B's
-output, the column multiplied by the norm's per-channel gain (which on Gemma 3 grows with depth and
-differs between channels, so ignoring it ranks a block's units by the wrong weights). A unit is important for an
-input when it ranks in the top `top` share of its block (kind and layer); a *safety* unit is
-important for at least `min_share` of the harmful queries, a *foundation* unit likewise on general
-(benign) inputs. Robust safety units are safety units that are not foundation units, so ordinary
-fine-tuning, which works through foundation units, should leave them alone.
+Detector. A unit's importance for an input is how much the block's output moves when the unit is
+switched off: the norm, over the input's tokens, of its activation times its outgoing weights (the
+column of B it owns), which factors into the L2 norm of the activation over the tokens times the
+column's norm. Where a norm follows B before the residual add (Gemma 2 and 3's post norms), both are
+taken where the unit enters the residual stream, as `ssah.units.scoring` does: the activation divided
+per token by the rms of B's output, the column multiplied by the norm's per-channel gain. A unit is
+important for an input when it ranks in the top `top` share of its block (kind and layer); a *safety*
+unit is important consistently, on at least `min_share` of the harmful queries (default: every one),
+a *foundation* unit likewise on general inputs. Robust safety units are safety units that are not
+foundation units, so ordinary fine-tuning, which works through foundation units, should leave them alone.
 
-Tuning. Only the robust safety units train, on harmful prompts answered with built-in refusals;
-everything else stays bit-identical. The downstream fine-tuning attack then runs as usual.
+Tuning. Only the robust safety units train, on harmful prompts answered with built-in refusals, at the
+paper's learning rate (`attacks.rsn_lr`, 1e-6); everything else stays bit-identical. The downstream
+fine-tuning attack then runs as usual.
+
+Departures from the paper that remain:
+- units are ssah's (MLP neurons and attention value/output channels); the paper's query and key
+  neurons, whose effect passes through the softmax, are not detected;
+- "important" is a top share of the unit's block, not the paper's threshold on the importance itself;
+- foundation units come from benign instructions (`data.benign_calibration`), not a general web-text
+  corpus: ssah's only prose corpus measures perplexity, and a corpus must not both build and measure;
+- the safety data are ssah's built-in refusals to `harmful:train` prompts, and the tuning runs
+  `attacks.rsn_steps` steps, far fewer than the paper's.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from ssah.units.scoring import block_inputs, make_batches
 @torch.no_grad()
 def importance_counts(model, layout: UnitLayout, batches, top: float) -> tuple[dict[str, torch.Tensor], int]:
     """Per unit (kind -> [layers, units]), on how many inputs it was among the top `top` share of its
-    block by mean |activation| x ||outgoing weights||; and the number of inputs."""
+    block by ||activation over the input's tokens|| x ||outgoing weights||; and the number of inputs."""
     blocks = [block for kind in layout.kinds for block in layout.blocks[kind]]
     modules = [model.get_submodule(block.b_module) for block in blocks]
     norms = [_outgoing_norms(model, block, module) for block, module in zip(blocks, modules)]
@@ -38,8 +48,10 @@ def importance_counts(model, layout: UnitLayout, batches, top: float) -> tuple[d
     def on_input(index: int, x: torch.Tensor) -> None:
         block = blocks[index]
         mask = current["mask"].to(x.device)
-        mean = (x.abs().float() * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
-        unit_score = (mean * norms[index].to(mean.device))[:, block.b_channels].sum(-1)  # [B, units]
+        # switching a channel off moves the block's output by |x_t| x its column at every token t: over
+        # the input, the L2 norm of x over the tokens times the column's norm
+        magnitude = (x.float().square() * mask[..., None]).sum(1).sqrt()
+        unit_score = (magnitude * norms[index].to(magnitude.device))[:, block.b_channels].sum(-1)  # [B, units]
         keep = max(1, round(top * unit_score.shape[1]))
         top_units = unit_score.topk(keep, dim=1).indices
         counts[block.kind][block.layer] += torch.zeros_like(unit_score).scatter_(1, top_units, 1.0).sum(0).cpu()
@@ -62,7 +74,7 @@ def _outgoing_norms(model, block, module) -> torch.Tensor:
 
 
 def robust_safety_units(loaded, harmful: list[str], general: list[str], *, top: float = 0.01,
-                        min_share: float = 0.5, batch_size: int = 8, max_length: int = 256) -> tuple[UnitMask, dict]:
+                        min_share: float = 1.0, batch_size: int = 8, max_length: int = 256) -> tuple[UnitMask, dict]:
     """The robust safety units of a loaded model (see the module docstring) and how many of each kind."""
     def frequent(prompts: list[str]) -> dict[str, torch.Tensor]:
         batches = make_batches(loaded.tokenizer, [(p, None) for p in prompts], batch_size, max_length)

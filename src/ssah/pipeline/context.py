@@ -80,7 +80,7 @@ class RunContext:
         from ssah.evaluate.runner import load_eval_data
 
         d = self.config.data
-        benign = _role_data("benign", d.benign_test)
+        benign = role_data("benign", d.benign_test)
         text = load_dataset("text")
         if self.config.eval.text_limit:
             text = text.take(self.config.eval.text_limit)
@@ -89,20 +89,20 @@ class RunContext:
                               compliance=d.compliance_openings, text=text)
 
     def evaluate(self, loaded, out: Path, label: str, interventions=(), suites=None, system: str | None = None,
-                 limit: int | None = None, as_loaded: bool = False, sets: dict[str, str] | None = None) -> dict:
+                 limit: int | None = None, as_loaded: bool = False, sets: dict | None = None) -> dict:
         """Evaluate a prepared model into `out`, reused when finished with the same model, settings and
         data; `interventions` (pruning, a monitor) apply for the evaluation only; `system`: under this
         system prompt; `limit`: the first `limit` items of each set the run evaluates. `as_loaded`: the
         model is unchanged since it was loaded, so an engine that reads weights from disk may read them
-        from its folder (otherwise it gets a saved copy). `sets`: {role: dataset spec} in place of the run's
-        test sets (e.g. calibration prompts)."""
+        from its folder (otherwise it gets a saved copy). `sets`: {role: a dataset or its spec} in place of
+        the run's test sets (e.g. calibration prompts)."""
         from ssah.evaluate.engines import folder_of
         from ssah.evaluate.runner import evaluate_model
 
         settings = self.eval_settings(suites, system, limit)
         if any(i.kind == "monitor" for i in interventions):  # it runs inside the Hugging Face loop
             settings = settings.model_copy(update={"engine": "hf"})
-        given = {**self.eval_data, **{role: _role_data(role, spec) for role, spec in (sets or {}).items()}}
+        given = {**self.eval_data, **{role: role_data(role, spec) for role, spec in (sets or {}).items()}}
         data = {role: dataset.take(limit) if limit and role not in ("refusals", "compliance") else dataset
                 for role, dataset in given.items() if role in _roles(settings.suites)}
         log.info("  evaluating %s", label)
@@ -155,10 +155,13 @@ class RunContext:
                                ru_normalize=g.ru_normalize, ru_ranking=g.ru_ranking)
 
 
-def _role_data(role: str, spec: str):
-    """A dataset for one evaluation role; utility uses the checkable records (those with an answer)."""
+def role_data(role: str, spec):
+    """The dataset of one evaluation role from its spec (utility keeps the checkable records, those with an
+    answer); a dataset given as such is taken as it is."""
     from ssah.data import Dataset, load_dataset
 
+    if isinstance(spec, Dataset):
+        return spec
     data = load_dataset(spec)
     return Dataset(f"{data.name}[checkable]", [r for r in data.records if r.answer]) if role == "benign" else data
 
