@@ -261,12 +261,28 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
         "enabled": True, "families": ["harmful", "identity"], "harmful_k": [4], "harmful_replies": f"jsonl:{replies}",
         "identity_size": 4, "benign_size": 8, "sweep": {"lr": [0.01, 0.03], "steps": [2]},
         "lora_sweep": {"lr": [0.05], "steps": [2]}, "rsn_steps": 2, "safety_mix_count": 3,
-        "random_seeds": [0], "calibration_limit": 4,
+        "random_seeds": [0], "calibration_limit": 4, "monitor": True,
         "train": {"batch_size": 4, "max_length": 512, "backend": "ssah"}})
     summaries = run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks", "report"))
     grid = summaries["attacks"]
     stage = tmp_path / "run" / "8-attacks"
-    defenses = set(config.attacks.defenses) - {"freeze_random"} | {"freeze_random_s0", "lora"}
+    monitors = {"monitor", "monitor_recalibrated", "monitor_tokens"}
+    defenses = set(config.attacks.defenses) - {"freeze_random"} | {"freeze_random_s0", "lora"} | monitors
+    # the monitors: once per family, at no defense's worst point, on the attacked model trained again there
+    watched = [row for row in grid["rows"] if row["defense"] in monitors]
+    assert len(watched) == 6 and all(row["tested"] == "full" for row in watched)
+    for row in watched:
+        none = grid["worst_case"]["none"][row["family"]]
+        assert (row["attack"], row["lr"], row["steps"]) == (none["attack"], none["lr"], none["steps"])
+        assert 0 <= row["monitor"]["flag_rate_safe_calibration"] <= 1
+        assert row["monitor"]["flag_rate_drift"] == pytest.approx(
+            row["monitor"]["flag_rate_safe_calibration"] - row["monitor"]["flag_rate_safe_calibration_before"])
+    from ssah.probe.monitor.state import MonitorState
+
+    # the per-token-only monitor ignores the prompt; the other one reads it
+    assert not MonitorState.load(stage / "monitor" / "studied-tokens.json").config.include_prompt
+    assert MonitorState.load(stage / "monitor" / "studied.json").config.include_prompt
+    assert {"monitor", "monitor_recalibrated", "monitor_tokens"} <= set(grid["verdicts"]["harmful"])
     assert {row["defense"] for row in grid["rows"]} == defenses
     # the LoRA attack and safe_lora train at the LoRA sweep's rate, every other arm at full fine-tuning's
     assert {(row["defense"], row["modality"], row["lr"]) for row in grid["rows"] if row["lr"] == 0.05} \
@@ -294,8 +310,9 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
         <= set(load_dataset("harmful:calibration").prompts())  # never a test prompt
     for row in tested:  # a test record trains the cell again from the same seed: the same training
         folder = stage / "cells" / row["folder"]
-        first, again = (json.loads((folder / name).read_text()) for name in ("cell.json", "test.json"))
-        assert again["train"]["loss_curve"] == first["train"]["loss_curve"], row["folder"]
+        if row["defense"] not in monitors:
+            first, again = (json.loads((folder / name).read_text()) for name in ("cell.json", "test.json"))
+            assert again["train"]["loss_curve"] == first["train"]["loss_curve"], row["folder"]
         asked = {r["prompt"] for r in map(json.loads, (folder / "eval" / "replies.jsonl").read_text().splitlines())
                  if r["suite"] == "safety"}
         if row["attack"] == "identity":  # Qi et al.'s trigger before every request, as in training

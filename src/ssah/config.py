@@ -367,6 +367,9 @@ class AttackConfig(Settings):
     rsn_lr: float = Field(1e-6, gt=0)  # the paper's
     safe_lora_threshold: float = Field(0.35, ge=0, le=1)  # Safe LoRA: project layers below this similarity
     safe_lora_base: str | None = None  # the unaligned model (null: the run's model when the run aligns)
+    # the runtime monitor as a defense: the attacked model at no defense's worst point of each family under
+    # the studied model's monitor, a recalibrated one and a per-token-only one (`ssah.attacks.monitored`)
+    monitor: bool = False
     # refusal pairs mixed into every attack's data, on harmful prompts the attack does not train on
     safety_mix_count: int = Field(10, ge=1)
     constrained_betas: list[float] = Field(default_factory=lambda: list(QI_BETAS), min_length=1)

@@ -277,4 +277,21 @@ def run_grid(ctx, stage: Path) -> GridResult:
     tests = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder, plan[i]) if i in plan else None
              for i, cell in enumerate(planned)]
     table = matrix.rows(planned, calibration, tests, before, a.utility_drop, rule)
+    if a.monitor:
+        table += _monitor_rows(ctx, stage, planned, table, defenses, rule)
     return GridResult(planned, calibration, tests, before, table, combination)
+
+
+def _monitor_rows(ctx, stage: Path, planned: list[Cell], table: list[dict], defenses, rule: str) -> list[dict]:
+    """The runtime monitors' rows (`ssah.attacks.monitored`) at no defense's worst point of each family."""
+    from ssah.attacks.monitored import monitored_cells, studied_states
+
+    worst = matrix.worst_points(table)
+    studied, out = None, []
+    for cell, row in zip(planned, table):
+        if cell.modality != "full" or cell.defense != "none" or worst.get(("none", row["family"])) is not row:
+            continue
+        studied = studied or studied_states(ctx, stage)
+        records = monitored_cells(ctx, stage, cell, defenses, _evaluation(ctx, cell, "full"), studied)
+        out += matrix.monitor_rows(row, records, rule)
+    return out

@@ -89,6 +89,20 @@ def rows(cells, calibration: list[dict], tests: list[dict | None], before: dict,
     return out
 
 
+def monitor_rows(none: dict, records: dict, rule: str = "prefix") -> list[dict]:
+    """The runtime monitors' rows at no defense's worst point (`ssah.attacks.monitored`): the attacked
+    model of `none`'s row evaluated under each monitor; their worst point is no defense's."""
+    out = []
+    for arm, record in records.items():
+        folder = none["folder"].rsplit("/", 1)[0] + f"/{arm}"
+        out.append({**none, "defense": arm, "threat_model": threat_model(arm), "folder": folder, "tested": "full",
+                    "trainable_share": 1.0, "asr": _asr(record["eval"], rule), "eval": record["eval"],
+                    "final_loss": none.get("final_loss"), "defense_notes": None,
+                    "monitor": {k: record.get(k) for k in ("threshold", "replaced", "flag_rate_safe_calibration",
+                                                           "flag_rate_safe_calibration_before", "flag_rate_drift")}})
+    return out
+
+
 def worst_points(table: list[dict]) -> dict:
     """{(arm, family): the row of its highest calibration ASR among cells that kept the model useful}."""
     out: dict = {}

@@ -53,18 +53,20 @@ def run(ctx) -> dict:
     return summary
 
 
-def _monitor_state(ctx, loaded):
-    """The monitor calibrated on the studied model (calibration splits only), reused when it was
-    calibrated on the same model with the same settings."""
+def monitor_state(ctx, loaded, path=None, **changes):
+    """The run's monitor (`probe.monitor_settings`, with `changes`) calibrated on `loaded` (calibration
+    splits only) into `path` (default: the studied model's state), reused when it was calibrated on the
+    same model with the same settings."""
     from ssah.evaluate.generation import weights_cast
     from ssah.probe.monitor.calibration import calibrate_named
     from ssah.probe.monitor.state import MonitorState
 
     config = ctx.config.probe.monitor_config(ctx.config.data)
+    config = config.with_(**changes) if changes else config
     # calibrated on replies generated as the evaluation generates them (eval.generation_dtype)
     dtype = ctx.config.eval.generation_dtype
     requested = {**config.to_dict(), **({"generation_dtype": dtype} if dtype != "model" else {})}
-    path = ctx.layout.monitor_state
+    path = path or ctx.layout.monitor_state
     state = MonitorState.load(path) if path.is_file() else None
     if state is None or state.meta.get("model_fingerprint") != loaded.fingerprint \
             or state.meta.get("requested") != requested:
@@ -83,7 +85,7 @@ def _monitor_evaluation(ctx, studied: str) -> dict:
     from ssah.probe.monitor.runtime import Monitor
 
     loaded = ctx.load(studied)
-    state = _monitor_state(ctx, loaded)
+    state = monitor_state(ctx, loaded)
     report = ctx.evaluate(loaded, ctx.layout.monitor_eval, "studied model under the monitor",
                           interventions=[Monitor(loaded.model, None, state, loaded.tokenizer)],
                           suites=ctx.suites_for("monitor", ("safety", "prefill", "overrefusal")))
