@@ -544,3 +544,27 @@ def test_safe_lora_is_judged_against_the_lora_attack_not_full_fine_tuning(tmp_pa
     assert (safe["baseline"], safe["rise_none"], safe["verdict"]) == ("lora", pytest.approx(0.3), "not held")
     assert safe["threat_model"] == "fine-tuning-as-a-service"
     assert found["verdicts_by_threat_model"] == {"fine-tuning-as-a-service": {"harmful": {"safe_lora": safe}}}
+
+
+def test_an_attack_runs_without_a_run_folder(groups):
+    from ssah.attacks import AttackData, DefenseContext, attack_model
+    from ssah.interventions.masks import mask_from_expression
+    from ssah.train.settings import TrainSettings
+
+    pairs = [(f"Do forbidden thing {i}.", f"Sure. Step one for thing {i}: gather the parts.") for i in range(8)]
+    attack = AttackData("harmful", "harmful-k8", pairs)
+    settings = TrainSettings(lr=1e-2, max_steps=2, batch_size=4, max_length=128)
+    loaded = load_model("tiny:llama", device="cpu")
+    start = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    attacked = attack_model(loaded, attack, "freeze_ii_constrained", settings, DefenseContext(groups=groups))
+    record = attacked.record
+    assert record["train"]["steps"] == 2 and record["train"]["check"]["max_abs_change_frozen"] == 0.0
+    assert record["defense_notes"]["objective"] == "token-wise constrained" and record["trainable_share"] < 1.0
+    frozen = _entries(loaded.model, loaded.layout, mask_from_expression(groups, "SCU+CU"))
+    params = dict(attacked.model.model.named_parameters())
+    assert all(torch.equal(params[n][frozen[n]], start[n][frozen[n]]) for n in start)
+    assert any(not torch.equal(params[n], start[n]) for n in start)  # the rest trained
+    # the same attack and seed give the same model (LoRA's adapters included)
+    twice = [attack_model(load_model("tiny:llama", device="cpu"), attack, "none", settings, modality="lora", seed=3)
+             for _ in range(2)]
+    assert twice[0].record["train"]["loss_curve"] == twice[1].record["train"]["loss_curve"]
