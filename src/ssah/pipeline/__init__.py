@@ -12,7 +12,9 @@ that records the hash of the config sections it used:
 6. ``probe``     reasoning direction, unaligned vs studied model; the studied model under the runtime
                  monitor (safety, prefill attack, over-refusal);
 7. ``transfer``  regroup after the fine-tuning attack and cross-tabulate (Figure 5);
-8. ``report``    results.json, report.html and a console summary.
+8. ``attacks``   (attacks.enabled) every defense under every fine-tuning attack of a strength sweep, worst
+                 points picked on calibration prompts and judged on test prompts (`ssah.attacks`);
+9. ``report``    results.json, report.html and a console summary.
 
 A rerun skips finished stages; inside a stage every finished artifact (scores, trained models,
 evaluations, cached generations) is reused, so a killed run resumes where it stopped and ends with

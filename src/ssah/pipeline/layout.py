@@ -10,7 +10,8 @@
       5-finetune/  model-plain/ eval-plain/ ...     one model and evaluation per setting
       6-probe/     probe.json directions*.safetensors *.png monitor.safetensors eval-monitor/
       7-transfer/  after-finetune/ transfer.json transfer-*.png restore/   (restore.enabled)
-      8-attacks/   cells/ATTACK/lrLR-sSTEPS/DEFENSE/ before-*/ rsn/ attacks.json attack_*.png   (attacks.enabled)
+      8-attacks/   cells/ATTACK/lrLR-sSTEPS/DEFENSE/{cell,test}.json eval-calibration/ eval/  before-*/ rsn/
+                   monitor/ attacks.json attack_*.png   (attacks.enabled)
       9-report/
     Each stage folder ends with done.json (the stage's identity and summary).
 """
