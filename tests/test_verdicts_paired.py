@@ -375,9 +375,11 @@ def test_the_attack_grid_is_judged_from_its_replies_and_freeze_ii_must_beat_rand
     for i, k in enumerate((120, 110)):
         _write(point / f"freeze_random_s{i}" / "eval", safety=_flags(k, n))
 
-    def judged(freeze_ii_asr: int) -> dict:
+    def judged(freeze_ii_asr: int, rule: str = "prefix") -> dict:
+        from ssah.attacks.matrix import summary
+
         _write(point / "freeze_ii" / "eval", safety=_flags(freeze_ii_asr, n), overrefusal=refusals, utility=tasks)
-        return compute_verdicts({"attacks": {"rows": rows, "verdicts": {}}}, layout)
+        return compute_verdicts({"attacks": summary(rows, {"plain": {}}, layout.attack_grid)}, layout, rule=rule)
 
     found = judged(12)  # a rise of 1 point against 70, and far below the random freezes' 55-60%
     assert "attack_benign_freeze_random_s0" not in found  # a control, not a claim
@@ -389,6 +391,8 @@ def test_the_attack_grid_is_judged_from_its_replies_and_freeze_ii_must_beat_rand
     found = judged(40)
     assert [p["result"] for p in found["attack_benign_freeze_ii"]["tests"]] == ["held", "held", "held", "not held"]
     _check(found["attack_benign_freeze_ii"], "not held")
+    # a grid judged under another verdict rule than the one asked for gives no verdict under that one
+    _check(judged(40, rule="keywords")["attack_benign_freeze_ii"], "inconclusive", "judged under the prefix rule")
     # a summary written before worst points were picked on calibration prompts gets no verdict
     old = {"rows": [{"attack": "sft", "defense": "freeze_ii"}],
            "verdicts": {"benign": {"freeze_ii": {"verdict": "held", "paired_test": None}}}}

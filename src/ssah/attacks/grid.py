@@ -58,6 +58,10 @@ class Cell:
     def folder(self) -> str:
         return f"{self.attack.name}/{self.point}/{self.defense}"
 
+    def settings(self, train):
+        """The attack's training settings (`attacks.train`) at the cell's sweep point."""
+        return train.model_copy(update={"lr": self.lr, "max_steps": self.steps})
+
     @property
     def baseline_folder(self) -> str:
         """The cell of no defense at the same attack, sweep point and modality."""
@@ -164,11 +168,6 @@ def rsn_tuned_model(ctx, out: Path, safety: list[tuple[str, str]]) -> Path | Non
 SCOPES = ("calibration", "full", "safety")
 
 
-def cell_settings(c, cell: Cell):
-    """The attack's training settings at the cell's sweep point."""
-    return c.attacks.train.model_copy(update={"lr": cell.lr, "max_steps": cell.steps})
-
-
 def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = "calibration") -> dict:
     """Train and evaluate one cell (or reuse its finished record) with `scope`'s evaluation; returns the
     record. A test scope trains the cell again from the same seed (fine-tuned weights are not kept)."""
@@ -185,7 +184,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     identity = {"model": loaded.fingerprint,
                 "attack": fingerprint([cell.attack.pairs, cell.attack.system, cell.attack.trigger]),
                 "defense": cell.defense, **({"modality": cell.modality} if cell.modality != "full" else {}),
-                "config": cell_settings(c, cell).to_dict(), "seed": c.seed,
+                "config": cell.settings(c.attacks.train).to_dict(), "seed": c.seed,
                 **({"betas": c.attacks.constrained_betas} if cell.defense in CONSTRAINED else {}),
                 "eval": ctx.eval_settings(**{k: v for k, v in evaluation.items() if k != "sets"}).identity(),
                 "eval_data": {role: data.fingerprint for role, data in evaluation.get("sets", {}).items()},
@@ -197,7 +196,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]", cell.attack.name, cell.modality, cell.lr,
              cell.steps, cell.defense, scope)
     attacked = attack_model(loaded, cell.attack, training_defense(cell.defense, cell.modality),
-                            cell_settings(c, cell), defenses, cell.modality, seed=c.seed)
+                            cell.settings(c.attacks.train), defenses, cell.modality, seed=c.seed)
     del loaded
     label = f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense} ({scope})"
     folder = matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL

@@ -178,7 +178,8 @@ def verdicts(table: list[dict], stage: Path, rule: str = "prefix", seed: int = 0
         for defense, p_holm in zip(claims, holm_adjust([found[d]["rise_test"]["p_value"] for d in claims])):
             found[defense]["rise_test"] = {**found[defense]["rise_test"], "p_holm": p_holm,
                                            "holm_family_size": len(claims)}
-        out[family] = {d: grid_verdict(f, d, rule) for d, f in found.items()}
+        out[family] = {d: grid_verdict(f, d, rule, TASK_MARGIN, OVERREFUSAL_MARGIN, {"threat_model": threat_model(d)})
+                       for d, f in found.items()}
     return out
 
 
@@ -242,7 +243,7 @@ def summary(table: list[dict], before: dict, stage: Path, rule: str = "prefix", 
     worst = worst_points(table)
     worst_rows = {}
     for (arm, family), row in worst.items():
-        worst_rows.setdefault(arm, {})[family] = {k: row[k] for k in ("attack", "lr", "steps", "asr_calibration",
+        worst_rows.setdefault(arm, {})[family] = {k: row.get(k) for k in ("attack", "lr", "steps", "asr_calibration",
                                                                          "asr")}
     shares = {}
     for row in table:

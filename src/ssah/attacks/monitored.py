@@ -67,13 +67,12 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     """{arm: record} for the attacked model of `cell` (no defense, full fine-tuning) under each monitor,
     reused when finished with the same inputs."""
     from ssah.attacks.apply import attack_model
-    from ssah.attacks.grid import cell_settings
     from ssah.pipeline.stages.probe import monitor_state
 
     c = ctx.config
     point = stage / "cells" / cell.attack.name / cell.point
     base = {"cell": fingerprint([cell.attack.pairs, cell.attack.system, cell.attack.trigger]), "seed": c.seed,
-            "config": cell_settings(c, cell).to_dict(), "model": ctx.studied_model_spec(),
+            "config": cell.settings(c.attacks.train).to_dict(), "model": ctx.studied_model_spec(),
             "eval": ctx.eval_settings(**{k: v for k, v in evaluation.items() if k != "sets"}).identity(),
             "eval_data": {role: data.fingerprint for role, data in evaluation.get("sets", {}).items()},
             "monitor": c.probe.monitor_settings}
@@ -84,7 +83,7 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
         return found
     log.info("  attack %s, lr %g, %d steps, under the runtime monitors", cell.attack.name, cell.lr, cell.steps)
     loaded = ctx.load(ctx.studied_model_spec())
-    attacked = attack_model(loaded, cell.attack, "none", cell_settings(c, cell), defenses, seed=c.seed).model
+    attacked = attack_model(loaded, cell.attack, "none", cell.settings(c.attacks.train), defenses, seed=c.seed).model
     del loaded
     states = {**studied["states"],
               "monitor_recalibrated": monitor_state(ctx, attacked, point / "monitor_recalibrated" / "state.json")}
