@@ -44,7 +44,7 @@ def plot_heatmap(summary: dict, path: Path) -> Path:
             row = worst.get(d, {}).get(f)
             if row is not None:
                 values[i, j] = 100 * row["asr"]
-    figure = _figure(1.2 * len(families) + 3, 0.45 * len(defenses) + 1.6)
+    figure = _figure(1.2 * len(families) + 4.5, 0.45 * len(defenses) + 1.6)
     ax = figure.subplots()
     image = ax.imshow(values, cmap="Reds", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(families)), families, rotation=30, ha="right", fontsize="small")
