@@ -5,7 +5,7 @@
 - Inputs are sorted by token length (longest first, so an out-of-memory error shows at once).
   Batching is continuous by default (`ssah.evaluate.batching`: a finished row's slot goes to the
   next waiting prompt; `slots="auto"` lets it pick its slot count for the model and machine) and
-  static under an intervention that follows `model.generate` calls (left-padded batches through
+  static under an intervention that watches `model.generate` (left-padded batches through
   `model.generate`). Neither changes a reply: batched output equals batch-size-1
   output token for token (tested on the tiny models in fp32).
 - Finished replies are appended to a JSONL cache with flush + fsync, keyed by
@@ -106,13 +106,11 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
 
 
-def eos_ids(model, tokenizer=None) -> list[int]:
-    """The tokens that end a reply: the model's generation EOS ids, then the tokenizer's (if given)."""
+def _eos_ids(model, tokenizer) -> list[int]:
     ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    own = getattr(tokenizer, "eos_token_id", None)
-    for value in (configured if isinstance(configured, list) else [configured]) + [own]:
-        if value is not None and int(value) not in ids:
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    for value in (configured if isinstance(configured, list) else [configured]) + [tokenizer.eos_token_id]:
+        if value is not None and value not in ids:
             ids.append(int(value))
     return ids
 
@@ -147,11 +145,9 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
 
 
 def _generate_is_watched(model) -> bool:
-    """True while an intervention follows this model's `generate` calls (the runtime monitor does): its
+    """True while an intervention wraps this model's `generate` (the runtime monitor does): its
     per-row state belongs to one `generate` call, so such runs keep static batches."""
-    from ssah.interventions.base import generation_is_watched
-
-    return generation_is_watched(model)
+    return "generate" in vars(model)
 
 
 def _lookup(cache: GenerationCache, keys: list[str], texts: Sequence[str]) -> tuple[dict, dict]:
@@ -220,7 +216,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
     caller modified it). Cached items are not regenerated. `batching`: `continuous` (the default: a
     finished row's slot goes to the next waiting prompt, `ssah.evaluate.batching`) or `static`
     (`model.generate` per batch of `batch_size`; chosen whenever `rewrite` is given or an
-    intervention follows `model.generate` calls, like the runtime monitor). Finished replies are written to
+    intervention watches `model.generate`, like the runtime monitor). Finished replies are written to
     the cache before `on_batch` (an observer, e.g. for progress reports or tests) sees them: per
     batch (static) or per decoding step at which rows ended (continuous). `rewrite` maps the decoded
     replies of a batch to the replies to keep (e.g. a runtime monitor replacing flagged replies by a
@@ -239,7 +235,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
     encoded = {key: _encode_text(tokenizer, text) for key, text in pending.items()}
     # Longest first: similar lengths share a batch (little padding) and memory peaks early.
     order = sorted(pending, key=lambda k: -len(encoded[k]))
-    stops = eos_ids(model, tokenizer)
+    eos_ids = _eos_ids(model, tokenizer)
     unique_total = len(set(keys))
     with tqdm(total=unique_total, initial=unique_total - len(pending), desc=desc, unit="reply",
               disable=not progress, dynamic_ncols=True) as bar:
@@ -256,17 +252,17 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
                 on_batch([results[key] for key in chunk])
 
         if engine is not None:
-            engine.generate([encoded[k] for k in order], max_new_tokens=max_new_tokens, eos_ids=stops,
+            engine.generate([encoded[k] for k in order], max_new_tokens=max_new_tokens, eos_ids=eos_ids,
                             on_finish=lambda rows: finish([order[i] for i, _ in rows], [t for _, t in rows]))
         elif batching == "static":
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 finish(chunk, _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens,
-                                              stops))
+                                              eos_ids))
         else:
             width = choose_slots(model).slots if slots == "auto" else slots or batch_size
             continuous_generate(model, [encoded[k] for k in order], max_new_tokens=max_new_tokens,
-                                eos_ids=stops, pad_id=_pad_id(tokenizer, stops), batch_size=width,
+                                eos_ids=eos_ids, pad_id=_pad_id(tokenizer, eos_ids), batch_size=width,
                                 on_finish=lambda rows: finish([order[i] for i, _ in rows], [t for _, t in rows]))
     return [results[key] for key in keys]
 

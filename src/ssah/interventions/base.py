@@ -18,21 +18,7 @@ block to the evaluation report (`report_block`).
 from __future__ import annotations
 
 import hashlib
-import weakref
 from collections.abc import Sequence
-
-# models whose generate calls an intervention follows call by call (the runtime monitor's per-row state
-# belongs to one call): their generation keeps static batches
-_WATCHED: weakref.WeakSet = weakref.WeakSet()
-
-
-def watch_generation(model, on: bool) -> None:
-    """Mark `model` as followed, or no longer followed, call by call during generation."""
-    (_WATCHED.add if on else _WATCHED.discard)(model)
-
-
-def generation_is_watched(model) -> bool:
-    return model in _WATCHED
 
 
 class Intervention:

@@ -41,13 +41,10 @@ threshold instead and the whole borderline sample shapes the direction: an align
 on sensitive_safe:train, and a threshold set on prompts it was trained to answer is optimistic too.
 (`MonitorState.from_directions` offers a cheaper threshold from prompt scores alone.)
 
-Actions. `stop`: a forward hook leaves EOS the only token a flagged row can emit, which ends it;
+Actions. `stop`: a LogitsProcessor forces EOS for flagged rows and a StoppingCriteria ends them;
 the reply is replaced by `refusal_text` (`Monitor.apply_refusals`, done by `monitored_generate`).
 `steer`: from the flag on, alpha * (mean harmful - mean benign) is added to the newest position's
 state at every monitored layer (at the flagging step itself for the deepest one). `observe`: flags only.
-
-The monitor follows `generate` through hooks alone (`model.generate` is never replaced): a forward that
-passes a key-value cache is part of a generate call, an empty cache marks a new call's prefill.
 
 Cost. Per step and layer: one [B, H] x [H] product and a few [B]-sized ops, all on the device; no
 host synchronisation until the flags are read after `generate`.

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ssah.errors import SsahError
-from ssah.evaluate.generation import eos_ids
-from ssah.interventions.base import Intervention, watch_generation
+from ssah.interventions.base import Intervention
 from ssah.probe.directions import Directions
 from ssah.probe.hidden import (
     block_output,
@@ -27,6 +28,39 @@ from ssah.probe.monitor.config import CALIBRATION_FIELDS, MonitorConfig
 from ssah.probe.monitor.state import MonitorState, monitor_digest
 
 
+class _ForceEos(LogitsProcessor):
+    """Flagged rows may only emit EOS (stop action)."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+        self._forced: torch.Tensor | None = None  # the EOS-only row, rebuilt only when its key changes
+        self._forced_key: tuple | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mon = self.monitor
+        if mon.action != "stop" or mon._flagged is None or mon._eos_id is None:
+            return scores
+        key = (mon._eos_id, scores.shape[1], scores.device, scores.dtype)
+        if key != self._forced_key:
+            self._forced = torch.full_like(scores[0], float("-inf"))
+            self._forced[mon._eos_id] = 0.0
+            self._forced_key = key
+        return torch.where(mon._flagged.to(scores.device)[:, None], self._forced, scores)
+
+
+class _StopFlagged(StoppingCriteria):
+    """Flagged rows are finished (stop action)."""
+
+    def __init__(self, monitor: Monitor):
+        self.monitor = monitor
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        mon = self.monitor
+        if mon.action != "stop" or mon._flagged is None:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return mon._flagged.to(input_ids.device).clone()
+
+
 @dataclass
 class MonitorResult:
     """Per batch row of one generate call."""
@@ -38,17 +72,13 @@ class MonitorResult:
 
 
 class Monitor(Intervention):
-    """Context manager that follows every `model.generate` call made inside it, through hooks alone
-    (`model.generate` itself is left as it is).
+    """Context manager that watches every `model.generate` call made inside it.
 
-    On entry it hooks the monitored blocks and the model's forward. A forward that `generate` makes
-    (it passes the key-value cache) is followed: one whose cache is empty is a new call's prefill and
-    resets the per-row state; each later one scores the newest token. With the stop action a forward
-    hook makes EOS the only token a flagged row can emit, so its reply ends there. Forwards outside
-    `generate` (perplexity, scoring) are not monitored. On exit (also on an exception) every hook is
-    removed. After a call: `flags`, `flag_tokens`, `prompt_scores`, `peaks`, `scores`; `history`
-    keeps a `MonitorResult` per generate call, for callers that generate in several batches. Greedy
-    decoding and sampling are followed; beam search is not (its rows are not requests).
+    On entry it hooks the monitored blocks and the model's forward, and wraps `model.generate` so each
+    call resets the per-row state and adds the monitor's LogitsProcessor and StoppingCriteria (after
+    any the caller passes). On exit (also on an exception) every hook is removed and `generate`
+    restored. After a call: `flags`, `flag_tokens`, `prompt_scores`, `peaks`, `scores`; `history`
+    keeps a `MonitorResult` per generate call, for callers that generate in several batches.
 
     `state` may be a calibrated `MonitorState` or `Directions` from `ssah probe` (then the threshold
     comes from benign prompt scores, see `MonitorState.from_directions`). `config` None means the
@@ -83,14 +113,13 @@ class Monitor(Intervention):
         self.action = config.action
         self.threshold = float(config.threshold if config.threshold is not None else state.threshold)
         self._handles: list = []
-        self._in_generate = self._following = False
-        self._history: list[MonitorResult] = []
-        # the token a flagged row is made to emit, and the ones that end a row (EOS, padding)
-        eos = eos_ids(model, tokenizer)
-        self._eos_id: int | None = eos[0] if eos else None
-        pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-        pad = pad if pad is not None else getattr(model.generation_config, "pad_token_id", None)
-        self._stop_ids = torch.tensor(eos + ([pad] if pad is not None else []), dtype=torch.long)
+        self._original_generate: Any = None
+        self._had_instance_generate = False
+        self._processor, self._criteria = _ForceEos(self), _StopFlagged(self)
+        self._in_generate = False
+        self.history: list[MonitorResult] = []  # one entry per generate call, in call order
+        self._eos_id: int | None = None
+        self._stop_ids: torch.Tensor | None = None
         self.reset()
 
     kind = "monitor"
@@ -113,21 +142,26 @@ class Monitor(Intervention):
                                             (self.config.steer_alpha * self.state.steer[position]).to(device)))
                 self._handles.append(blocks[layer].register_forward_hook(self._make_block_hook(position)))
             self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-            self._handles.append(self.model.register_forward_hook(self._after_forward))
-            watch_generation(self.model, True)
+            self._had_instance_generate = "generate" in vars(self.model)
+            self._original_generate = self.model.generate
+            self.model.generate = self._generate
         except BaseException:
             self._detach()
             raise
 
     def undo(self) -> None:
-        self._finish_call()
         self._detach()
 
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        watch_generation(self.model, False)
+        if self._original_generate is not None:
+            if self._had_instance_generate:
+                self.model.generate = self._original_generate
+            else:
+                vars(self.model).pop("generate", None)
+            self._original_generate = None
 
     def reset(self) -> None:
         """Forget the per-row state; the next forward is treated as a new batch's prefill."""
@@ -135,57 +169,51 @@ class Monitor(Intervention):
         self._step_scores: list[torch.Tensor] = []
         self._partial: torch.Tensor | None = None
 
-    def _finish_call(self) -> None:
-        """The last generate call's outcome joins `history` (once)."""
-        if self._in_generate and self._flagged is not None:
-            self._history.append(self.result())
-        self._in_generate = False
-
-    @property
-    def history(self) -> list[MonitorResult]:
-        """One `MonitorResult` per generate call, in call order (the latest one included)."""
-        return self._history + ([self.result()] if self._in_generate and self._flagged is not None else [])
+    # --- generate integration --------------------------------------------------------------------
+    def _generate(self, *args, **kwargs):
+        gen_config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams", getattr(gen_config, "num_beams", 1)) or 1
+        if beams > 1 or kwargs.get("assistant_model") is not None or kwargs.get("prefill_chunk_size") \
+                or getattr(gen_config, "prefill_chunk_size", None):
+            raise SsahError("the monitor supports greedy decoding and sampling, not beam search, assisted "
+                            "decoding or chunked prefill; drop num_beams/assistant_model/prefill_chunk_size")
+        eos = kwargs.get("eos_token_id", getattr(gen_config, "eos_token_id", None))
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = kwargs.get("pad_token_id", getattr(gen_config, "pad_token_id", None))
+        self._eos_id = eos_ids[0] if eos_ids else None
+        self._stop_ids = torch.tensor(eos_ids + ([pad] if pad is not None else []), dtype=torch.long)
+        self.reset()
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), self._processor])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), self._criteria])
+        self._in_generate = True
+        try:
+            output = self._original_generate(*args, **kwargs)
+        finally:
+            self._in_generate = False
+        if self._flagged is not None:
+            self.history.append(self.result())
+        return output
 
     # --- hooks -----------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if cache is None:  # a forward outside `generate` (perplexity, scoring): not monitored
-            self._following = False
+        if not self._in_generate:  # the caller's own forwards inside the block are not monitored
             return None
-        self._following = True
         ids = kwargs.get("input_ids", args[0] if args else None)
-        seen = cache.get_seq_length() if hasattr(cache, "get_seq_length") else None
-        if seen == 0 or self._flagged is None:  # an empty cache: a new generate call's prompt (prefill)
-            self._finish_call()
-            self.reset()
+        if self._flagged is None:  # first forward after a reset: the prompt (prefill)
             rows = ids.shape[0] if ids is not None else kwargs["inputs_embeds"].shape[0]
             device = ids.device if ids is not None else kwargs["inputs_embeds"].device
             self._allocate(rows, device)
-            self._in_generate = True
             self._prefill = True
             self._read_at = None  # None: the last position
             if self.request_marker is not None and ids is not None:
                 self._read_at = request_ends(ids, self.request_marker)
         else:
             self._prefill = False
-            if ids is not None and self._stop_ids.numel():
+            if ids is not None and self._stop_ids is not None and self._stop_ids.numel():
                 # The newest input token is the one generated last step: EOS or padding ends the row.
                 self._stop_ids = self._stop_ids.to(ids.device)
                 self._done |= torch.isin(ids[:, -1], self._stop_ids)
         self._partial = None
-        return None
-
-    def _after_forward(self, module, args, output):
-        """Stop action: a flagged row may only emit EOS (its reply ends at the flag)."""
-        if not self._following or self.action != "stop" or self._eos_id is None or self._flagged is None:
-            return None
-        logits = getattr(output, "logits", None)
-        if logits is None or not bool(self._flagged.any()):
-            return None
-        rows = self._flagged.to(logits.device)
-        forced = torch.full_like(logits[0, -1], float("-inf"))
-        forced[self._eos_id] = 0.0
-        logits[:, -1] = torch.where(rows[:, None], forced, logits[:, -1])
         return None
 
     def _allocate(self, rows: int, device: torch.device) -> None:
@@ -202,7 +230,7 @@ class Monitor(Intervention):
         last = len(self.state.layers) - 1
 
         def hook(module, args, output):
-            if not self._following or self._flagged is None:
+            if not self._in_generate or self._flagged is None:
                 return None
             hidden = block_output(output)
             weight, bias, steer = self._layer_tensors[position]
