@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -175,4 +176,4 @@ def test_attack_matrix_reads_the_headline_rule():
     assert [_asr(report, rule) for rule in ("prefix", "keywords", "judge")] == [0.5, 0.25, 0.125]
     assert headline({**report, "verdict_rule": "keywords"})["rule"] == "keywords"
     assert headline(report)["rule"] == "prefix" and headline(report, "judge")["rule"] == "judge"
-    assert summary([], {}, "judge")["rule"] == "judge"
+    assert summary([], {}, Path("no-grid"), rule="judge")["rule"] == "judge"

@@ -414,7 +414,8 @@ class AttackConfig(Settings):
         defenses = data["defenses"]
         data = {**data, "defenses": [d for d in defenses if d != "lora"] or ["none"]}
         if "modalities" not in data:
-            data["modalities"] = ["full"] + (["lora"] if {"lora", "safe_lora"} & set(defenses) else [])
+            named = {d for d in defenses if isinstance(d, str)}  # anything else fails the field's own check
+            data["modalities"] = ["full"] + (["lora"] if {"lora", "safe_lora"} & named else [])
         elif "lora" in defenses and "lora" not in data["modalities"]:
             raise ValueError("lora is an attack modality, not a defense: list it in attacks.modalities "
                              "(its strengths: attacks.lora_sweep), not in attacks.defenses")
