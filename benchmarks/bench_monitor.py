@@ -59,16 +59,16 @@ def run(loaded, batch: int = 8, tokens: int = 32, repeats: int = 3) -> dict:
     states = {name: MonitorState.from_directions(directions, config, depth) for name, config in variants.items()}
     inputs = {k: v.to(loaded.device) for k, v in encode_prompts(tok, harmful[16:16 + batch]).items()}
 
-    def generate() -> None:
+    def generate(call=model.generate) -> None:
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            out = call(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         assert out.shape[1] - inputs["input_ids"].shape[1] == tokens
 
     def once(name: str) -> float:
         if name == "plain generate":
             return timed(generate)
         with Monitor(model, variants[name], states[name], tok) as mon:
-            elapsed = timed(generate)
+            elapsed = timed(lambda: generate(mon.generate))
         assert not any(mon.flags)
         return elapsed
 

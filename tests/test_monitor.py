@@ -73,7 +73,7 @@ def _plain(model, tok, prompts, max_new_tokens=NEW_TOKENS) -> torch.Tensor:
 def _monitored(model, tok, prompts, state, config=None, max_new_tokens=NEW_TOKENS):
     inputs = encode_prompts(tok, prompts)
     with Monitor(model, config, state) as mon, torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        out = mon.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[:, inputs["input_ids"].shape[1]:], mon
 
 
@@ -163,8 +163,8 @@ def test_rows_that_ended_stop_updating_and_caller_processors_still_run(llama):
     early = _EndRowEarly(row=1, at=2, eos=tok.eos_token_id, prompt_len=inputs["input_ids"].shape[1])
     with forced(model, direction, [True, True, True]):
         with Monitor(model, None, _state(direction, min_tokens=3)) as mon, torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 logits_processor=LogitsProcessorList([early]))
+            out = mon.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False,
+                               logits_processor=LogitsProcessorList([early]))
     assert out[1, inputs["input_ids"].shape[1] + 1] == tok.eos_token_id
     # Row 1 ended after 2 tokens (the second being EOS), before min_tokens: never eligible, never flagged.
     assert mon.flags == [True, False, True] and mon.flag_tokens == [3, None, 3]
@@ -200,19 +200,38 @@ def test_steer_changes_flagged_output_only(llama):
         assert torch.equal(steered[row, :2], observed[row, :2])
 
 
-def test_hooks_and_generate_are_restored_even_on_exception(llama):
+def test_hooks_are_removed_even_on_exception_and_generate_is_never_replaced(llama):
     model, tok = llama
     before = _hook_count(model)
     with pytest.raises(ValueError, match="boom"):
         with Monitor(model, None, _state(_unit(0))):
-            assert _hook_count(model) == before + 2 and "generate" in vars(model)
+            assert _hook_count(model) == before + 2 and "generate" not in vars(model)
             raise ValueError("boom")
     assert _hook_count(model) == before and "generate" not in vars(model)
-    # Beam search is refused inside generate; the hooks still go.
+    # Beam search is refused before the call; the hooks still go.
     with pytest.raises(SsahError, match="beam"):
-        with Monitor(model, None, _state(_unit(0))):
-            model.generate(**encode_prompts(tok, PROMPTS[:1]), max_new_tokens=2, num_beams=2)
+        with Monitor(model, None, _state(_unit(0))) as mon:
+            mon.generate(**encode_prompts(tok, PROMPTS[:1]), max_new_tokens=2, num_beams=2)
     assert _hook_count(model) == before and "generate" not in vars(model)
+    with pytest.raises(RuntimeError, match="not active"):
+        Monitor(model, None, _state(_unit(0))).generate(**encode_prompts(tok, PROMPTS[:1]), max_new_tokens=2)
+
+
+def test_a_generate_call_that_does_not_go_through_the_monitor_is_left_alone(llama):
+    model, tok = llama
+    direction = _unit(0)
+    inputs = encode_prompts(tok, PROMPTS)
+    with forced(model, direction, [True, False, True]):
+        plain = _plain(model, tok, PROMPTS)
+        with Monitor(model, None, _state(direction, min_tokens=1)) as mon, torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert mon.history == []
+            watched = mon.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+            again = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(out[:, inputs["input_ids"].shape[1]:], plain)
+    assert torch.equal(again, out)  # the flags of the watched call do not reach a later plain call
+    assert len(mon.history) == 1 and mon.history[0].flags == [True, False, True]
+    assert not torch.equal(watched, out)
 
 
 def test_forward_calls_outside_generate_are_not_monitored(llama):

@@ -125,7 +125,9 @@ def _model_device(model) -> torch.device:
 
 @torch.inference_mode()
 def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: int,
-                    eos_ids: list[int]) -> list[tuple[int, ...]]:
+                    eos_ids: list[int], watchers: Sequence = ()) -> list[tuple[int, ...]]:
+    """One static batch through `model.generate`, each watcher's `watch` around the call (it may add
+    logits processors and stopping criteria: the runtime monitor)."""
     from transformers import GenerationConfig
 
     pad_id = _pad_id(tokenizer, eos_ids)
@@ -133,8 +135,12 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
     device = _model_device(model)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                               pad_token_id=pad_id, eos_token_id=eos_ids)
-    output = model.generate(input_ids=batch["input_ids"].to(device),
-                            attention_mask=batch["attention_mask"].to(device), generation_config=config)
+    call = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device),
+            "generation_config": config}
+    with contextlib.ExitStack() as stack:
+        for watcher in watchers:
+            call = stack.enter_context(watcher.watch(call))
+        output = model.generate(**call)
     new_tokens = output[:, batch["input_ids"].shape[1]:].tolist()
     stops = set(eos_ids)
     out = []
@@ -142,12 +148,6 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], max_new_tokens: 
         end = next((i for i, tok in enumerate(row) if tok in stops), len(row))
         out.append(tuple(row[:end]))
     return out
-
-
-def _generate_is_watched(model) -> bool:
-    """True while an intervention wraps this model's `generate` (the runtime monitor does): its
-    per-row state belongs to one `generate` call, so such runs keep static batches."""
-    return "generate" in vars(model)
 
 
 def _lookup(cache: GenerationCache, keys: list[str], texts: Sequence[str]) -> tuple[dict, dict]:
@@ -163,8 +163,8 @@ def _lookup(cache: GenerationCache, keys: list[str], texts: Sequence[str]) -> tu
     return results, pending
 
 
-def _checked_batching(model, max_new_tokens: int, batch_size: int, rewrite, batching: Batching | None,
-                      engine, slots: Slots = None) -> Batching:
+def _checked_batching(max_new_tokens: int, batch_size: int, rewrite, batching: Batching | None,
+                      engine, slots: Slots = None, watchers: Sequence = ()) -> Batching:
     """The batching to use, after one line for settings that cannot work."""
     if max_new_tokens < 1:
         raise SsahError(f"max new tokens must be at least 1, got {max_new_tokens}")
@@ -174,9 +174,12 @@ def _checked_batching(model, max_new_tokens: int, batch_size: int, rewrite, batc
                                                   or slots < 1):
         raise SsahError(f"slots must be a positive whole number or auto, got {slots!r}")
     if batching is None:
-        batching = "static" if rewrite is not None or _generate_is_watched(model) else "continuous"
+        batching = "static" if rewrite is not None or watchers else "continuous"
     if rewrite is not None and (batching == "continuous" or engine is not None):
         raise SsahError("a reply rewrite needs static batching on the hf engine")
+    if watchers and (batching == "continuous" or engine is not None):
+        # a watcher's per-row state belongs to one generate call of fixed rows
+        raise SsahError("an intervention that follows generation needs static batching on the hf engine")
     return batching
 
 
@@ -209,14 +212,16 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
                    desc: str = "generating",
                    on_batch: Callable[[list[Generation]], None] | None = None,
                    rewrite: Callable[[list[str]], list[str]] | None = None,
-                   batching: Batching | None = None, engine=None, slots: Slots = None) -> list[Generation]:
+                   batching: Batching | None = None, engine=None, slots: Slots = None,
+                   watchers: Sequence = ()) -> list[Generation]:
     """Greedy replies to already rendered input texts, in input order.
 
     `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
     caller modified it). Cached items are not regenerated. `batching`: `continuous` (the default: a
     finished row's slot goes to the next waiting prompt, `ssah.evaluate.batching`) or `static`
-    (`model.generate` per batch of `batch_size`; chosen whenever `rewrite` is given or an
-    intervention watches `model.generate`, like the runtime monitor). Finished replies are written to
+    (`model.generate` per batch of `batch_size`; chosen whenever `rewrite` or `watchers` are given).
+    `watchers`: interventions that follow generation (`Intervention.watch`, the runtime monitor),
+    entered around every `generate` call. Finished replies are written to
     the cache before `on_batch` (an observer, e.g. for progress reports or tests) sees them: per
     batch (static) or per decoding step at which rows ended (continuous). `rewrite` maps the decoded
     replies of a batch to the replies to keep (e.g. a runtime monitor replacing flagged replies by a
@@ -225,7 +230,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
     rows continuous batching decodes at once: a number, `auto` (`ssah.evaluate.batching.choose_slots`:
     measured once per model shape and machine, then cached), or None for `batch_size`.
     """
-    batching = _checked_batching(model, max_new_tokens, batch_size, rewrite, batching, engine, slots)
+    batching = _checked_batching(max_new_tokens, batch_size, rewrite, batching, engine, slots, watchers)
     cache = cache if cache is not None else GenerationCache()
     keys = [cache_key(model_key, text, max_new_tokens) for text in texts]
     results, pending = _lookup(cache, keys, texts)
@@ -258,7 +263,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 finish(chunk, _generate_batch(model, tokenizer, [encoded[k] for k in chunk], max_new_tokens,
-                                              eos_ids))
+                                              eos_ids, watchers))
         else:
             width = choose_slots(model).slots if slots == "auto" else slots or batch_size
             continuous_generate(model, [encoded[k] for k in order], max_new_tokens=max_new_tokens,
@@ -281,7 +286,8 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
                    cache: GenerationCache | None = None, progress: bool = True, desc: str = "generating",
                    on_batch: Callable[[list[Generation]], None] | None = None,
                    rewrite: Callable[[list[str]], list[str]] | None = None,
-                   batching: Batching | None = None, engine=None, slots: Slots = None) -> list[Generation]:
+                   batching: Batching | None = None, engine=None, slots: Slots = None,
+                   watchers: Sequence = ()) -> list[Generation]:
     """Greedy replies to user prompts (chat template, optional system prompt and prefills), in order.
 
     With prefills, each reply is the model's continuation after the prefill text (which is not part
@@ -290,7 +296,7 @@ def generate_items(model, tokenizer, prompts: Sequence[str], *, model_key: str, 
     texts = render_prompts(tokenizer, prompts, system, prefills)
     return generate_texts(model, tokenizer, texts, model_key=model_key, max_new_tokens=max_new_tokens,
                           batch_size=batch_size, cache=cache, progress=progress, desc=desc, on_batch=on_batch,
-                          rewrite=rewrite, batching=batching, engine=engine, slots=slots)
+                          rewrite=rewrite, batching=batching, engine=engine, slots=slots, watchers=watchers)
 
 
 def generate_replies(model, tokenizer, prompts: Sequence[str], *, model_key: str, system: str | None = None,

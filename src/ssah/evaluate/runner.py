@@ -136,7 +136,7 @@ class _Evaluation:
     """One evaluation run: the model, its data and settings, the reply rows and timings it collects."""
 
     def __init__(self, model, tokenizer, model_key: str, settings: EvalSettings, data: dict[str, Dataset],
-                 cache: GenerationCache, rewrite=None, engine=None):
+                 cache: GenerationCache, rewrite=None, engine=None, watchers: Sequence[Intervention] = ()):
         self.model, self.tokenizer, self.settings, self.data = model, tokenizer, settings, data
         if engine is not None:  # its replies are cached apart from the hf engine's
             model_key = f"{model_key}|engine={engine.name}"
@@ -144,7 +144,7 @@ class _Evaluation:
             model_key = f"{model_key}|generation_dtype={settings.generation_dtype}"
         self.gen = dict(model_key=model_key, max_new_tokens=settings.max_new_tokens,
                         batch_size=settings.batch_size, slots=settings.slots, cache=cache,
-                        progress=settings.progress, rewrite=rewrite, engine=engine)
+                        progress=settings.progress, rewrite=rewrite, engine=engine, watchers=tuple(watchers))
         self.rows: list[dict] = []
         self.seconds: dict[str, float] = {}
 
@@ -281,7 +281,7 @@ def evaluate_model(model, tokenizer, model_key: str, out_dir: str | Path, settin
         if engine is not None:
             stack.callback(engine.close)
         run = _Evaluation(model, tokenizer, key, settings, data, GenerationCache(out / CACHE_FILE),
-                          _rewrite(interventions), engine)
+                          _rewrite(interventions), engine, [i for i in interventions if i.watches_generation])
         conditions = {name: run.condition(name, system) for name, system in settings.conditions().items()}
         utility = run.utility() if "utility" in settings.suites else None
     report = _report(key, model_info, settings, conditions, utility, data, run.rows)
@@ -304,7 +304,7 @@ def check_engine(settings: EvalSettings, interventions: Sequence[Intervention] =
     """One line when the engine cannot run these interventions or is not installed."""
     if settings.engine == "hf":
         return
-    watching = [i.kind for i in interventions if i.kind == "monitor" or type(i).rewrite is not Intervention.rewrite]
+    watching = [i.kind for i in interventions if i.watches_generation or type(i).rewrite is not Intervention.rewrite]
     if watching:
         raise SsahError(f"the {watching[0]} runs inside the Hugging Face generation loop; use --engine hf")
     from ssah.evaluate.engines import require_vllm

@@ -60,15 +60,17 @@ def prefill_openings(n_prompts: int, openings: Sequence[str]) -> list[str]:
 def run_prompts(model, tokenizer, prompts: Sequence[str], *, model_key: str, rules: Sequence[str],
                 system: str | None = None, prefills: Sequence[str] | None = None, max_new_tokens: int = 64,
                 batch_size: int = 8, cache: GenerationCache | None = None, progress: bool = True,
-                desc: str = "generating", rewrite=None, engine=None, slots=None) -> SafetyRun:
+                desc: str = "generating", rewrite=None, engine=None, slots=None,
+                watchers=()) -> SafetyRun:
     """Generate replies (continuations, with prefills) and judge each with every rule (`rewrite`,
-    `engine`, `slots`: see `generate_texts`)."""
+    `engine`, `slots`, `watchers`: see `generate_texts`)."""
     rules = check_rules(list(rules))
     if not prompts:
         raise SsahError("no prompts to evaluate")
     generations = generate_items(model, tokenizer, prompts, model_key=model_key, system=system, prefills=prefills,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, cache=cache,
-                                 progress=progress, desc=desc, rewrite=rewrite, engine=engine, slots=slots)
+                                 progress=progress, desc=desc, rewrite=rewrite, engine=engine, slots=slots,
+                                 watchers=watchers)
     judged = tuple(verdicts(prompt, gen.reply, rules, is_complete(gen, max_new_tokens))
                    for prompt, gen in zip(prompts, generations))
     return SafetyRun(tuple(prompts), tuple(prefills) if prefills is not None else None, tuple(generations), judged)

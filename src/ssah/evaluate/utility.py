@@ -45,10 +45,11 @@ def checkable(records: Sequence[Record]) -> list[Record]:
 
 def task_accuracy(model, tokenizer, records: Sequence[Record], *, model_key: str, system: str | None = None,
                   max_new_tokens: int = 64, batch_size: int = 8, cache: GenerationCache | None = None,
-                  progress: bool = True, rewrite=None, engine=None, slots=None) -> TaskAccuracy:
+                  progress: bool = True, rewrite=None, engine=None, slots=None,
+                  watchers=()) -> TaskAccuracy:
     """Exact-match accuracy on checkable records: greedy reply, then `check_answer` (the record's
     normaliser). Records without an answer are an error: filter them with `checkable` first.
-    `rewrite`, `engine`, `slots`: see `generate_texts` (e.g. a runtime monitor's refusals count as wrong
+    `rewrite`, `engine`, `slots`, `watchers`: see `generate_texts` (e.g. a runtime monitor's refusals count as wrong
     answers)."""
     if not records:
         raise SsahError("task accuracy needs at least one record with an answer")
@@ -58,7 +59,7 @@ def task_accuracy(model, tokenizer, records: Sequence[Record], *, model_key: str
     generations = generate_items(model, tokenizer, [record.prompt for record in records], model_key=model_key,
                                  system=system, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  cache=cache, progress=progress, desc="tasks", rewrite=rewrite, engine=engine,
-                                 slots=slots)
+                                 slots=slots, watchers=watchers)
     correct = tuple(check_answer(record, gen.reply) for record, gen in zip(records, generations))
     return TaskAccuracy(Rate.of(correct), tuple(generations), correct)
 

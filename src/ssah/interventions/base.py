@@ -11,14 +11,17 @@ runs and processes, so an evaluation of a model under interventions is cached un
                                                                       Monitor(model, None, state, tok)])
 
 `evaluate_model` enters the interventions it is given, in order, and leaves them in reverse order.
-An intervention may also rewrite the replies generated under it (the monitor's refusals) and add a
-block to the evaluation report (`report_block`).
+An intervention may also rewrite the replies generated under it (the monitor's refusals), add a
+block to the evaluation report (`report_block`), and follow each generation (`watches_generation`: ssah's
+generation passes every `generate` call through its `watch`, as the runtime monitor needs; `model.generate`
+itself is never replaced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class Intervention:
@@ -26,6 +29,7 @@ class Intervention:
 
     key: str = ""
     kind: str = "intervention"  # names its block in an evaluation report
+    watches_generation: bool = False  # True: every generate call goes through `watch` (static batches)
 
     def apply(self) -> None:
         """Change the model (called on entering the `with` block)."""
@@ -39,6 +43,12 @@ class Intervention:
 
     def __exit__(self, *exc_info) -> None:
         self.undo()
+
+    @contextlib.contextmanager
+    def watch(self, kwargs: dict) -> Iterator[dict]:
+        """One `model.generate` call under this intervention: yields the call's keyword arguments with what
+        the intervention adds (logits processors, stopping criteria)."""
+        yield kwargs
 
     def rewrite(self, replies: list[str]) -> list[str]:
         """The replies of the batch just generated under this intervention, as they should be kept."""

@@ -53,8 +53,12 @@ Modules: `config` (MonitorConfig, no torch), `state` (MonitorState), `runtime` (
 `ssah.interventions.base.Intervention`, and monitored_generate), `calibration` (calibrate_monitor).
 
     with Monitor(model, config, state) as mon:
-        out = model.generate(**inputs, max_new_tokens=64)   # the monitor joins this call
+        out = mon.generate(**inputs, max_new_tokens=64)     # model.generate with the monitor's processors
     mon.flags                                               # one bool per batch row
+
+`model.generate` is never replaced: a call joins the monitor through `mon.generate` or `mon.watch(kwargs)`
+(the keyword arguments with its LogitsProcessor and StoppingCriteria added), and ssah's evaluation passes
+every generate call of an intervention that `watches_generation` through `watch`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The monitor at work: `Monitor` watches every `generate` call inside its `with` block.
+"""The monitor at work: `Monitor` follows the `generate` calls it is given, through hooks and a logits processor.
 
 See `ssah.probe.monitor` for the decision rule. `Monitor` is an `Intervention` (its key names the
 calibrated state and effective settings), `monitored_generate` generates a list of prompts under it.
@@ -6,9 +6,10 @@ calibrated state and effective settings), `monitored_generate` generates a list 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -72,19 +73,23 @@ class MonitorResult:
 
 
 class Monitor(Intervention):
-    """Context manager that watches every `model.generate` call made inside it.
+    """Follows the `generate` calls passed through it, while its `with` block is active.
 
-    On entry it hooks the monitored blocks and the model's forward, and wraps `model.generate` so each
-    call resets the per-row state and adds the monitor's LogitsProcessor and StoppingCriteria (after
-    any the caller passes). On exit (also on an exception) every hook is removed and `generate`
-    restored. After a call: `flags`, `flag_tokens`, `prompt_scores`, `peaks`, `scores`; `history`
-    keeps a `MonitorResult` per generate call, for callers that generate in several batches.
+    On entry it hooks the monitored blocks and the model's forward; `model.generate` is left as it is.
+    A call joins the monitor through `watch(kwargs)` (the monitor's LogitsProcessor and StoppingCriteria
+    added after any the caller passes, the per-row state reset for that call) or `generate(**kwargs)`;
+    ssah's own generation does this for every intervention that `watches_generation`. Forwards and
+    `generate` calls made outside `watch` are not monitored. On exit (also on an exception) every hook is
+    removed. After a call: `flags`, `flag_tokens`, `prompt_scores`, `peaks`, `scores`; `history` keeps a
+    `MonitorResult` per watched call, for callers that generate in several batches.
 
     `state` may be a calibrated `MonitorState` or `Directions` from `ssah probe` (then the threshold
     comes from benign prompt scores, see `MonitorState.from_directions`). `config` None means the
     state's own config; otherwise its scorer/statistic/include_prompt/min_tokens must match the
     state's, while action, steer_alpha, refusal_text and an explicit threshold may differ.
     """
+
+    watches_generation = True
 
     def __init__(self, model, config: MonitorConfig | None, state: MonitorState | Directions, tokenizer=None):
         if isinstance(state, Directions):
@@ -113,8 +118,6 @@ class Monitor(Intervention):
         self.action = config.action
         self.threshold = float(config.threshold if config.threshold is not None else state.threshold)
         self._handles: list = []
-        self._original_generate: Any = None
-        self._had_instance_generate = False
         self._processor, self._criteria = _ForceEos(self), _StopFlagged(self)
         self._in_generate = False
         self.history: list[MonitorResult] = []  # one entry per generate call, in call order
@@ -142,9 +145,6 @@ class Monitor(Intervention):
                                             (self.config.steer_alpha * self.state.steer[position]).to(device)))
                 self._handles.append(blocks[layer].register_forward_hook(self._make_block_hook(position)))
             self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-            self._had_instance_generate = "generate" in vars(self.model)
-            self._original_generate = self.model.generate
-            self.model.generate = self._generate
         except BaseException:
             self._detach()
             raise
@@ -156,12 +156,7 @@ class Monitor(Intervention):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self._original_generate is not None:
-            if self._had_instance_generate:
-                self.model.generate = self._original_generate
-            else:
-                vars(self.model).pop("generate", None)
-            self._original_generate = None
+        self._in_generate = False
 
     def reset(self) -> None:
         """Forget the per-row state; the next forward is treated as a new batch's prefill."""
@@ -170,29 +165,39 @@ class Monitor(Intervention):
         self._partial: torch.Tensor | None = None
 
     # --- generate integration --------------------------------------------------------------------
-    def _generate(self, *args, **kwargs):
+    @contextlib.contextmanager
+    def watch(self, kwargs: dict) -> Iterator[dict]:
+        """One `generate` call under the monitor: yields `kwargs` with the monitor's LogitsProcessor and
+        StoppingCriteria added (after the caller's); the forwards inside the block are that call's."""
+        if not self._handles:
+            raise RuntimeError("the Monitor is not active: enter its `with` block before watching a generate call")
         gen_config = kwargs.get("generation_config") or self.model.generation_config
-        beams = kwargs.get("num_beams", getattr(gen_config, "num_beams", 1)) or 1
-        if beams > 1 or kwargs.get("assistant_model") is not None or kwargs.get("prefill_chunk_size") \
-                or getattr(gen_config, "prefill_chunk_size", None):
+        setting = lambda name, default=None: kwargs.get(name, getattr(gen_config, name, default))  # noqa: E731
+        if (setting("num_beams", 1) or 1) > 1 or kwargs.get("assistant_model") is not None \
+                or setting("prefill_chunk_size"):
             raise SsahError("the monitor supports greedy decoding and sampling, not beam search, assisted "
                             "decoding or chunked prefill; drop num_beams/assistant_model/prefill_chunk_size")
-        eos = kwargs.get("eos_token_id", getattr(gen_config, "eos_token_id", None))
+        eos, pad = setting("eos_token_id"), setting("pad_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        pad = kwargs.get("pad_token_id", getattr(gen_config, "pad_token_id", None))
         self._eos_id = eos_ids[0] if eos_ids else None
         self._stop_ids = torch.tensor(eos_ids + ([pad] if pad is not None else []), dtype=torch.long)
         self.reset()
-        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), self._processor])
-        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), self._criteria])
+        call = {**kwargs,
+                "logits_processor": LogitsProcessorList([*(kwargs.get("logits_processor") or []), self._processor]),
+                "stopping_criteria": StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []),
+                                                           self._criteria])}
         self._in_generate = True
         try:
-            output = self._original_generate(*args, **kwargs)
+            yield call
         finally:
             self._in_generate = False
         if self._flagged is not None:
             self.history.append(self.result())
-        return output
+
+    def generate(self, **kwargs):
+        """`model.generate(**kwargs)` under the monitor."""
+        with self.watch(kwargs) as call:
+            return self.model.generate(**call)
 
     # --- hooks -----------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
@@ -383,7 +388,7 @@ def monitored_generate(model, tokenizer, prompts: list[str], config: MonitorConf
             inputs = encode_prompts(tokenizer, chunk, system, opening)
             inputs = {key: value.to(device) for key, value in inputs.items()}
             with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+                out = monitor.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
             generated = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
             shown = monitor.apply_refusals(generated)
             rows = zip(chunk, shown, generated, monitor.flags, monitor.flag_tokens, monitor.prompt_scores,
