@@ -83,7 +83,8 @@ def test_defenses_leave_exactly_the_share_they_claim_trainable(groups):
 
     ctx = DefenseContext(groups=groups, safety_pairs=[(f"Bad {i}?", "No.") for i in range(20)], safety_mix_count=2)
     shares, notes = {}, {}
-    names = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random_s0", "freeze_random_s1", "safety_mix")
+    names = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random_s0", "freeze_random_s1",
+             "freeze_random_strict_s0", "freeze_random_strict_s1", "safety_mix")
     for name in names:
         prepared = prepare(name, load_model("tiny:llama", device="cpu"), ctx, [("a", "b")] * 8)
         shares[name], notes[name] = prepared.trainable_share, prepared.notes
@@ -107,6 +108,13 @@ def test_defenses_leave_exactly_the_share_they_claim_trainable(groups):
     assert shares["freeze_random_s1"] == pytest.approx(shares["freeze_ii"])
     assert notes["freeze_random_s0"]["units_frozen"] == notes["freeze_ii"]["units_frozen"]
     assert notes["freeze_random_s0"]["overlap"] < 1.0 and notes["freeze_random_s0"] != notes["freeze_random_s1"]
+    # freeze_ii_strict's control trains as many random units as UCU + RU hold per layer and kind, nothing else
+    for seed in (0, 1):
+        assert shares[f"freeze_random_strict_s{seed}"] == pytest.approx(shares["freeze_ii_strict"])
+        assert notes[f"freeze_random_strict_s{seed}"]["units_trainable"] == notes["freeze_ii_strict"]["units_trainable"]
+        assert notes[f"freeze_random_strict_s{seed}"]["control_of"] == "freeze_ii_strict"
+    assert notes["freeze_random_strict_s0"]["overlap"] < 1.0
+    assert notes["freeze_random_strict_s0"] != notes["freeze_random_strict_s1"]
     # LoRA: r = 8 adapters (A: r x in, B: out x r) on every block linear map, over the base model's entries
     lora = prepare("lora", loaded, ctx, [])
     targets = set(lora_target_modules(load_model("tiny:llama", device="cpu").model))
@@ -267,7 +275,8 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     grid = summaries["attacks"]
     stage = tmp_path / "run" / "8-attacks"
     monitors = {"monitor", "monitor_recalibrated", "monitor_tokens"}
-    defenses = set(config.attacks.defenses) - {"freeze_random"} | {"freeze_random_s0", "lora"} | monitors
+    controls = {"freeze_random", "freeze_random_strict"}
+    defenses = set(config.attacks.defenses) - controls | {"freeze_random_s0", "freeze_random_strict_s0", "lora"} | monitors
     # the monitors: once per family, at no defense's worst point, on the attacked model trained again there
     watched = [row for row in grid["rows"] if row["defense"] in monitors]
     assert len(watched) == 6 and all(row["tested"] == "full" for row in watched)
@@ -294,6 +303,8 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     assert set(grid["before"]) == {"plain", "persona"}  # the identity attack is judged under its persona
     assert grid["trainable_share"]["freeze_ii_strict"] < grid["trainable_share"]["freeze_ii"] < 1.0
     assert grid["trainable_share"]["freeze_random_s0"] == pytest.approx(grid["trainable_share"]["freeze_ii"])
+    assert grid["trainable_share"]["freeze_random_strict_s0"] == pytest.approx(
+        grid["trainable_share"]["freeze_ii_strict"])
     # every cell ran on calibration prompts; only the picked ones on the test sets, none of them a rejected
     # candidate combination
     chosen = grid["combination"]["chosen"]
@@ -511,11 +522,14 @@ def test_the_verdict_rule_needs_a_third_of_the_rise_task_gain_and_over_refusal_e
     assert verdict == {"freeze_ii": "inconclusive", "freeze_i": "not held", "safety_mix": "not held",
                        "constrained": "not held", "freeze_ii_strict": "inconclusive"}
     assert "Holm-adjusted p" in found["freeze_ii_strict"]["reason"]
-    # freeze_ii's rise and task and over-refusal parts hold; its part against random freezing has no cells
+    # freeze_ii's rise, task and over-refusal parts hold; its part against random units has no cells
     parts = {p["part"]: p["result"] for p in found["freeze_ii"]["tests"]}
     assert parts == {"freeze_ii, worst-case rise": "held", "freeze_ii, task gain against no defense's": "held",
-                     "freeze_ii, over-refusal": "held", "freeze_ii, against random freezing": "inconclusive"}
+                     "freeze_ii, over-refusal": "held", "freeze_ii, against random units of the same sizes": "inconclusive"}
     assert {p["part"]: p["result"] for p in found["safety_mix"]["tests"]}["safety_mix, over-refusal"] == "not held"
+    # the claims about chosen units (freeze_ii, freeze_ii_strict) need their random controls; the others have none
+    controlled = {d for d, v in found.items() if any("against random units" in p["part"] for p in v["tests"])}
+    assert controlled == {"freeze_ii", "freeze_ii_strict"}
     rise = found["freeze_i"]["tests"][0]
     assert rise["holm_family_size"] == 5 and rise["p_value"] >= rise["p_raw"]  # Holm over the family's claims
     assert found["freeze_ii"]["rise"] == pytest.approx(0.05) and found["freeze_ii"]["rise_none"] == pytest.approx(0.6)

@@ -8,6 +8,10 @@
 - `freeze_random_s{seed}` (the control of `freeze_ii`): per layer and kind, as many units as SCU + all CU
   hold there, drawn uniformly with that seed and frozen the same way (one cell per seed of
   `attacks.random_seeds`); freezing SCU + CU means something only where it beats these draws;
+- `freeze_random_strict_s{seed}` (the control of `freeze_ii_strict`): per layer and kind, as many units as
+  UCU + RU hold there, drawn uniformly with that seed, are the only ones trained (every parameter no unit
+  owns frozen, as in freeze_ii_strict): training UCU + RU alone means something only where it beats
+  training as many random units;
 - `rsn_tune` (Zhao et al. 2025, `ssah.attacks.rsn`): the robust safety units are tuned on safety data
   first; the attack then fine-tunes as usual;
 - `safe_lora` (Hsu et al. 2024, `ssah.attacks.safe_lora`): a LoRA attack whose updates are projected
@@ -42,6 +46,7 @@ turns the trained model into a plain one, and the share of the model's parameter
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +86,17 @@ class DefenseContext:
     seed: int = 0
 
 
-RANDOM = "freeze_random"
+RANDOM, RANDOM_STRICT = "freeze_random", "freeze_random_strict"
 FREEZE_II = "SCU+CU"
+# a claim about chosen units -> its control: random units of the same sizes, one cell per seed
+CONTROLS = {"freeze_ii": RANDOM, "freeze_ii_strict": RANDOM_STRICT}
+_DRAW = re.compile(rf"({RANDOM_STRICT}|{RANDOM})_s(\d+)")
+
+
+def control_of(defense: str) -> str | None:
+    """The random control a cell belongs to (freeze_random_strict_s1 -> freeze_random_strict), else None."""
+    drawn = _DRAW.fullmatch(defense)
+    return drawn.group(1) if drawn else None
 
 
 def _frozen(loaded, mask, train_only: bool = False, notes: dict | None = None) -> Prepared:
@@ -138,12 +152,13 @@ def training_defense(defense: str, modality: str) -> str:
 
 
 def expand(defenses: list[str], random_seeds: list[int]) -> list[str]:
-    """The grid's defenses with freeze_random replaced by one draw per seed (freeze_random_s{seed})."""
+    """The grid's defenses with each random control replaced by one draw per seed (freeze_random_s{seed},
+    freeze_random_strict_s{seed})."""
     from ssah.defaults import random_draws
 
     out: list[str] = []
     for name in defenses:
-        out += random_draws(RANDOM, random_seeds) if name == RANDOM else [name]
+        out += random_draws(name, random_seeds) if name in (RANDOM, RANDOM_STRICT) else [name]
     return out
 
 
@@ -165,11 +180,16 @@ def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
         return _frozen(loaded, _mask(ctx, FREEZE_II))
     if name == "freeze_ii_strict":
         return _frozen(loaded, complement(_mask(ctx, FREEZE_II)), train_only=True)
-    if name.startswith(RANDOM + "_s") and name.removeprefix(RANDOM + "_s").isdigit():
-        seed, freeze_ii = int(name.removeprefix(RANDOM + "_s")), _mask(ctx, FREEZE_II)
-        drawn = random_like(freeze_ii, seed, outside=False)  # SCU + CU covers most units: drawn over all
-        return _frozen(loaded, drawn, notes={"control_of": "freeze_ii", "seed": seed,
-                                             "overlap": overlap(drawn, freeze_ii)})
+    if (drawn := _DRAW.fullmatch(name)) is not None:
+        seed, freeze_ii = int(drawn.group(2)), _mask(ctx, FREEZE_II)
+        if drawn.group(1) == RANDOM:
+            like = random_like(freeze_ii, seed, outside=False)  # SCU + CU covers most units: drawn over all
+            return _frozen(loaded, like, notes={"control_of": "freeze_ii", "seed": seed,
+                                                "overlap": overlap(like, freeze_ii)})
+        trained = complement(freeze_ii)  # UCU + RU: drawn over all units too, so a draw may hit SCU or CU
+        like = random_like(trained, seed, outside=False)
+        return _frozen(loaded, like, train_only=True, notes={"control_of": "freeze_ii_strict", "seed": seed,
+                                                              "overlap": overlap(like, trained)})
     if name == "freeze_budget":
         if ctx.budget is None:
             raise SsahError("defense freeze_budget needs a model aligned inside a budget")

@@ -70,7 +70,7 @@ class Cell:
 
 def cells(attacks: list[AttackData], config) -> list[Cell]:
     """Every (attack, modality, lr, steps, defense) with each modality's own sweep (`attacks.sweep`,
-    `attacks.lora_sweep`) and defenses, freeze_random drawn once per seed of `config.random_seeds`."""
+    `attacks.lora_sweep`) and defenses, each random control drawn once per seed of `config.random_seeds`."""
     out = []
     for modality in config.modalities:
         sweep = config.sweep_of(modality)
