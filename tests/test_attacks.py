@@ -276,7 +276,8 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     stage = tmp_path / "run" / "8-attacks"
     monitors = {"monitor", "monitor_recalibrated", "monitor_tokens"}
     controls = {"freeze_random", "freeze_random_strict"}
-    defenses = set(config.attacks.defenses) - controls | {"freeze_random_s0", "freeze_random_strict_s0", "lora"} | monitors
+    drawn = {"freeze_random_s0", "freeze_random_strict_s0"}
+    defenses = set(config.attacks.defenses) - controls | drawn | {"lora"} | monitors
     # the monitors: once per family, at no defense's worst point, on the attacked model trained again there
     watched = [row for row in grid["rows"] if row["defense"] in monitors]
     assert len(watched) == 6 and all(row["tested"] == "full" for row in watched)
@@ -525,7 +526,8 @@ def test_the_verdict_rule_needs_a_third_of_the_rise_task_gain_and_over_refusal_e
     # freeze_ii's rise, task and over-refusal parts hold; its part against random units has no cells
     parts = {p["part"]: p["result"] for p in found["freeze_ii"]["tests"]}
     assert parts == {"freeze_ii, worst-case rise": "held", "freeze_ii, task gain against no defense's": "held",
-                     "freeze_ii, over-refusal": "held", "freeze_ii, against random units of the same sizes": "inconclusive"}
+                     "freeze_ii, over-refusal": "held",
+                     "freeze_ii, against random units of the same sizes": "inconclusive"}
     assert {p["part"]: p["result"] for p in found["safety_mix"]["tests"]}["safety_mix, over-refusal"] == "not held"
     # the claims about chosen units (freeze_ii, freeze_ii_strict) need their random controls; the others have none
     controlled = {d for d, v in found.items() if any("against random units" in p["part"] for p in v["tests"])}

@@ -3,8 +3,9 @@
 - `data`: the attack families (benign, harmful-k, mixed-p, identity shift after Qi et al.);
 - `defenses`: none, SSAH's frozen settings (freeze_i, freeze_ii, freeze_ii_strict, freeze_budget), the
   controls of freeze_ii and freeze_ii_strict (freeze_random, freeze_random_strict: same-size random
-  units), RSN-Tune (`rsn`), Safe LoRA (`safe_lora`, a defense of the LoRA attack), safety-data mixing, Qi et al.'s token-wise constrained
-  objective and the SSAH-native combinations of freezing with it, each with its threat model;
+  units), RSN-Tune (`rsn`), Safe LoRA (`safe_lora`, a defense of the LoRA attack), safety-data mixing,
+  Qi et al.'s token-wise constrained objective and the SSAH-native combinations of freezing with it,
+  each with its threat model;
 - `apply`: one attack under one defense on a model, without a run folder (`attack_model`);
 - `grid`: every defense under every attack of its training modality's (full, LoRA) learning-rate x
   steps sweep, evaluated on calibration prompts, the picked cells again on the test sets;
