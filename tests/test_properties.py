@@ -92,6 +92,15 @@ def test_config_files_load_or_fail_in_one_line(tmp_path_factory, data):
         assert_one_line(err)
 
 
+def test_a_long_unknown_preset_name_is_cut_in_its_one_line(tmp_path):
+    # found by the property test above: the name was echoed whole
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"extends": "x" * 5000}))
+    with pytest.raises(SsahError, match="unknown preset 'x{80}\\.\\.\\.'") as caught:
+        load_config(path=path)
+    assert_one_line(caught.value)
+
+
 @FAST
 @given(st.binary(max_size=300) | st.text(alphabet=string.printable + "é\u2028\ufeff", max_size=300).map(str.encode))
 def test_any_bytes_as_a_config_file(tmp_path_factory, raw):

@@ -536,7 +536,8 @@ class RunConfig(Settings):
 def preset_text(name: str) -> str:
     """The YAML text of a built-in preset."""
     if name not in PRESETS:
-        raise SsahError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        shown = name if len(str(name)) <= 80 else f"{str(name)[:80]}..."  # a long name stays one readable line
+        raise SsahError(f"unknown preset {shown!r}; presets: {', '.join(PRESETS)}")
     return resources.files("ssah").joinpath("presets", f"{name}.yaml").read_text(encoding="utf-8")
 
 
