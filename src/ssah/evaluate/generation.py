@@ -219,9 +219,8 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, model_key: str, ma
     `model_key` names the model in the cache (its fingerprint, plus e.g. a prune mask id when the
     caller modified it). Cached items are not regenerated. `batching`: `continuous` (the default: a
     finished row's slot goes to the next waiting prompt, `ssah.evaluate.batching`) or `static`
-    (`model.generate` per batch of `batch_size`; chosen whenever `rewrite` or `watchers` are given).
-    `watchers`: interventions that follow generation (`Intervention.watch`, the runtime monitor),
-    entered around every `generate` call. Finished replies are written to
+    (`model.generate` per batch of `batch_size`; chosen whenever `rewrite` or `watchers`, interventions
+    whose `watch` joins every `generate` call like the runtime monitor, are given). Finished replies go to
     the cache before `on_batch` (an observer, e.g. for progress reports or tests) sees them: per
     batch (static) or per decoding step at which rows ended (continuous). `rewrite` maps the decoded
     replies of a batch to the replies to keep (e.g. a runtime monitor replacing flagged replies by a
