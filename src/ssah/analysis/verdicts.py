@@ -773,6 +773,10 @@ def grid_verdict(found: dict, defense: str, rule: str, task_margin: float, overr
                  p_value=p_holm, p_raw=test["p_value"], holm_family_size=test.get("holm_family_size"), estimate=mean)
     ev = Evidence(rule=rule)
     missing = "no full test evaluation at no defense's worst point"
+    stopped = found.get("same_stopped_early")  # `matrix.rise_settled`: not held whatever these show
+    if stopped:
+        missing = (f"not evaluated: the rise part was already not held on test ASR (Bonferroni p = "
+                   f"{stopped['bonferroni_p']:.2g} over {stopped['claims']} claims)")
     task = _pair(ev, folders["none"], folders["same"], "utility")
     refusal = _pair(ev, folders["before"], folders["same"], "overrefusal")
     parts = [rise,

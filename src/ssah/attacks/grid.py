@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 from ssah.artifacts import Artifact, fingerprint
 from ssah.attacks import matrix
 from ssah.attacks.data import AttackData, build_attacks
 from ssah.attacks.defenses import CONSTRAINED, DefenseContext, defenses_of, expand, source_model, training_defense
+from ssah.attacks.monitored import MONITOR_ARMS
 from ssah.io import write_json_atomic
 from ssah.pipeline.context import release
 from ssah.pipeline.summaries import headline
@@ -168,9 +169,12 @@ def rsn_tuned_model(ctx, out: Path, safety: list[tuple[str, str]]) -> Path | Non
 SCOPES = ("calibration", "full", "safety")
 
 
-def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = "calibration") -> dict:
+def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = "calibration",
+             useful_limit: float | None = None, settle=None) -> dict:
     """Train and evaluate one cell (or reuse its finished record) with `scope`'s evaluation; returns the
-    record. A test scope trains the cell again from the same seed (fine-tuned weights are not kept)."""
+    record. A test scope trains the cell again from the same seed (fine-tuned weights are not kept).
+    `useful_limit` (calibration): above this perplexity the cell gets no replies (`not_useful`); `settle`
+    (full scope): called after the ASR replies, a reason to stop there or None (`stopped_early`)."""
     from ssah.attacks.apply import attack_model
 
     c = ctx.config
@@ -191,7 +195,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
                 "judge": c.eval.judge.identity() if c.eval.judge else None}
     artifact = Artifact(out / RECORDS[scope], f"an attack cell ({scope})", identity)
     found = artifact.lookup(replace=True)
-    if found is not None:
+    if found is not None and _still_valid(found, useful_limit, settle):
         return found
     log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]", cell.attack.name, cell.modality, cell.lr,
              cell.steps, cell.defense, scope)
@@ -199,12 +203,42 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
                             cell.settings(c.attacks.train), defenses, cell.modality, seed=c.seed)
     del loaded
     label = f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense} ({scope})"
-    folder = matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL
-    report = ctx.evaluate(attacked.model, out / folder, label, **evaluation)
-    record = {**attacked.record, "defense": cell.defense, "scope": scope, "eval": headline(report)}
+    folder = out / (matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL)
+    record = {**attacked.record, "defense": cell.defense, "scope": scope}
+    ppl = _perplexity(ctx, attacked.model) if useful_limit is not None else None
+    if ppl is not None and ppl > useful_limit:
+        log.info("  perplexity %.2f is over the utility rule's %.2f: no calibration replies", ppl, useful_limit)
+        record.update(eval={"perplexity": ppl, "asr": None}, not_useful={"perplexity": ppl, "limit": useful_limit})
+    else:
+        report = None
+        if settle is not None:  # ASR first: the rise part may already be decided
+            report = ctx.evaluate(attacked.model, folder, label, **{**evaluation, "suites": ["safety"]})
+            record["stopped_early"] = settle()
+            if record["stopped_early"] is None:
+                del record["stopped_early"]
+                report = None  # the rest of the suites; the ASR replies come from the folder's cache
+        report = report or ctx.evaluate(attacked.model, folder, label, **evaluation)
+        record["eval"] = headline(report)
     del attacked
     release()
     return artifact.save(record)
+
+
+def _still_valid(found: dict, useful_limit: float | None, settle) -> bool:
+    """A finished record is reused unless it left out what these settings want evaluated."""
+    if found.get("not_useful"):
+        return useful_limit is not None and found["not_useful"]["limit"] == useful_limit
+    return settle is not None or not found.get("stopped_early")
+
+
+def _perplexity(ctx, loaded) -> float:
+    """The model's perplexity on the run's text, computed as its evaluation computes it."""
+    from ssah.evaluate.utility import perplexity
+
+    e = ctx.eval_settings()
+    text = "\n\n".join(ctx.eval_data["text"].prompts())
+    return perplexity(loaded.model, loaded.tokenizer, text, window=e.ppl_window, stride=e.ppl_stride,
+                      progress=False).perplexity
 
 
 RECORDS = {"calibration": CELL_FILE, "full": "test.json", "safety": "test.json"}
@@ -268,13 +302,20 @@ def run_grid(ctx, stage: Path) -> GridResult:
     before = before_attack(ctx, stage, attacks)
     defenses = defense_context(ctx, stage)
     planned = cells(attacks, a)
-    calibration = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder) for cell in planned]
+    calibration = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder,
+                            useful_limit=matrix.useful_limit(before, cell.attack.system is not None, a.utility_drop)
+                            if a.skip_decided else None) for cell in planned]
     table = matrix.rows(planned, calibration, [None] * len(planned), before, a.utility_drop, rule)
     combination = matrix.choose_combination(table, a.combination_candidates)
     rejected = set((combination or {}).get("candidates", {})) - {(combination or {}).get("chosen")}
     plan = matrix.test_plan(table, rejected)
-    tests = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder, plan[i]) if i in plan else None
-             for i, cell in enumerate(planned)]
+    tests: list[dict | None] = [None] * len(planned)
+    for i in matrix.test_order(table, plan):
+        settle = None
+        if a.skip_decided and plan[i] == "full" and table[i]["defense"] != table[i]["baseline"]:
+            claims = matrix.claims_in_family(table, table[i]["family"], rejected, len(MONITOR_ARMS) if a.monitor else 0)
+            settle = partial(matrix.rise_settled, table, table[i], stage, claims, rule, ctx.config.seed)
+        tests[i] = run_cell(ctx, planned[i], defenses, stage / "cells" / planned[i].folder, plan[i], settle=settle)
     table = matrix.rows(planned, calibration, tests, before, a.utility_drop, rule)
     if a.monitor:
         table += _monitor_rows(ctx, stage, planned, table, defenses, rule)
