@@ -303,10 +303,10 @@ def finetune_rows(finetune: FinetuneConfig) -> list[str]:
 
 DEFENSES = ("none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_random_strict",
             "freeze_budget", "rsn_tune", "safe_lora", "safety_mix", "constrained", "freeze_ii_constrained",
-            "freeze_ii_strict_constrained")
+            "freeze_ii_strict_constrained", "freeze_random_constrained", "freeze_random_strict_constrained")
 Defense = Literal["none", "freeze_i", "freeze_ii", "freeze_ii_strict", "freeze_random", "freeze_random_strict",
                   "freeze_budget", "rsn_tune", "safe_lora", "safety_mix", "constrained", "freeze_ii_constrained",
-                  "freeze_ii_strict_constrained"]
+                  "freeze_ii_strict_constrained", "freeze_random_constrained", "freeze_random_strict_constrained"]
 # Qi et al.'s (ICLR 2025) betas of the token-wise constrained objective: reply token 1, tokens 2-5, the rest
 QI_BETAS = [0.5, 2.0, 2.0, 2.0, 2.0, 0.1]
 # how the attack trains: every parameter (full) or LoRA adapters merged after training (lora); each
@@ -353,7 +353,7 @@ class AttackConfig(Settings):
     lora_sweep: SweepConfig = Field(default_factory=lambda: SweepConfig(lr=[1e-3, 4e-3], steps=[8]))
     # safe_lora defends the LoRA attack; every other defense the full one
     defenses: list[Defense] = Field(default_factory=lambda: list(DEFENSES), min_length=1)
-    # seeds of the random controls' draws (a cell each: freeze_random_s{seed}, freeze_random_strict_s{seed})
+    # seeds of the random controls' draws (a cell each: freeze_random_s{seed}, freeze_random_strict_s{seed}, ...)
     random_seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     # TamperBench's rule: the worst case counts only attacks whose utility falls by at most this share
     # (perplexity on the prose corpus rises by at most this share)

@@ -12,6 +12,9 @@
   UCU + RU hold there, drawn uniformly with that seed, are the only ones trained (every parameter no unit
   owns frozen, as in freeze_ii_strict): training UCU + RU alone means something only where it beats
   training as many random units;
+- `freeze_random_constrained_s{seed}`, `freeze_random_strict_constrained_s{seed}` (the controls of the
+  combinations below): the same draws as freeze_random and freeze_random_strict, trained under the
+  constrained objective, so a combination's claim about its units has its own same-size control;
 - `rsn_tune` (Zhao et al. 2025, `ssah.attacks.rsn`): the robust safety units are tuned on safety data
   first; the attack then fine-tunes as usual;
 - `safe_lora` (Hsu et al. 2024, `ssah.attacks.safe_lora`): a LoRA attack whose updates are projected
@@ -89,14 +92,21 @@ class DefenseContext:
 RANDOM, RANDOM_STRICT = "freeze_random", "freeze_random_strict"
 FREEZE_II = "SCU+CU"
 # a claim about chosen units -> its control: random units of the same sizes, one cell per seed
-CONTROLS = {"freeze_ii": RANDOM, "freeze_ii_strict": RANDOM_STRICT}
-_DRAW = re.compile(rf"({RANDOM_STRICT}|{RANDOM})_s(\d+)")
+CONTROLS = {"freeze_ii": RANDOM, "freeze_ii_strict": RANDOM_STRICT, "freeze_ii_constrained": f"{RANDOM}_constrained",
+            "freeze_ii_strict_constrained": f"{RANDOM_STRICT}_constrained"}
+_DRAW = re.compile(rf"({RANDOM_STRICT}_constrained|{RANDOM}_constrained|{RANDOM_STRICT}|{RANDOM})_s(\d+)")
 
 
 def control_of(defense: str) -> str | None:
     """The random control a cell belongs to (freeze_random_strict_s1 -> freeze_random_strict), else None."""
     drawn = _DRAW.fullmatch(defense)
     return drawn.group(1) if drawn else None
+
+
+def claim_of(defense: str) -> str | None:
+    """The claim a random control's cell is the control of (freeze_random_strict_s1 -> freeze_ii_strict)."""
+    control = control_of(defense)
+    return next((claim for claim, c in CONTROLS.items() if c == control), None)
 
 
 def _frozen(loaded, mask, train_only: bool = False, notes: dict | None = None) -> Prepared:
@@ -158,7 +168,7 @@ def expand(defenses: list[str], random_seeds: list[int]) -> list[str]:
 
     out: list[str] = []
     for name in defenses:
-        out += random_draws(name, random_seeds) if name in (RANDOM, RANDOM_STRICT) else [name]
+        out += random_draws(name, random_seeds) if name in CONTROLS.values() else [name]
     return out
 
 
@@ -180,7 +190,9 @@ def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
         return _frozen(loaded, _mask(ctx, FREEZE_II))
     if name == "freeze_ii_strict":
         return _frozen(loaded, complement(_mask(ctx, FREEZE_II)), train_only=True)
-    if (drawn := _DRAW.fullmatch(name)) is not None:
+    if (drawn := _DRAW.fullmatch(name)) is not None and drawn.group(1).endswith("_constrained"):
+        return _constrained(prepare(name.replace("_constrained", ""), loaded, ctx, pairs), ctx)
+    if drawn is not None:
         seed, freeze_ii = int(drawn.group(2)), _mask(ctx, FREEZE_II)
         if drawn.group(1) == RANDOM:
             like = random_like(freeze_ii, seed, outside=False)  # SCU + CU covers most units: drawn over all
@@ -202,11 +214,15 @@ def prepare(name: str, loaded, ctx: DefenseContext, pairs: list) -> Prepared:
         return Prepared(loaded.model, extra_pairs=(extra := safety_mix_pairs(ctx, pairs)),
                         notes={"safety_pairs": len(extra)})
     if name in CONSTRAINED:
-        prepared = prepare(CONSTRAINED[name], loaded, ctx, pairs)
-        prepared.token_betas = list(ctx.constrained_betas)
-        prepared.notes = {**prepared.notes, "objective": "token-wise constrained", "betas": prepared.token_betas}
-        return prepared
+        return _constrained(prepare(CONSTRAINED[name], loaded, ctx, pairs), ctx)
     raise SsahError(f"unknown defense {name!r}")
+
+
+def _constrained(prepared: Prepared, ctx: DefenseContext) -> Prepared:
+    """`prepared` trained under the token-wise constrained objective instead of cross-entropy."""
+    prepared.token_betas = list(ctx.constrained_betas)
+    prepared.notes = {**prepared.notes, "objective": "token-wise constrained", "betas": prepared.token_betas}
+    return prepared
 
 
 # the constrained objective alone, or on top of a freezing defense (the SSAH-native combinations)

@@ -224,6 +224,14 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     return artifact.save(record)
 
 
+def _not_calibrated(cell: Cell) -> dict:
+    """A random control's calibration record: it serves no worst point, so it is trained and evaluated only
+    at no defense's worst point (`matrix.test_plan`)."""
+    return {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
+            "modality": cell.modality, "trainable_share": None, "defense_notes": None, "train": None, "eval": None,
+            "scope": "calibration", "not_calibrated": "a random control: tested at no defense's worst point only"}
+
+
 def _still_valid(found: dict, useful_limit: float | None, settle) -> bool:
     """A finished record is reused unless it left out what these settings want evaluated."""
     if found.get("not_useful"):
@@ -302,7 +310,8 @@ def run_grid(ctx, stage: Path) -> GridResult:
     before = before_attack(ctx, stage, attacks)
     defenses = defense_context(ctx, stage)
     planned = cells(attacks, a)
-    calibration = [run_cell(ctx, cell, defenses, stage / "cells" / cell.folder,
+    calibration = [_not_calibrated(cell) if a.skip_decided and matrix.is_control(cell.defense) else
+                   run_cell(ctx, cell, defenses, stage / "cells" / cell.folder,
                             useful_limit=matrix.useful_limit(before, cell.attack.system is not None, a.utility_drop)
                             if a.skip_decided else None) for cell in planned]
     table = matrix.rows(planned, calibration, [None] * len(planned), before, a.utility_drop, rule)
