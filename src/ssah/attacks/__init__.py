@@ -2,8 +2,9 @@
 
 - `data`: the attack families (benign, harmful-k, mixed-p, identity shift after Qi et al.);
 - `defenses`: none, SSAH's frozen settings (freeze_i, freeze_ii, freeze_ii_strict, freeze_budget), the
-  controls of freeze_ii and freeze_ii_strict (freeze_random, freeze_random_strict: same-size random
-  units), RSN-Tune (`rsn`), Safe LoRA (`safe_lora`, a defense of the LoRA attack), safety-data mixing,
+  controls of freeze_ii, freeze_ii_strict and the combinations (freeze_random, freeze_random_strict and
+  their draws under the constrained objective: same-size random units), RSN-Tune (`rsn`), Safe LoRA
+  (`safe_lora`, a defense of the LoRA attack), safety-data mixing,
   Qi et al.'s token-wise constrained objective and the SSAH-native combinations of freezing with it,
   each with its threat model;
 - `apply`: one attack under one defense on a model, without a run folder (`attack_model`);

@@ -7,12 +7,13 @@ from is loaded and attacked (`ssah.attacks.apply.attack_model`: the defense appl
 trained by `attacks.train`'s loop with ssah's freezer), then evaluated like every model of the run (the
 identity attack under its persona's system prompt, beside the studied model evaluated the same way).
 
-Two passes (`ssah.attacks.matrix` has the rule). Every cell is evaluated on harmful calibration prompts
-and the perplexity text (`cell.json`, `eval-calibration/`); the worst points and the SSAH-native
-combination are picked there. The picked cells are then trained again from the same seed and evaluated
-on the test sets (`test.json`, `eval/`). Fine-tuned weights are not kept. A finished cell with the same
-inputs is reused, so a killed grid resumes. A cell whose frozen entries moved stops the grid
-(`ssah.train.recipes.fit`) rather than being recorded.
+Two passes (`ssah.attacks.matrix` has the rule). Every cell but the random controls is evaluated on
+harmful calibration prompts and the perplexity text (`cell.json`, `eval-calibration/`); the worst points
+and the SSAH-native combination are picked there. The picked cells (and the controls, at no defense's
+worst point) are then trained again from the same seed and evaluated on the test sets (`test.json`,
+`eval/`), each only as far as its verdict needs (`attacks.skip_decided`). Fine-tuned weights are not
+kept. A finished cell with the same inputs is reused, so a killed grid resumes. A cell whose frozen
+entries moved stops the grid (`ssah.train.recipes.fit`) rather than being recorded.
 """
 
 from __future__ import annotations
