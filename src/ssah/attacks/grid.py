@@ -181,9 +181,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     c = ctx.config
     start = source_model(cell.defense, defenses, ctx.studied_model_spec())
     if start is None:  # RSN-Tune found nothing to tune: no model to attack, a row that says so
-        return {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
-                "modality": cell.modality, "skipped": NOTHING_TO_TUNE, "trainable_share": None,
-                "defense_notes": None, "train": None, "eval": None, "scope": scope}
+        return _untrained(cell, scope, skipped=NOTHING_TO_TUNE)
     loaded = ctx.load(start)
     evaluation = _evaluation(ctx, cell, scope)
     identity = {"model": loaded.fingerprint,
@@ -225,12 +223,17 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     return artifact.save(record)
 
 
+def _untrained(cell: Cell, scope: str, **why: str) -> dict:
+    """The record of a cell that trains nothing in `scope`, with the reason (`skipped`, `not_calibrated`)."""
+    return {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
+            "modality": cell.modality, "trainable_share": None, "defense_notes": None, "train": None, "eval": None,
+            "scope": scope, **why}
+
+
 def _not_calibrated(cell: Cell) -> dict:
     """A random control's calibration record: it serves no worst point, so it is trained and evaluated only
     at no defense's worst point (`matrix.test_plan`)."""
-    return {"attack": cell.attack.describe(), "lr": cell.lr, "steps": cell.steps, "defense": cell.defense,
-            "modality": cell.modality, "trainable_share": None, "defense_notes": None, "train": None, "eval": None,
-            "scope": "calibration", "not_calibrated": "a random control: tested at no defense's worst point only"}
+    return _untrained(cell, "calibration", not_calibrated="a random control: tested at no defense's worst point only")
 
 
 def _still_valid(found: dict, useful_limit: float | None, settle) -> bool:
@@ -242,12 +245,10 @@ def _still_valid(found: dict, useful_limit: float | None, settle) -> bool:
 
 def _perplexity(ctx, loaded) -> float:
     """The model's perplexity on the run's text, computed as its evaluation computes it."""
-    from ssah.evaluate.utility import perplexity
+    from ssah.evaluate.runner import text_perplexity
 
-    e = ctx.eval_settings()
-    text = "\n\n".join(ctx.eval_data["text"].prompts())
-    return perplexity(loaded.model, loaded.tokenizer, text, window=e.ppl_window, stride=e.ppl_stride,
-                      progress=False).perplexity
+    settings = ctx.eval_settings().model_copy(update={"progress": False})
+    return text_perplexity(loaded.model, loaded.tokenizer, ctx.eval_data["text"], settings).perplexity
 
 
 RECORDS = {"calibration": CELL_FILE, "full": "test.json", "safety": "test.json"}

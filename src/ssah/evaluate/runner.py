@@ -198,9 +198,7 @@ class _Evaluation:
         with self.timed("utility"):
             with self.generating():
                 accuracy = task_accuracy(self.model, self.tokenizer, tasks, **self.gen)
-            ppl = perplexity(self.model, self.tokenizer, "\n\n".join(self.data["text"].prompts()),
-                             window=self.settings.ppl_window, stride=self.settings.ppl_stride,
-                             progress=self.settings.progress)
+            ppl = text_perplexity(self.model, self.tokenizer, self.data["text"], self.settings)
         for record, gen, ok in zip(tasks, accuracy.generations, accuracy.correct):
             self.rows.append({"suite": "utility", "system_prompt": "none", "id": record.id, "prompt": record.prompt,
                               "reply": gen.reply, "answer": record.answer, "correct": ok})
@@ -215,6 +213,12 @@ class _Evaluation:
                                                  limit=self.settings.lm_eval_limit,
                                                  include_path=self.settings.lm_eval_include)
         return utility, accuracy, ppl
+
+
+def text_perplexity(model, tokenizer, text: Dataset, settings: EvalSettings) -> Perplexity:
+    """The perplexity an evaluation reports: `text`'s records joined, with the settings' window and stride."""
+    return perplexity(model, tokenizer, "\n\n".join(text.prompts()), window=settings.ppl_window,
+                      stride=settings.ppl_stride, progress=settings.progress)
 
 
 def _check_data(data: dict[str, Dataset], suites: Sequence[str]) -> None:
