@@ -4,6 +4,9 @@ verdicts, and the whole stage on a tiny model."""
 from __future__ import annotations
 
 import json
+import logging
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -262,7 +265,8 @@ def _harmful_replies(tmp_path):
     return replies
 
 
-def test_the_attack_stage_on_a_tiny_model(tmp_path):
+def test_the_attack_stage_on_a_tiny_model(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="ssah.attacks")
     replies = _harmful_replies(tmp_path)
     config = load_config(path=CONFIG)
     config.attacks = config.attacks.model_validate({
@@ -333,7 +337,11 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
 
     assert {r["prompt"] for r in calibration if r["suite"] == "safety"} \
         <= set(load_dataset("harmful:calibration").prompts())  # never a test prompt
-    for row in tested:  # a test record trains the cell again from the same seed: the same training
+    # an arm's tests evaluate the models its calibration trained; only the tests that wait for the
+    # combination's choice (it and its controls) and the controls, which have no calibration, train
+    trained = {m.group(1) for m in re.finditer(r"defense (\S+) \[(?:full|safety)\]$", caplog.text, re.MULTILINE)}
+    assert trained == {chosen} | {row["defense"] for row in tested if row["defense"] in drawn}
+    for row in tested:  # the same training either way: the same seed trains the same weights
         folder = stage / "cells" / row["folder"]
         if row["defense"] not in monitors | drawn:
             first, again = (json.loads((folder / name).read_text()) for name in ("cell.json", "test.json"))
@@ -368,6 +376,20 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path):
     stamp = (stage / "done.json").stat().st_mtime_ns
     run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks"))
     assert (stage / "done.json").stat().st_mtime_ns == stamp
+    # a test whose record is gone trains its cell again: the same evaluation as of the kept model
+    none = grid["worst_case"]["none"]["harmful"]
+    again = [stage / "cells" / row["folder"] for row in tested if row["family"] == "harmful" and row["tested"] == "full"
+             and (row["lr"], row["defense"]) in ((none["lr"], "none"), (none["lr"], "freeze_ii"))]
+    assert len(again) == 2
+    kept = [json.loads((folder / "test.json").read_text()) for folder in again]
+    for folder in again:
+        (folder / "test.json").unlink()
+        shutil.rmtree(folder / "eval")
+    (stage / "done.json").unlink()  # else the finished stage is reused whole
+    caplog.clear()
+    run_pipeline(config, tmp_path / "run", only=("baseline", "align", "groups", "attacks"))
+    assert [json.loads((folder / "test.json").read_text())["eval"] for folder in again] == [r["eval"] for r in kept]
+    assert len(re.findall(r"defense (none|freeze_ii) \[full\]$", caplog.text, re.MULTILINE)) == 2
 
 
 @pytest.mark.slow

@@ -7,13 +7,16 @@ from is loaded and attacked (`ssah.attacks.apply.attack_model`: the defense appl
 trained by `attacks.train`'s loop with ssah's freezer), then evaluated like every model of the run (the
 identity attack under its persona's system prompt, beside the studied model evaluated the same way).
 
-Two passes (`ssah.attacks.matrix` has the rule). Every cell but the random controls is evaluated on
-harmful calibration prompts and the perplexity text (`cell.json`, `eval-calibration/`); the worst points
-and the SSAH-native combination are picked there. The picked cells (and the controls, at no defense's
-worst point) are then trained again from the same seed and evaluated on the test sets (`test.json`,
-`eval/`), each only as far as its verdict needs (`attacks.skip_decided`). Fine-tuned weights are not
-kept. A finished cell with the same inputs is reused, so a killed grid resumes. A cell whose frozen
-entries moved stops the grid (`ssah.train.recipes.fit`) rather than being recorded.
+Calibration, then test (`ssah.attacks.matrix` has the rule). Every cell but the random controls is
+evaluated on harmful calibration prompts and the perplexity text (`cell.json`, `eval-calibration/`); the
+worst points and the SSAH-native combination are picked there. The picked cells (and the controls, at no
+defense's worst point) are evaluated on the test sets (`test.json`, `eval/`), each only as far as its
+verdict needs (`attacks.skip_decided`). The grid runs arm by arm (`arm_groups`), so an arm's tests
+evaluate the very models its calibration trained, held in memory until then (at most two per arm); the
+combination's tests, which wait for every family's calibration, and a resumed grid's train the cell again
+from the same seed, which gives the same weights. A finished cell with the same inputs is reused, so a
+killed grid resumes. A cell whose frozen entries moved stops the grid (`ssah.train.recipes.fit`) rather
+than being recorded.
 """
 
 from __future__ import annotations
@@ -26,7 +29,16 @@ from pathlib import Path
 from ssah.artifacts import Artifact, fingerprint
 from ssah.attacks import matrix
 from ssah.attacks.data import AttackData, build_attacks
-from ssah.attacks.defenses import CONSTRAINED, DefenseContext, defenses_of, expand, source_model, training_defense
+from ssah.attacks.defenses import (
+    BASELINES,
+    CONSTRAINED,
+    DefenseContext,
+    claim_of,
+    defenses_of,
+    expand,
+    source_model,
+    training_defense,
+)
 from ssah.attacks.monitored import MONITOR_ARMS
 from ssah.io import write_json_atomic
 from ssah.pipeline.context import release
@@ -171,11 +183,12 @@ SCOPES = ("calibration", "full", "safety")
 
 
 def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = "calibration",
-             useful_limit: float | None = None, settle=None) -> dict:
+             useful_limit: float | None = None, settle=None, kept: dict | None = None) -> dict:
     """Train and evaluate one cell (or reuse its finished record) with `scope`'s evaluation; returns the
-    record. A test scope trains the cell again from the same seed (fine-tuned weights are not kept).
-    `useful_limit` (calibration): above this perplexity the cell gets no replies (`not_useful`); `settle`
-    (full scope): called after the ASR replies, a reason to stop there or None (`stopped_early`)."""
+    record. `useful_limit` (calibration): above this perplexity the cell gets no replies (`not_useful`);
+    `settle` (full scope): called after the ASR replies, a reason to stop there or None (`stopped_early`).
+    `kept` ({cell folder: trained model}): calibration puts its trained model there; a test evaluates
+    the model it finds there, else trains the cell again from the same seed (the same weights)."""
     from ssah.attacks.apply import attack_model
 
     c = ctx.config
@@ -196,10 +209,14 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     found = artifact.lookup(replace=True)
     if found is not None and _still_valid(found, useful_limit, settle):
         return found
-    log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]", cell.attack.name, cell.modality, cell.lr,
-             cell.steps, cell.defense, scope)
-    attacked = attack_model(loaded, cell.attack, training_defense(cell.defense, cell.modality),
-                            cell.settings(c.attacks.train), defenses, cell.modality, seed=c.seed)
+    attacked = (kept or {}).get(cell.folder) if scope != "calibration" else None
+    log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]%s", cell.attack.name, cell.modality, cell.lr,
+             cell.steps, cell.defense, scope, "" if attacked is None else ": the model its calibration trained")
+    if attacked is None:
+        attacked = attack_model(loaded, cell.attack, training_defense(cell.defense, cell.modality),
+                                cell.settings(c.attacks.train), defenses, cell.modality, seed=c.seed)
+        if kept is not None and scope == "calibration":
+            kept[cell.folder] = attacked
     del loaded
     label = f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense} ({scope})"
     folder = out / (matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL)
@@ -304,45 +321,111 @@ class GridResult:
     combination: dict | None  # the SSAH-native combination chosen on calibration prompts
 
 
+def arm_groups(planned: list[Cell]) -> list[list[int]]:
+    """The cells' indices by (family, modality, arm), family by family, each modality's attack under no
+    defense first: the arms after it are tested at its worst point."""
+    groups: dict = {}
+    for i, cell in enumerate(planned):
+        groups.setdefault((cell.attack.family, cell.modality, cell.arm), []).append(i)
+    families = list(dict.fromkeys(cell.attack.family for cell in planned))
+    return [group for _, group in sorted(groups.items(), key=lambda item: (
+        families.index(item[0][0]), item[0][2] != BASELINES[item[0][1]]))]
+
+
+class _Grid:
+    """One grid's records as they are made: each cell's calibration record ({} until it runs) and test
+    record (None until it runs), and the trained models an arm's tests still need."""
+
+    def __init__(self, ctx, stage: Path, planned: list[Cell], before: dict, defenses: DefenseContext):
+        a = ctx.config.attacks
+        self.ctx, self.stage, self.planned, self.before, self.defenses = ctx, stage, planned, before, defenses
+        self.rule = ctx.config.eval.verdict_rule
+        self.calibration = [_not_calibrated(cell) if a.skip_decided and matrix.is_control(cell.defense) else {}
+                            for cell in planned]
+        self.tests: list[dict | None] = [None] * len(planned)
+        self.studied: dict | None = None  # the studied model's monitor states, made for the first monitor
+
+    def table(self) -> list[dict]:
+        a = self.ctx.config.attacks
+        return matrix.rows(self.planned, self.calibration, self.tests, self.before, a.utility_drop, self.rule)
+
+    def calibrate(self, group: list[int]) -> dict:
+        """The group's cells on calibration prompts; returns {folder: trained model} of the cells its tests
+        may still need (its own worst point so far, the cell at no defense's worst point)."""
+        a, kept = self.ctx.config.attacks, {}
+        first = self.planned[group[0]]
+        arm, family = first.arm, first.attack.family
+        for i in group:
+            if self.calibration[i]:
+                continue
+            cell = self.planned[i]
+            limit = matrix.useful_limit(self.before, cell.attack.system is not None, a.utility_drop)
+            self.calibration[i] = run_cell(self.ctx, cell, self.defenses, self.stage / "cells" / cell.folder,
+                                           useful_limit=limit if a.skip_decided else None, kept=kept)
+            table = self.table()
+            worst = matrix.worst_points(table)
+            own, none = worst.get((arm, family)), worst.get((BASELINES[first.modality], family))
+            wanted = {row["folder"] for row in (own, none and matrix.same_point(table, arm, none)) if row}
+            for folder in set(kept) - wanted:
+                del kept[folder]
+        return kept
+
+    def test(self, rejected: set[str], waiting: set[str] = frozenset(), kept: dict | None = None) -> None:
+        """Every planned test not yet run (`matrix.test_plan`), in `matrix.test_order`, but those of the
+        `rejected` and `waiting` candidates and their controls; a trained model in `kept` is evaluated as
+        it is. While candidates wait to be chosen, each counts as a claim: a larger family, a safe bound."""
+        a, table = self.ctx.config.attacks, self.table()
+        plan = {i: scope for i, scope in matrix.test_plan(table, rejected | waiting).items() if self.tests[i] is None}
+        extra = len(MONITOR_ARMS) if a.monitor else 0
+        for i in matrix.test_order(table, plan):
+            settle, row = None, table[i]
+            if a.skip_decided and plan[i] == "full" and row["defense"] != row["baseline"]:
+                claims = matrix.claims_in_family(table, row["family"], rejected, extra)
+                settle = partial(matrix.rise_settled, table, row, self.stage, claims, self.rule, self.ctx.config.seed)
+            cell = self.planned[i]
+            self.tests[i] = run_cell(self.ctx, cell, self.defenses, self.stage / "cells" / cell.folder, plan[i],
+                                     settle=settle, kept=kept)
+
+    def monitor_rows(self, family: str | None = None, kept: dict | None = None) -> list[dict]:
+        """The runtime monitors' rows (`ssah.attacks.monitored`) at no defense's worst point of each family
+        (or of `family`), on the trained model in `kept` where it is there."""
+        from ssah.attacks.monitored import monitored_cells, studied_states
+
+        table = self.table()
+        worst, out = matrix.worst_points(table), []
+        for cell, row in zip(self.planned, table):
+            if cell.modality != "full" or cell.defense != "none" or worst.get(("none", row["family"])) is not row \
+                    or family not in (None, row["family"]):
+                continue
+            self.studied = self.studied or studied_states(self.ctx, self.stage)
+            records = monitored_cells(self.ctx, self.stage, cell, self.defenses, _evaluation(self.ctx, cell, "full"),
+                                      self.studied, attacked=(kept or {}).get(cell.folder))
+            out += matrix.monitor_rows(row, records, self.rule)
+        return out
+
+
 def run_grid(ctx, stage: Path) -> GridResult:
-    """Every cell on calibration prompts; the combination chosen and the worst points picked there; the
-    picked cells trained again and evaluated on the test sets (`ssah.attacks.matrix`)."""
-    a, rule = ctx.config.attacks, ctx.config.eval.verdict_rule
+    """Every cell on calibration prompts, the worst points picked there and the picked cells evaluated on
+    the test sets (`ssah.attacks.matrix`), arm by arm (`arm_groups`): an arm's tests follow its calibration
+    and evaluate the models it trained, so no test trains again, except the combination's and its
+    controls', which wait until every family has chosen it."""
+    a = ctx.config.attacks
     attacks = build_attacks(a, stage, ctx.config.seed)
     before = before_attack(ctx, stage, attacks)
-    defenses = defense_context(ctx, stage)
     planned = cells(attacks, a)
-    calibration = [_not_calibrated(cell) if a.skip_decided and matrix.is_control(cell.defense) else
-                   run_cell(ctx, cell, defenses, stage / "cells" / cell.folder,
-                            useful_limit=matrix.useful_limit(before, cell.attack.system is not None, a.utility_drop)
-                            if a.skip_decided else None) for cell in planned]
-    table = matrix.rows(planned, calibration, [None] * len(planned), before, a.utility_drop, rule)
-    combination = matrix.choose_combination(table, a.combination_candidates)
-    rejected = set((combination or {}).get("candidates", {})) - {(combination or {}).get("chosen")}
-    plan = matrix.test_plan(table, rejected)
-    tests: list[dict | None] = [None] * len(planned)
-    for i in matrix.test_order(table, plan):
-        settle = None
-        if a.skip_decided and plan[i] == "full" and table[i]["defense"] != table[i]["baseline"]:
-            claims = matrix.claims_in_family(table, table[i]["family"], rejected, len(MONITOR_ARMS) if a.monitor else 0)
-            settle = partial(matrix.rise_settled, table, table[i], stage, claims, rule, ctx.config.seed)
-        tests[i] = run_cell(ctx, planned[i], defenses, stage / "cells" / planned[i].folder, plan[i], settle=settle)
-    table = matrix.rows(planned, calibration, tests, before, a.utility_drop, rule)
-    if a.monitor:
-        table += _monitor_rows(ctx, stage, planned, table, defenses, rule)
-    return GridResult(planned, calibration, tests, before, table, combination)
-
-
-def _monitor_rows(ctx, stage: Path, planned: list[Cell], table: list[dict], defenses, rule: str) -> list[dict]:
-    """The runtime monitors' rows (`ssah.attacks.monitored`) at no defense's worst point of each family."""
-    from ssah.attacks.monitored import monitored_cells, studied_states
-
-    worst = matrix.worst_points(table)
-    studied, out = None, []
-    for cell, row in zip(planned, table):
-        if cell.modality != "full" or cell.defense != "none" or worst.get(("none", row["family"])) is not row:
+    grid = _Grid(ctx, stage, planned, before, defense_context(ctx, stage))
+    waiting = set(a.combination_candidates)
+    for group in arm_groups(planned):
+        cell = planned[group[0]]
+        kept = grid.calibrate(group)
+        if cell.arm in waiting or claim_of(cell.defense) in waiting:
             continue
-        studied = studied or studied_states(ctx, stage)
-        records = monitored_cells(ctx, stage, cell, defenses, _evaluation(ctx, cell, "full"), studied)
-        out += matrix.monitor_rows(row, records, rule)
-    return out
+        grid.test(set(), waiting, kept)
+        if a.monitor and cell.defense == "none" and cell.modality == "full":
+            grid.monitor_rows(cell.attack.family, kept)
+        del kept
+        release()
+    combination = matrix.choose_combination(grid.table(), a.combination_candidates)
+    grid.test(set((combination or {}).get("candidates", {})) - {(combination or {}).get("chosen")})
+    table = grid.table() + (grid.monitor_rows() if a.monitor else [])
+    return GridResult(planned, grid.calibration, grid.tests, before, table, combination)

@@ -12,9 +12,10 @@ highest calibration ASR among the family's attacks and sweep points that kept th
 the first in sweep order). The test prompts never choose anything.
 
 Test, at the picked points (`test_plan`). At no defense's worst point of each family and modality,
-every arm of that modality is trained again (same seed, same data) and evaluated on the run's test sets
-(`attacks.eval_limit` items): ASR, over-refusal, task accuracy, perplexity; at an arm's own worst point,
-where it lies elsewhere, its test ASR as well. No other cell sees a test prompt.
+every arm of that modality (the model its calibration trained, or one trained again from the same seed
+and data) is evaluated on the run's test sets (`attacks.eval_limit` items): ASR, over-refusal, task
+accuracy, perplexity; at an arm's own worst point, where it lies elsewhere, its test ASR as well. No
+other cell sees a test prompt.
 
 The SSAH-native combination (`attacks.combination_candidates`). Its candidates are cells like any
 other; the one whose worst calibration ASR, averaged over the families, is lowest is chosen
@@ -153,7 +154,8 @@ def choose_combination(table: list[dict], candidates: list[str]) -> dict | None:
             "rule": "lowest worst-case calibration ASR averaged over the families"}
 
 
-def _same_point(table: list[dict], defense: str, point: dict) -> dict | None:
+def same_point(table: list[dict], defense: str, point: dict) -> dict | None:
+    """`defense`'s row at `point`'s attack and sweep point."""
     return next((row for row in table if row["defense"] == defense and row["attack"] == point["attack"]
                  and row["lr"] == point["lr"] and row["steps"] == point["steps"]), None)
 
@@ -175,14 +177,14 @@ def test_plan(table: list[dict], rejected: set[str] = frozenset()) -> dict[int, 
         base = worst.get((row["baseline"], family))
         if arm in rejected or base is None or is_control(arm):
             continue
-        want(_same_point(table, arm, base), "full")
+        want(same_point(table, arm, base), "full")
         want(row, "safety")
     for (arm, family), base in worst.items():
         if arm != base["baseline"]:
             continue
         for control in dict.fromkeys(r["defense"] for r in table if r["family"] == family and is_control(r["defense"])
                                      and r["baseline"] == arm and claim_of(r["defense"]) not in rejected):
-            want(_same_point(table, control, base), "safety")
+            want(same_point(table, control, base), "safety")
     return plan
 
 
@@ -274,7 +276,7 @@ def _verdict_parts(table, worst, arm, base, family, stage, rule, seed) -> dict:
         return {"gate": skipped.pop()}
     if none is None or own is None:
         return {"gate": "no attack of this family kept the model useful"}
-    same = _same_point(table, arm, none)
+    same = same_point(table, arm, none)
     before = stage / f"before-{'persona' if none.get('persona') else 'plain'}"
     numbers = {"attack_none": none["attack"], "lr_none": none["lr"], "steps_none": none["steps"],
                "attack": own["attack"], "lr": own["lr"], "steps": own["steps"], "baseline": base,
@@ -302,7 +304,7 @@ def _verdict_parts(table, worst, arm, base, family, stage, rule, seed) -> dict:
     numbers["_folders"] = {"before": before, "none": _folder(stage, none),
                            "same": _folder(stage, same) if numbers["same_point"] else None,
                            "randoms": None if control is None else [
-                               _folder(stage, _same_point(table, d, none))
+                               _folder(stage, same_point(table, d, none))
                                for d in sorted({r["defense"] for r in table if control_of(r["defense"]) == control})]}
     return numbers
 

@@ -2,7 +2,8 @@
 direction re-evaluated at every generated token, put under attack.
 
 At no defense's worst point of each family (full fine-tuning; picked on calibration prompts, as every
-worst point), the attacked model is trained again and evaluated on the test sets under three monitors:
+worst point), the attacked model (the grid's, or trained again from the same seed) is evaluated on the
+test sets under three monitors:
 
 - `monitor`: the studied model's calibrated state as it is (a provider that calibrated once and
   serves whatever the user fine-tuned);
@@ -63,9 +64,10 @@ def studied_states(ctx, stage: Path) -> dict:
     return {"states": states, "flag_rates": rates}
 
 
-def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied: dict) -> dict:
+def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied: dict, attacked=None) -> dict:
     """{arm: record} for the attacked model of `cell` (no defense, full fine-tuning) under each monitor,
-    reused when finished with the same inputs."""
+    reused when finished with the same inputs; `attacked`: that model as the grid trained it (`Attacked`),
+    else it is trained again from the same seed."""
     from ssah.attacks.apply import attack_model
     from ssah.pipeline.stages.probe import monitor_state
 
@@ -82,9 +84,11 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     if all(record is not None for record in found.values()):
         return found
     log.info("  attack %s, lr %g, %d steps, under the runtime monitors", cell.attack.name, cell.lr, cell.steps)
-    loaded = ctx.load(ctx.studied_model_spec())
-    attacked = attack_model(loaded, cell.attack, "none", cell.settings(c.attacks.train), defenses, seed=c.seed).model
-    del loaded
+    if attacked is None:
+        loaded = ctx.load(ctx.studied_model_spec())
+        attacked = attack_model(loaded, cell.attack, "none", cell.settings(c.attacks.train), defenses, seed=c.seed)
+        del loaded
+    attacked = attacked.model
     states = {**studied["states"],
               "monitor_recalibrated": monitor_state(ctx, attacked, point / "monitor_recalibrated" / "state.json")}
     for arm in MONITOR_ARMS:
