@@ -705,3 +705,47 @@ def test_a_cell_is_evaluated_only_as_far_as_its_verdict_needs(tmp_path):
     assert "stopped_early" not in full and {"safety", "overrefusal", "utility"} <= {r["suite"] for r in rows}
     assert {r["reply"] for r in rows if r["suite"] == "safety"} == {"MARKED"}
     assert "MARKED" not in {r["reply"] for r in rows if r["suite"] == "overrefusal"}
+
+
+def test_a_monitor_is_evaluated_only_as_far_as_its_verdict_needs(tmp_path):
+    from ssah.attacks.apply import attack_model
+    from ssah.attacks.grid import Cell, _evaluation
+    from ssah.attacks.monitored import MONITOR_ARMS, monitored_cells, studied_states
+    from ssah.config import RunConfig
+    from ssah.pipeline.context import RunContext
+
+    data = load_config(path=CONFIG).model_dump()
+    data["align"].update(enabled=False, study="base")  # the cell attacks the model as loaded
+    data["finetune"]["settings"] = ["plain"]
+    data["eval"]["limit"] = 4
+    data["attacks"].update(calibration_limit=3, eval_limit=4, train={"batch_size": 4, "max_length": 256,
+                                                                     "backend": "ssah"})
+    data["probe"]["monitor_settings"] = {"calibration_limit": 8}
+    ctx = RunContext(RunConfig.model_validate(data), tmp_path / "run")
+    stage = tmp_path / "run" / "8-attacks"
+    pairs = [(f"Do forbidden thing {i}.", f"Sure. Step one for thing {i}.") for i in range(4)]
+    cell = Cell(attack_data.AttackData("harmful", "harmful-k4", pairs), 0.01, 2, "none")
+    defenses, evaluation = DefenseContext(groups=None), _evaluation(ctx, cell, "full")
+    studied = studied_states(ctx, stage)
+    attacked = attack_model(ctx.load(), cell.attack, "none", cell.settings(ctx.config.attacks.train), defenses)
+    asked = []
+
+    def settle(arm):  # the monitor's rise part already decided; the others could still hold
+        asked.append(arm)
+        return {"why": "settled"} if arm == "monitor" else None
+
+    found = monitored_cells(ctx, stage, cell, defenses, evaluation, studied, attacked=attacked, settle=settle)
+    assert asked == list(MONITOR_ARMS)
+    point = stage / "cells" / "harmful-k4" / cell.point
+    suites = {arm: {json.loads(line)["suite"] for line in (point / arm / "eval" / "replies.jsonl").read_text()
+                    .splitlines()} for arm in MONITOR_ARMS}
+    assert found["monitor"]["stopped_early"] == {"why": "settled"} and suites["monitor"] == {"safety"}
+    assert found["monitor"]["eval"]["overrefusal_rate"] is None and found["monitor"]["eval"]["asr"] is not None
+    assert 0 <= found["monitor"]["flag_rate_safe_calibration"] <= 1  # the drift is reported all the same
+    for arm in ("monitor_recalibrated", "monitor_tokens"):
+        assert "stopped_early" not in found[arm] and {"safety", "overrefusal", "utility"} <= suites[arm]
+    # reused as it is while the early stop is on; a run that wants every suite evaluates the rest
+    assert monitored_cells(ctx, stage, cell, defenses, evaluation, studied, attacked=attacked, settle=settle) == found
+    again = monitored_cells(ctx, stage, cell, defenses, evaluation, studied, attacked=attacked)
+    assert "stopped_early" not in again["monitor"] and again["monitor"]["eval"]["overrefusal_rate"] is not None
+    assert again["monitor_tokens"] == found["monitor_tokens"]

@@ -386,12 +386,13 @@ class _Grid:
             self.tests[i] = run_cell(self.ctx, cell, self.defenses, self.stage / "cells" / cell.folder, plan[i],
                                      settle=settle, kept=kept)
 
-    def monitor_rows(self, family: str | None = None, kept: dict | None = None) -> list[dict]:
+    def monitor_rows(self, rejected: set[str], family: str | None = None, kept: dict | None = None) -> list[dict]:
         """The runtime monitors' rows (`ssah.attacks.monitored`) at no defense's worst point of each family
-        (or of `family`), on the trained model in `kept` where it is there."""
+        (or of `family`), on the trained model in `kept` where it is there; each evaluated only as far as
+        its verdict needs, as the claims' tests (`rejected`: the candidates left out of the count)."""
         from ssah.attacks.monitored import monitored_cells, studied_states
 
-        table = self.table()
+        a, table = self.ctx.config.attacks, self.table()
         worst, out = matrix.worst_points(table), []
         for cell, row in zip(self.planned, table):
             if cell.modality != "full" or cell.defense != "none" or worst.get(("none", row["family"])) is not row \
@@ -399,9 +400,17 @@ class _Grid:
                 continue
             self.studied = self.studied or studied_states(self.ctx, self.stage)
             records = monitored_cells(self.ctx, self.stage, cell, self.defenses, _evaluation(self.ctx, cell, "full"),
-                                      self.studied, attacked=(kept or {}).get(cell.folder))
+                                      self.studied, attacked=(kept or {}).get(cell.folder),
+                                      settle=partial(self._monitor_settled, table, row, rejected) if a.skip_decided
+                                      else None)
             out += matrix.monitor_rows(row, records, self.rule)
         return out
+
+    def _monitor_settled(self, table: list[dict], none: dict, rejected: set[str], arm: str) -> dict | None:
+        """`matrix.rise_settled` for a monitor's arm, whose worst point is no defense's `none`."""
+        row = matrix.monitor_rows(none, {arm: {"eval": None}}, self.rule)[0]
+        claims = matrix.claims_in_family(table, none["family"], rejected, len(MONITOR_ARMS))
+        return matrix.rise_settled(table + [row], row, self.stage, claims, self.rule, self.ctx.config.seed)
 
 
 def run_grid(ctx, stage: Path) -> GridResult:
@@ -422,10 +431,11 @@ def run_grid(ctx, stage: Path) -> GridResult:
             continue
         grid.test(set(), waiting, kept)
         if a.monitor and cell.defense == "none" and cell.modality == "full":
-            grid.monitor_rows(cell.attack.family, kept)
+            grid.monitor_rows(set(), cell.attack.family, kept)
         del kept
         release()
     combination = matrix.choose_combination(grid.table(), a.combination_candidates)
-    grid.test(set((combination or {}).get("candidates", {})) - {(combination or {}).get("chosen")})
-    table = grid.table() + (grid.monitor_rows() if a.monitor else [])
+    rejected = set((combination or {}).get("candidates", {})) - {(combination or {}).get("chosen")}
+    grid.test(rejected)
+    table = grid.table() + (grid.monitor_rows(rejected) if a.monitor else [])
     return GridResult(planned, grid.calibration, grid.tests, before, table, combination)

@@ -47,7 +47,8 @@ What is not evaluated (`attacks.skip_decided`, on by default), since it cannot c
   rise part is then already not held with the family's Bonferroni bound (mean x > 0 at p x m < 0.05, m
   the family's claims; Holm's adjusted p is never above that), its over-refusal and task accuracy are
   not evaluated (`stopped_early` in its record): the verdict is not held whatever they show. The
-  cells of no defense are tested first, so the rise test has what it reads.
+  cells of no defense are tested first, so the rise test has what it reads. A runtime monitor's
+  evaluation stops the same way (its flag rate on safe calibration prompts is measured all the same).
 
 Threat model. Each row and verdict names who applies the defense (`ssah.attacks.defenses.threat_model`):
 `open-weights` (model-side, RSN-Tune) or `fine-tuning-as-a-service` (provider-side: freezing, safety
@@ -119,8 +120,9 @@ def monitor_rows(none: dict, records: dict, rule: str = "prefix") -> list[dict]:
     out = []
     for arm, record in records.items():
         folder = none["folder"].rsplit("/", 1)[0] + f"/{arm}"
-        out.append({**none, "defense": arm, "threat_model": threat_model(arm), "folder": folder, "tested": "full",
-                    "trainable_share": 1.0, "asr": _asr(record["eval"], rule), "eval": record["eval"],
+        out.append({**none, "defense": arm, "threat_model": threat_model(arm), "folder": folder,
+                    "tested": "full", "stopped_early": record.get("stopped_early"), "trainable_share": 1.0,
+                    "asr": _asr(record["eval"], rule), "eval": record["eval"],
                     "final_loss": none.get("final_loss"), "defense_notes": None,
                     "monitor": {k: record.get(k) for k in ("threshold", "replaced", "flag_rate_safe_calibration",
                                                            "flag_rate_safe_calibration_before", "flag_rate_drift")}})

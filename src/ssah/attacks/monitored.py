@@ -64,10 +64,12 @@ def studied_states(ctx, stage: Path) -> dict:
     return {"states": states, "flag_rates": rates}
 
 
-def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied: dict, attacked=None) -> dict:
+def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied: dict, attacked=None,
+                    settle=None) -> dict:
     """{arm: record} for the attacked model of `cell` (no defense, full fine-tuning) under each monitor,
     reused when finished with the same inputs; `attacked`: that model as the grid trained it (`Attacked`),
-    else it is trained again from the same seed."""
+    else it is trained again from the same seed. `settle(arm)`, called after an arm's ASR replies: a
+    reason to stop there (`stopped_early`, as `ssah.attacks.grid.run_cell`) or None."""
     from ssah.attacks.apply import attack_model
     from ssah.pipeline.stages.probe import monitor_state
 
@@ -81,6 +83,8 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     artifacts = {arm: Artifact(point / arm / RECORD, f"a monitored attack cell ({arm})", {**base, "arm": arm})
                  for arm in MONITOR_ARMS}
     found = {arm: artifact.lookup(replace=True) for arm, artifact in artifacts.items()}
+    found = {arm: record if record is not None and (settle is not None or not record.get("stopped_early")) else None
+             for arm, record in found.items()}  # a stopped record does not serve a run that wants every suite
     if all(record is not None for record in found.values()):
         return found
     log.info("  attack %s, lr %g, %d steps, under the runtime monitors", cell.attack.name, cell.lr, cell.steps)
@@ -94,8 +98,14 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     for arm in MONITOR_ARMS:
         if found[arm] is not None:
             continue
-        report = ctx.evaluate(attacked, point / arm / "eval", f"{cell.attack.name} under {arm}",
-                              interventions=[_monitor(attacked, states[arm])], **evaluation)
+        folder, label, stopped = point / arm / "eval", f"{cell.attack.name} under {arm}", None
+        if settle is not None:  # ASR first: the rise part may already be decided
+            report = ctx.evaluate(attacked, folder, label, interventions=[_monitor(attacked, states[arm])],
+                                  **{**evaluation, "suites": ["safety"]})
+            stopped = settle(arm)
+        if stopped is None:  # every suite, the ASR replies read back from the folder's cache
+            report = ctx.evaluate(attacked, folder, label, interventions=[_monitor(attacked, states[arm])],
+                                  **evaluation)
         rate = _flag_rate(ctx, attacked, _monitor(attacked, states[arm]), point / arm / "flags",
                           f"{cell.attack.name}: {arm}'s flags on safe calibration prompts")
         before = studied["flag_rates"].get(arm if arm != "monitor_recalibrated" else "monitor")
@@ -103,7 +113,8 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
             "defense": arm, "eval": headline(report), "replaced": (report.get("monitor") or {}).get("replaced"),
             "threshold": states[arm].threshold, "flag_rate_safe_calibration": rate,
             "flag_rate_safe_calibration_before": before,
-            "flag_rate_drift": None if rate is None or before is None else rate - before})
+            "flag_rate_drift": None if rate is None or before is None else rate - before,
+            **({"stopped_early": stopped} if stopped else {})})
     del attacked
     release()
     return found
