@@ -330,6 +330,11 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path, caplog):
         assert (row["tested"] == "safety") == (at_none and chosen_control), row["folder"]
     tested = [row for row in grid["rows"] if row["tested"]]
     assert tested and len(tested) < len(grid["rows"])
+    # the grid's compute by phase, every cell timed in its record
+    calibrated = [row for row in grid["rows"] if row["defense"] not in monitors and row["perplexity"] is not None]
+    assert {phase: (c["cells"], c["untimed"]) for phase, c in grid["compute"].items()} == {
+        "calibration": (len(calibrated), 0), "test": (len(tested) - len(watched), 0), "monitor": (6, 0)}
+    assert all(c["seconds"] > 0 for c in grid["compute"].values())
     assert not any(row["defense"].endswith("_constrained") and row["defense"] != chosen for row in tested)
     calibration = [json.loads(line) for line in (stage / "cells" / "harmful-k4" / "lr0.01-s2" / "none" /
                                                  "eval-calibration" / "replies.jsonl").read_text().splitlines()]

@@ -22,6 +22,7 @@ than being recorded.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -209,6 +210,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     found = artifact.lookup(replace=True)
     if found is not None and _still_valid(found, useful_limit, settle):
         return found
+    started = time.perf_counter()
     attacked = (kept or {}).get(cell.folder) if scope != "calibration" else None
     log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]%s", cell.attack.name, cell.modality, cell.lr,
              cell.steps, cell.defense, scope, "" if attacked is None else ": the model its calibration trained")
@@ -235,6 +237,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
                 report = None  # the rest of the suites; the ASR replies come from the folder's cache
         report = report or ctx.evaluate(attacked.model, folder, label, **evaluation)
         record["eval"] = headline(report)
+    record["seconds"] = round(time.perf_counter() - started, 1)  # the grid's compute, summed over resumes
     del attacked
     release()
     return artifact.save(record)

@@ -107,6 +107,7 @@ def rows(cells, calibration: list[dict], tests: list[dict | None], before: dict,
                     "asr": _asr(ev, rule), "asr_before": _asr(start, rule), "eval": ev or {},
                     "tested": None if test is None else test["scope"],
                     "stopped_early": (test or {}).get("stopped_early"),
+                    "seconds": {"calibration": record.get("seconds"), "test": (test or {}).get("seconds")},
                     "final_loss": (trained.get("train") or {}).get("final_loss"),
                     "defense_notes": trained.get("defense_notes"),
                     **({"not_calibrated": record["not_calibrated"]} if record.get("not_calibrated") else {}),
@@ -122,6 +123,7 @@ def monitor_rows(none: dict, records: dict, rule: str = "prefix") -> list[dict]:
         folder = none["folder"].rsplit("/", 1)[0] + f"/{arm}"
         out.append({**none, "defense": arm, "threat_model": threat_model(arm), "folder": folder,
                     "tested": "full", "stopped_early": record.get("stopped_early"), "trainable_share": 1.0,
+                    "seconds": {"calibration": None, "test": record.get("seconds")},
                     "asr": _asr(record["eval"], rule), "eval": record["eval"],
                     "final_loss": none.get("final_loss"), "defense_notes": None,
                     "monitor": {k: record.get(k) for k in ("threshold", "replaced", "flag_rate_safe_calibration",
@@ -336,4 +338,19 @@ def summary(table: list[dict], before: dict, stage: Path, rule: str = "prefix", 
     threat_models = {row["defense"]: row.get("threat_model") for row in table}
     return {"rule": rule, "before": before, "rows": table, "worst_case": worst_rows, "trainable_share": shares,
             "threat_model": threat_models, "combination": combination, "verdicts": found,
-            "verdicts_by_threat_model": by_threat_model(found)}
+            "verdicts_by_threat_model": by_threat_model(found), "compute": compute(table)}
+
+
+def compute(table: list[dict]) -> dict:
+    """The grid's compute by phase, from its records (so summed over every run that resumed it): the
+    cells trained and evaluated on calibration prompts, on the test sets, under the monitors; `untimed`
+    counts records written before cells were timed."""
+    out = {}
+    for phase, scope in (("calibration", "calibration"), ("test", "test"), ("monitor", "test")):
+        # a calibrated cell has its perplexity (a control's untrained calibration row has none)
+        seconds = [(row.get("seconds") or {}).get(scope) for row in table
+                   if ("monitor" in row) == (phase == "monitor")
+                   and (row["tested"] if scope == "test" else row["perplexity"] is not None)]
+        timed = [x for x in seconds if x is not None]
+        out[phase] = {"cells": len(seconds), "seconds": round(sum(timed), 1), "untimed": len(seconds) - len(timed)}
+    return out

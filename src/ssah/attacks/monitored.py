@@ -22,6 +22,7 @@ beside the studied model's: how far the attack moved the monitor's false alarms.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from ssah.artifacts import Artifact, fingerprint
@@ -98,6 +99,7 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     for arm in MONITOR_ARMS:
         if found[arm] is not None:
             continue
+        started = time.perf_counter()
         folder, label, stopped = point / arm / "eval", f"{cell.attack.name} under {arm}", None
         if settle is not None:  # ASR first: the rise part may already be decided
             report = ctx.evaluate(attacked, folder, label, interventions=[_monitor(attacked, states[arm])],
@@ -114,7 +116,7 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
             "threshold": states[arm].threshold, "flag_rate_safe_calibration": rate,
             "flag_rate_safe_calibration_before": before,
             "flag_rate_drift": None if rate is None or before is None else rate - before,
-            **({"stopped_early": stopped} if stopped else {})})
+            **({"stopped_early": stopped} if stopped else {}), "seconds": round(time.perf_counter() - started, 1)})
     del attacked
     release()
     return found
