@@ -342,6 +342,7 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path, caplog):
 
     assert {r["prompt"] for r in calibration if r["suite"] == "safety"} \
         <= set(load_dataset("harmful:calibration").prompts())  # never a test prompt
+    assert {r["suite"] for r in calibration} == {"safety"}  # what picks the worst point; the rule reads perplexity
     # an arm's tests evaluate the models its calibration trained; only the tests that wait for the
     # combination's choice (it and its controls) and the controls, which have no calibration, train
     trained = {m.group(1) for m in re.finditer(r"defense (\S+) \[(?:full|safety)\]$", caplog.text, re.MULTILINE)}

@@ -223,8 +223,9 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     label = f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense} ({scope})"
     folder = out / (matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL)
     record = {**attacked.record, "defense": cell.defense, "scope": scope}
-    ppl = _perplexity(ctx, attacked.model) if useful_limit is not None else None
-    if ppl is not None and ppl > useful_limit:
+    # calibration reads perplexity for the utility rule, computed once, before any reply
+    ppl = _perplexity(ctx, attacked.model) if scope == "calibration" else None
+    if useful_limit is not None and ppl > useful_limit:
         log.info("  perplexity %.2f is over the utility rule's %.2f: no calibration replies", ppl, useful_limit)
         record.update(eval={"perplexity": ppl, "asr": None}, not_useful={"perplexity": ppl, "limit": useful_limit})
     else:
@@ -236,7 +237,7 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
                 del record["stopped_early"]
                 report = None  # the rest of the suites; the ASR replies come from the folder's cache
         report = report or ctx.evaluate(attacked.model, folder, label, **evaluation)
-        record["eval"] = headline(report)
+        record["eval"] = headline(report) | ({"perplexity": ppl} if ppl is not None else {})
     record["seconds"] = round(time.perf_counter() - started, 1)  # the grid's compute, summed over resumes
     del attacked
     release()
@@ -275,14 +276,14 @@ RECORDS = {"calibration": CELL_FILE, "full": "test.json", "safety": "test.json"}
 
 
 def _evaluation(ctx, cell: Cell, scope: str) -> dict:
-    """ctx.evaluate's options for a scope: on calibration, ASR on harmful calibration prompts and utility
-    (task accuracy on benign calibration tasks, the perplexity text); on test, the stage's suites
+    """ctx.evaluate's options for a scope: on calibration, ASR on harmful calibration prompts (what picks
+    the worst point; `run_cell` adds the perplexity the utility rule reads); on test, the stage's suites
     (`eval.stage_suites.attacks`, else the run's) or ASR alone. Under the attack's system prompt, with
     its trigger before every request."""
     c = ctx.config
     if scope == "calibration":
-        return _under(ctx, cell.attack.system, cell.attack.trigger, ["safety", "utility"], c.attacks.calibration_limit,
-                      {"harmful": c.data.harmful_calibration, "benign": c.data.benign_calibration})
+        return _under(ctx, cell.attack.system, cell.attack.trigger, ["safety"], c.attacks.calibration_limit,
+                      {"harmful": c.data.harmful_calibration})
     return _under(ctx, cell.attack.system, cell.attack.trigger,
                   ctx.suites_for("attacks") if scope == "full" else ["safety"], c.attacks.eval_limit)
 
@@ -419,14 +420,15 @@ class _Grid:
 def run_grid(ctx, stage: Path) -> GridResult:
     """Every cell on calibration prompts, the worst points picked there and the picked cells evaluated on
     the test sets (`ssah.attacks.matrix`), arm by arm (`arm_groups`): an arm's tests follow its calibration
-    and evaluate the models it trained, so no test trains again, except the combination's and its
-    controls', which wait until every family has chosen it."""
+    and evaluate the models it trained, so no test trains again, except those of the combination's
+    candidates and their controls, which wait for the choice (there are two or more candidates)."""
     a = ctx.config.attacks
     attacks = build_attacks(a, stage, ctx.config.seed)
     before = before_attack(ctx, stage, attacks)
     planned = cells(attacks, a)
     grid = _Grid(ctx, stage, planned, before, defense_context(ctx, stage))
-    waiting = set(a.combination_candidates)
+    # the candidates' tests wait for the choice, which reads every family's calibration; one has no rival
+    waiting = set(a.combination_candidates) if len(a.combination_candidates) > 1 else set()
     for group in arm_groups(planned):
         cell = planned[group[0]]
         kept = grid.calibrate(group)

@@ -350,7 +350,7 @@ def compute(table: list[dict]) -> dict:
         # a calibrated cell has its perplexity (a control's untrained calibration row has none)
         seconds = [(row.get("seconds") or {}).get(scope) for row in table
                    if ("monitor" in row) == (phase == "monitor")
-                   and (row["tested"] if scope == "test" else row["perplexity"] is not None)]
+                   and (row.get("tested") if scope == "test" else row.get("perplexity") is not None)]
         timed = [x for x in seconds if x is not None]
         out[phase] = {"cells": len(seconds), "seconds": round(sum(timed), 1), "untimed": len(seconds) - len(timed)}
     return out
