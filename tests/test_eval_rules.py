@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from ssah.defaults import PRESETS
 from ssah.errors import SsahError
 from ssah.evaluate import attack_success, is_refusal, paired_exact_test, parse_guard_output, verdict, wilson_interval
 from ssah.evaluate.stats import Rate
@@ -149,8 +150,7 @@ def test_verdict_rule_default_and_judge_setting():
     assert keywords.verdict_rule == "keywords" and keywords.rules == ["prefix", "keywords"]
 
 
-@pytest.mark.parametrize("preset", ["demo", "attack-grid", "maker-aligned", "paper-llama2", "paper-llama3",
-                                    "paper-mistral"])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_presets_report_both_rules_with_replies_long_enough_for_keywords(preset):
     from ssah.config import load_config
 

@@ -138,7 +138,8 @@ MonitorScorer = Literal["direction", "probe"]
 MonitorStatistic = Literal["mean", "max"]
 PromptPosition = Literal["request", "last"]
 
-PRESETS: tuple[str, ...] = ("demo", "maker-aligned", "attack-grid", "paper-llama2", "paper-llama3", "paper-mistral")
+PRESETS: tuple[str, ...] = ("demo", "maker-aligned", "attack-grid", "attack-grid-quick", "paper-llama2", "paper-llama3",
+                            "paper-mistral")
 
 
 def cache_dir() -> Path:
