@@ -196,9 +196,8 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     start = source_model(cell.defense, defenses, ctx.studied_model_spec())
     if start is None:  # RSN-Tune found nothing to tune: no model to attack, a row that says so
         return _untrained(cell, scope, skipped=NOTHING_TO_TUNE)
-    loaded = ctx.load(start)
     evaluation = _evaluation(ctx, cell, scope)
-    identity = {"model": loaded.fingerprint,
+    identity = {"model": ctx.fingerprint(start),
                 "attack": fingerprint([cell.attack.pairs, cell.attack.system, cell.attack.trigger]),
                 "defense": cell.defense, **({"modality": cell.modality} if cell.modality != "full" else {}),
                 "config": cell.settings(c.attacks.train).to_dict(), "seed": c.seed,
@@ -215,11 +214,10 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
     log.info("  attack %s (%s), lr %g, %d steps, defense %s [%s]%s", cell.attack.name, cell.modality, cell.lr,
              cell.steps, cell.defense, scope, "" if attacked is None else ": the model its calibration trained")
     if attacked is None:
-        attacked = attack_model(loaded, cell.attack, training_defense(cell.defense, cell.modality),
+        attacked = attack_model(ctx.load(start), cell.attack, training_defense(cell.defense, cell.modality),
                                 cell.settings(c.attacks.train), defenses, cell.modality, seed=c.seed)
         if kept is not None and scope == "calibration":
             kept[cell.folder] = attacked
-    del loaded
     label = f"{cell.attack.name} lr {cell.lr:g} x{cell.steps}, {cell.defense} ({scope})"
     folder = out / (matrix.CALIBRATION_EVAL if scope == "calibration" else matrix.TEST_EVAL)
     record = {**attacked.record, "defense": cell.defense, "scope": scope}

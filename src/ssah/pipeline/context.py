@@ -31,6 +31,7 @@ class RunContext:
     def __init__(self, config: RunConfig, out: str | Path):
         self.config = config
         self.layout = RunLayout(Path(out), study_of(config))
+        self._fingerprints: dict[tuple, str] = {}
 
     @property
     def out(self) -> Path:
@@ -40,6 +41,18 @@ class RunContext:
         from ssah.models.loading import load_model
 
         return load_model(str(spec or self.config.model), dtype=self.config.dtype, device=self.config.device)
+
+    def fingerprint(self, spec: str | Path) -> str:
+        """The fingerprint of the model `spec` names, loaded once for it while its files stay as they are
+        (a stage that checks many records against one model loads it once, not once per record)."""
+        path = Path(str(spec)).expanduser()
+        key = (str(spec), path.stat().st_mtime_ns if path.exists() else None)
+        if key not in self._fingerprints:
+            loaded = self.load(spec)
+            self._fingerprints[key] = loaded.fingerprint
+            del loaded
+            release()
+        return self._fingerprints[key]
 
     def studied_model_spec(self) -> str:
         studied = self.layout.studied_model
