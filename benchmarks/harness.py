@@ -4,6 +4,7 @@
     python -m benchmarks --only peers,freeze   # rerun some tables, keep the others from the last JSON
     python -m benchmarks --quick               # smoke run on tiny:llama (results/quick/, not BENCHMARKS.md)
     python -m benchmarks --render-only         # regenerate the markdown from the saved JSON
+    python -m benchmarks --only grid           # the reduced attack grid from scratch (not in the default run)
 
 Raw results go to benchmarks/results/latest.json (quick runs: benchmarks/results/quick/), so the
 markdown can be regenerated without measuring again. Benchmarks run one after another, never in
@@ -23,6 +24,7 @@ from pathlib import Path
 from benchmarks import (
     bench_freeze,
     bench_generation,
+    bench_grid,
     bench_monitor,
     bench_peers,
     bench_scaling,
@@ -37,7 +39,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 # Run order: everything that only reads the built-in model first (the training table's steps take no
 # optimizer step); the freeze benchmark trains it (and restores the weights), scaling builds its own models.
 BENCHMARKS = {m.NAME: m for m in (bench_scoring, bench_peers, bench_generation, bench_training, bench_monitor,
-                                  bench_freeze, bench_scaling)}
+                                  bench_freeze, bench_scaling, bench_grid)}
 
 
 def _paths(args) -> tuple[Path, Path]:
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [name for name in only if name not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
-    selected = [name for name in BENCHMARKS if not only or name in only]
+    # a module with DEFAULT = False (the grid, which runs for as long as the grid) runs only when named
+    selected = [name for name, module in BENCHMARKS.items()
+                if name in only or not only and getattr(module, "DEFAULT", True)]
     mode = "quick" if args.quick else "full"
     spec = args.model or (common.QUICK_MODEL if args.quick else common.DEFAULT_MODEL)
 

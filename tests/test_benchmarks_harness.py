@@ -79,3 +79,26 @@ def test_a_benchmark_runs_as_a_script_with_flags_from_its_params():
                            "--no-profile", "--threads", "1"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "batch 2 x 16 tokens" in done.stdout and "Profile of setting (ii)" not in done.stdout
+
+
+def test_the_grid_benchmark_reads_a_grid_run_from_scratch_and_refuses_a_resumed_one(tmp_path, monkeypatch):
+    from benchmarks import bench_grid
+
+    stage = tmp_path / "run" / "8-attacks"
+    stage.mkdir(parents=True)
+    compute = {"calibration": {"cells": 32, "seconds": 700.0, "untimed": 0},
+               "test": {"cells": 28, "seconds": 900.0, "untimed": 0}, "monitor": {"cells": 12, "seconds": 400.0,
+                                                                                  "untimed": 0}}
+    (stage / "attacks.json").write_text(json.dumps({"compute": compute}))
+    (stage / "done.json").write_text(json.dumps({"seconds": 2280.0}))
+    monkeypatch.setenv("SSAH_BENCH_GRID_RUN", str(tmp_path / "run"))
+    result = bench_grid.run(None)
+    assert result["minutes"] == 38.0 and result["target"]["met"] and result["compute"] == compute
+    text = "\n".join(bench_grid.render(result))
+    assert "| calibration | 32 | 700 | 22 |" in text and "38.0 min" in text and "met (<= 40 min)" in text
+    # a stage that reused cells did not take their seconds: not a measurement of the grid
+    (stage / "done.json").write_text(json.dumps({"seconds": 600.0}))
+    with pytest.raises(SystemExit, match="not a run from scratch"):
+        bench_grid.run(None)
+    # the whole grid runs only when asked for by name
+    assert "grid" in harness.BENCHMARKS and not harness.BENCHMARKS["grid"].DEFAULT
