@@ -37,9 +37,12 @@ ROOT = Path(__file__).resolve().parent.parent
 LEFT_OUT = ("8-attacks", "9-report")  # a grid the demo's folder may hold already, and the report of it
 PROSE = """\
 The reduced grid keeps `attack-grid`'s four families, both sweep points, rule and full test sets, with
-fewer arms (README, "Fine-tuning attacks and defenses"). What costs is training: every calibration cell
-trains 4 steps, a test evaluates the model its calibration trained, and the random controls and the
-monitors add cells of their own."""
+fewer arms (README, "Fine-tuning attacks and defenses"). What costs is generation on the full test
+sets, not training: a calibration cell trains 4 steps and writes 32 replies, a test cell evaluates the
+model its calibration trained on 163 harmful prompts (and 110 over-refusal prompts and 256 tasks when
+its verdict needs them), and each monitor evaluates the attacked model on all three under the monitor.
+Stopping a verdict's evaluation once it is decided is what the grid already does; the rest of the gap
+is reply throughput or fewer arms."""
 
 
 def run(loaded, preset: str = "attack-grid-quick") -> dict:
@@ -74,7 +77,7 @@ def _result(stage: Path, preset: str, run_dir: str | None = None) -> dict:
 
 
 def render(result: dict) -> list[str]:
-    source = f" (read from `{result['run_dir']}`)" if result.get("run_dir") else ""
+    source = " (a run of that command, read with `SSAH_BENCH_GRID_RUN`)" if result.get("run_dir") else ""
     lines = [f"`ssah run --preset {result['preset']}` on the demo's aligned model, {result['os_cpus']} CPU "
              f"cores, from scratch{source}.", "",
              "| phase | cells | seconds | mean per cell |", "|---|---|---|---|"]
