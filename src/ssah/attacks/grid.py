@@ -227,19 +227,25 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
         log.info("  perplexity %.2f is over the utility rule's %.2f: no calibration replies", ppl, useful_limit)
         record.update(eval={"perplexity": ppl, "asr": None}, not_useful={"perplexity": ppl, "limit": useful_limit})
     else:
-        report = None
-        if settle is not None:  # ASR first: the rise part may already be decided
-            report = ctx.evaluate(attacked.model, folder, label, **{**evaluation, "suites": ["safety"]})
-            record["stopped_early"] = settle()
-            if record["stopped_early"] is None:
-                del record["stopped_early"]
-                report = None  # the rest of the suites; the ASR replies come from the folder's cache
-        report = report or ctx.evaluate(attacked.model, folder, label, **evaluation)
+        report, stopped = evaluate_settled(ctx, attacked.model, folder, label, evaluation, settle)
+        record.update({"stopped_early": stopped} if stopped else {})
         record["eval"] = headline(report) | ({"perplexity": ppl} if ppl is not None else {})
     record["seconds"] = round(time.perf_counter() - started, 1)  # the grid's compute, summed over resumes
     del attacked
     release()
     return artifact.save(record)
+
+
+def evaluate_settled(ctx, model, folder: Path, label: str, evaluation: dict, settle=None, **extra):
+    """ctx.evaluate with `evaluation`'s options (and `extra`'s), ASR first when `settle` is given: its
+    reason to stop there ends the evaluation; else the rest of the suites, the ASR replies read back from
+    the folder's cache. Returns (report, the reason or None)."""
+    if settle is not None:
+        report = ctx.evaluate(model, folder, label, **{**evaluation, "suites": ["safety"]}, **extra)
+        stopped = settle()
+        if stopped is not None:
+            return report, stopped
+    return ctx.evaluate(model, folder, label, **evaluation, **extra), None
 
 
 def _untrained(cell: Cell, scope: str, **why: str) -> dict:
@@ -351,9 +357,10 @@ class _Grid:
         a = self.ctx.config.attacks
         return matrix.rows(self.planned, self.calibration, self.tests, self.before, a.utility_drop, self.rule)
 
-    def calibrate(self, group: list[int]) -> dict:
+    def calibrate(self, group: list[int], keep: bool = True) -> dict:
         """The group's cells on calibration prompts; returns {folder: trained model} of the cells its tests
-        may still need (its own worst point so far, the cell at no defense's worst point)."""
+        may still need (its own worst point so far, the cell at no defense's worst point), none when not
+        `keep` (its tests come later)."""
         a, kept = self.ctx.config.attacks, {}
         first = self.planned[group[0]]
         arm, family = first.arm, first.attack.family
@@ -363,7 +370,10 @@ class _Grid:
             cell = self.planned[i]
             limit = matrix.useful_limit(self.before, cell.attack.system is not None, a.utility_drop)
             self.calibration[i] = run_cell(self.ctx, cell, self.defenses, self.stage / "cells" / cell.folder,
-                                           useful_limit=limit if a.skip_decided else None, kept=kept)
+                                           useful_limit=limit if a.skip_decided else None,
+                                           kept=kept if keep else None)
+            if not kept:
+                continue
             table = self.table()
             worst = matrix.worst_points(table)
             own, none = worst.get((arm, family)), worst.get((BASELINES[first.modality], family))
@@ -429,8 +439,9 @@ def run_grid(ctx, stage: Path) -> GridResult:
     waiting = set(a.combination_candidates) if len(a.combination_candidates) > 1 else set()
     for group in arm_groups(planned):
         cell = planned[group[0]]
-        kept = grid.calibrate(group)
-        if cell.arm in waiting or claim_of(cell.defense) in waiting:
+        waits = cell.arm in waiting or claim_of(cell.defense) in waiting
+        kept = grid.calibrate(group, keep=not waits)
+        if waits:
             continue
         grid.test(set(), waiting, kept)
         if a.monitor and cell.defense == "none" and cell.modality == "full":

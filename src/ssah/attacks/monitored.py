@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from ssah.artifacts import Artifact, fingerprint
@@ -72,6 +73,7 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     else it is trained again from the same seed. `settle(arm)`, called after an arm's ASR replies: a
     reason to stop there (`stopped_early`, as `ssah.attacks.grid.run_cell`) or None."""
     from ssah.attacks.apply import attack_model
+    from ssah.attacks.grid import evaluate_settled  # grid imports this module
     from ssah.pipeline.stages.probe import monitor_state
 
     c = ctx.config
@@ -100,14 +102,9 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
         if found[arm] is not None:
             continue
         started = time.perf_counter()
-        folder, label, stopped = point / arm / "eval", f"{cell.attack.name} under {arm}", None
-        if settle is not None:  # ASR first: the rise part may already be decided
-            report = ctx.evaluate(attacked, folder, label, interventions=[_monitor(attacked, states[arm])],
-                                  **{**evaluation, "suites": ["safety"]})
-            stopped = settle(arm)
-        if stopped is None:  # every suite, the ASR replies read back from the folder's cache
-            report = ctx.evaluate(attacked, folder, label, interventions=[_monitor(attacked, states[arm])],
-                                  **evaluation)
+        report, stopped = evaluate_settled(ctx, attacked, point / arm / "eval", f"{cell.attack.name} under {arm}",
+                                           evaluation, settle and partial(settle, arm),
+                                           interventions=[_monitor(attacked, states[arm])])
         rate = _flag_rate(ctx, attacked, _monitor(attacked, states[arm]), point / arm / "flags",
                           f"{cell.attack.name}: {arm}'s flags on safe calibration prompts")
         before = studied["flag_rates"].get(arm if arm != "monitor_recalibrated" else "monitor")
