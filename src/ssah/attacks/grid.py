@@ -227,25 +227,13 @@ def run_cell(ctx, cell: Cell, defenses: DefenseContext, out: Path, scope: str = 
         log.info("  perplexity %.2f is over the utility rule's %.2f: no calibration replies", ppl, useful_limit)
         record.update(eval={"perplexity": ppl, "asr": None}, not_useful={"perplexity": ppl, "limit": useful_limit})
     else:
-        report, stopped = evaluate_settled(ctx, attacked.model, folder, label, evaluation, settle)
+        report, stopped = matrix.evaluate_settled(ctx, attacked.model, folder, label, evaluation, settle)
         record.update({"stopped_early": stopped} if stopped else {})
         record["eval"] = headline(report) | ({"perplexity": ppl} if ppl is not None else {})
     record["seconds"] = round(time.perf_counter() - started, 1)  # the grid's compute, summed over resumes
     del attacked
     release()
     return artifact.save(record)
-
-
-def evaluate_settled(ctx, model, folder: Path, label: str, evaluation: dict, settle=None, **extra):
-    """ctx.evaluate with `evaluation`'s options (and `extra`'s), ASR first when `settle` is given: its
-    reason to stop there ends the evaluation; else the rest of the suites, the ASR replies read back from
-    the folder's cache. Returns (report, the reason or None)."""
-    if settle is not None:
-        report = ctx.evaluate(model, folder, label, **{**evaluation, "suites": ["safety"]}, **extra)
-        stopped = settle()
-        if stopped is not None:
-            return report, stopped
-    return ctx.evaluate(model, folder, label, **evaluation, **extra), None
 
 
 def _untrained(cell: Cell, scope: str, **why: str) -> dict:

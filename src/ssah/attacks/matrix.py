@@ -239,6 +239,18 @@ def rise_settled(table: list[dict], row: dict, stage: Path, claims: int, rule: s
             "bonferroni_p": min(1.0, test["p_value"] * claims), "mean_difference": test["mean_difference"]}
 
 
+def evaluate_settled(ctx, model, folder: Path, label: str, evaluation: dict, settle=None, **extra):
+    """ctx.evaluate with `evaluation`'s options (and `extra`'s), ASR first when `settle` is given: its
+    reason to stop there ends the evaluation; else the rest of the suites, the ASR replies read back from
+    the folder's cache. Returns (report, the reason or None)."""
+    if settle is not None:
+        report = ctx.evaluate(model, folder, label, **{**evaluation, "suites": ["safety"]}, **extra)
+        stopped = settle()
+        if stopped is not None:
+            return report, stopped
+    return ctx.evaluate(model, folder, label, **evaluation, **extra), None
+
+
 def verdicts(table: list[dict], stage: Path, rule: str = "prefix", seed: int = 0,
              combination: dict | None = None) -> dict:
     """{family: {defense: verdict}} by the rule of the module docstring (each verdict `combine`d from its

@@ -73,7 +73,7 @@ def monitored_cells(ctx, stage: Path, cell, defenses, evaluation: dict, studied:
     else it is trained again from the same seed. `settle(arm)`, called after an arm's ASR replies: a
     reason to stop there (`stopped_early`, as `ssah.attacks.grid.run_cell`) or None."""
     from ssah.attacks.apply import attack_model
-    from ssah.attacks.grid import evaluate_settled  # grid imports this module
+    from ssah.attacks.matrix import evaluate_settled
     from ssah.pipeline.stages.probe import monitor_state
 
     c = ctx.config
