@@ -374,6 +374,21 @@ def test_the_attack_stage_on_a_tiny_model(tmp_path, caplog):
     assert grid["verdicts"]["identity"]["rsn_tune"]["threat_model"] == "open-weights"
     assert set(grid["verdicts_by_threat_model"]) == {"open-weights", "fine-tuning-as-a-service"}
     assert not any(key.startswith("attack_") and "freeze_random" in key for key in results["verdicts"])
+    # attacks.md: a row per judged defense, each cell ending in that family's verdict, and the answer
+    table = [[cell.strip() for cell in line.strip("|").split(" | ")]
+             for line in (stage / "attacks.md").read_text().splitlines() if line.startswith("| ")]
+    families = table[0][3:]
+    assert families == list(grid["verdicts"])
+    judged = {row[0].removesuffix(" (chosen)"): row[3:] for row in table[2:] if row[1] != "-"}
+    assert [row[0] for row in table[2:] if row[1] == "-"] == ["none", "lora"]  # the baselines' worst points
+    assert set(judged) == {d for by in grid["verdicts"].values() for d in by}
+    for family, by_defense in grid["verdicts"].items():
+        for defense, verdict in by_defense.items():
+            cell = judged[defense][families.index(family)]
+            assert cell.removesuffix("**").endswith(verdict["verdict"]), (defense, family, cell)
+            assert cell.endswith(f", {verdict['verdict']}") or cell.endswith(f", **{verdict['verdict']}**")
+    everywhere = [d for d in judged if all(by[d]["verdict"] == "held" for by in grid["verdicts"].values())]
+    assert ("No defense held in every family" in (stage / "attacks.md").read_text()) == (not everywhere)
     html = (tmp_path / "run" / "report.html").read_text()
     assert "Fine-tuning attacks and defenses" in html and html.count("data:image/png;base64,") >= 3
     assert "<th>threat model</th>" in html and html.count("<td>open-weights</td>") >= 3  # verdicts and rows

@@ -4,7 +4,7 @@ attack of the strength sweep (`ssah.attacks`); off unless `attacks.enabled`."""
 from __future__ import annotations
 
 from ssah.config import RunConfig
-from ssah.io import write_json_atomic
+from ssah.io import write_json_atomic, write_text_atomic
 from ssah.pipeline.registry import Stage, register
 
 
@@ -14,7 +14,7 @@ def reads(config: RunConfig) -> dict:
 
 
 def run(ctx) -> dict:
-    from ssah.attacks import matrix, plots
+    from ssah.attacks import matrix, plots, tables
     from ssah.attacks.grid import run_grid
 
     if not ctx.config.attacks.enabled:
@@ -25,6 +25,7 @@ def run(ctx) -> dict:
                              ctx.config.seed)
     plots.plot_heatmap(summary, stage / plots.HEATMAP)
     plots.plot_worst_bars(summary, stage / plots.WORST_BARS)
+    write_text_atomic(stage / "attacks.md", tables.markdown_table(summary))
     write_json_atomic(stage / "attacks.json", summary)
     return summary
 
