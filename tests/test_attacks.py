@@ -730,7 +730,7 @@ def test_a_cell_is_evaluated_only_as_far_as_its_verdict_needs(tmp_path):
 
 def test_a_monitor_is_evaluated_only_as_far_as_its_verdict_needs(tmp_path):
     from ssah.attacks.apply import attack_model
-    from ssah.attacks.grid import Cell, _evaluation
+    from ssah.attacks.grid import Cell, cell_evaluation
     from ssah.attacks.monitored import MONITOR_ARMS, monitored_cells, studied_states
     from ssah.config import RunConfig
     from ssah.pipeline.context import RunContext
@@ -746,7 +746,7 @@ def test_a_monitor_is_evaluated_only_as_far_as_its_verdict_needs(tmp_path):
     stage = tmp_path / "run" / "8-attacks"
     pairs = [(f"Do forbidden thing {i}.", f"Sure. Step one for thing {i}.") for i in range(4)]
     cell = Cell(attack_data.AttackData("harmful", "harmful-k4", pairs), 0.01, 2, "none")
-    defenses, evaluation = DefenseContext(groups=None), _evaluation(ctx, cell, "full")
+    defenses, evaluation = DefenseContext(groups=None), cell_evaluation(ctx, cell, "full")
     studied = studied_states(ctx, stage)
     attacked = attack_model(ctx.load(), cell.attack, "none", cell.settings(ctx.config.attacks.train), defenses)
     asked = []

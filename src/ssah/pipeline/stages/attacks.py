@@ -15,7 +15,7 @@ def reads(config: RunConfig) -> dict:
 
 def run(ctx) -> dict:
     from ssah.attacks import matrix, plots, tables
-    from ssah.attacks.grid import run_grid
+    from ssah.attacks.schedule import run_grid
 
     if not ctx.config.attacks.enabled:
         return {"skipped": "attacks.enabled is false"}
