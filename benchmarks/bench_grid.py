@@ -52,7 +52,7 @@ def run(loaded, preset: str = "attack-grid-quick") -> dict:
         return _result(Path(given) / "8-attacks", preset, given)
     demo = Path(os.environ.get("SSAH_BENCH_DEMO", ROOT / "runs" / "demo"))
     if not (demo / "3-groups").is_dir():
-        raise SystemExit(f"bench_grid: {demo} holds no finished demo (run `make demo` first)")
+        _refuse(f"bench_grid: {demo} holds no finished demo (run `make demo` first)")
     with tempfile.TemporaryDirectory(prefix="ssah-bench-grid-") as tmp:
         out = Path(tmp) / "run"  # the demo's folder, ssah's record of what it wrote included, without a grid
         shutil.copytree(demo, out, ignore=lambda folder, names: LEFT_OUT if Path(folder) == demo else ())
@@ -63,13 +63,21 @@ def run(loaded, preset: str = "attack-grid-quick") -> dict:
         return _result(out / "8-attacks", preset)
 
 
+def _refuse(message: str) -> None:
+    """One line on stderr and exit status 2, as ssah answers an error its user made."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _result(stage: Path, preset: str, run_dir: str | None = None) -> dict:
+    if not (stage / "done.json").is_file() or not (stage / "attacks.json").is_file():
+        _refuse(f"bench_grid: {stage} holds no finished attack stage (done.json and attacks.json)")
     done = json.loads((stage / "done.json").read_text())
     compute = json.loads((stage / "attacks.json").read_text())["compute"]
     cells = sum(phase["seconds"] for phase in compute.values())
     if done["seconds"] < cells or any(phase["untimed"] for phase in compute.values()):
-        raise SystemExit(f"bench_grid: {stage} reused cells (stage {done['seconds']:.0f} s, its cells "
-                         f"{cells:.0f} s): not a run from scratch")
+        _refuse(f"bench_grid: {stage} reused cells (stage {done['seconds']:.0f} s, its cells "
+                f"{cells:.0f} s): not a run from scratch")
     minutes = done["seconds"] / 60
     return {"name": NAME, "preset": preset, "params": {"preset": preset}, "minutes": minutes, "compute": compute,
             "os_cpus": os.cpu_count(), **({"run_dir": run_dir} if run_dir else {}),

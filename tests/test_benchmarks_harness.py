@@ -81,7 +81,7 @@ def test_a_benchmark_runs_as_a_script_with_flags_from_its_params():
     assert "batch 2 x 16 tokens" in done.stdout and "Profile of setting (ii)" not in done.stdout
 
 
-def test_the_grid_benchmark_reads_a_grid_run_from_scratch_and_refuses_a_resumed_one(tmp_path, monkeypatch):
+def test_the_grid_benchmark_reads_a_grid_run_from_scratch_and_refuses_a_resumed_one(tmp_path, monkeypatch, capsys):
     from benchmarks import bench_grid
 
     stage = tmp_path / "run" / "8-attacks"
@@ -98,7 +98,13 @@ def test_the_grid_benchmark_reads_a_grid_run_from_scratch_and_refuses_a_resumed_
     assert "| calibration | 32 | 700 | 22 |" in text and "38.0 min" in text and "met (<= 40 min)" in text
     # a stage that reused cells did not take their seconds: not a measurement of the grid
     (stage / "done.json").write_text(json.dumps({"seconds": 600.0}))
-    with pytest.raises(SystemExit, match="not a run from scratch"):
+    with pytest.raises(SystemExit) as stopped:
         bench_grid.run(None)
+    assert stopped.value.code == 2 and "not a run from scratch" in capsys.readouterr().err
+    # a folder with no finished stage: one line, status 2, no traceback
+    monkeypatch.setenv("SSAH_BENCH_GRID_RUN", str(tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit) as stopped:
+        bench_grid.run(None)
+    assert stopped.value.code == 2 and "holds no finished attack stage" in capsys.readouterr().err
     # the whole grid runs only when asked for by name
     assert "grid" in harness.BENCHMARKS and not harness.BENCHMARKS["grid"].DEFAULT
