@@ -41,8 +41,12 @@ fewer arms (README, "Fine-tuning attacks and defenses"). What costs is generatio
 sets, not training: a calibration cell trains 4 steps and writes 32 replies, a test cell evaluates the
 model its calibration trained on 163 harmful prompts (and 110 over-refusal prompts and 256 tasks when
 its verdict needs them), and each monitor evaluates the attacked model on all three under the monitor.
-Stopping a verdict's evaluation once it is decided is what the grid already does; the rest of the gap
-is reply throughput or fewer arms."""
+Outside the cells, the monitors' calibration is most of the stage's remaining time: one for the studied
+model's monitor, one for its per-token variant and one per family on the attacked model, each generating
+its calibration replies in static batches under an observing monitor (about 100 s each on the demo's
+model, from the times the stage wrote its files). Stopping a verdict's evaluation once it is decided is
+what the grid already does; the rest of the gap is reply throughput (the monitors' generation is static
+batching, three passes per family where one observed pass could serve all three) or fewer arms."""
 
 
 def run(loaded, preset: str = "attack-grid-quick") -> dict:
